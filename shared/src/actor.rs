@@ -1,0 +1,133 @@
+//! Span context through actix mailboxes.
+//!
+//! An actix message crosses a queue, so the sender's span is no longer "current" when the handler runs.
+//! [`Traced`] captures it when the message is created and gives the handler a child span named
+//! `{Actor} handle {Message}` with the time the message waited in the mailbox (`actor.mailbox.wait_us`):
+//! queueing inside a service is as visible as a slow network hop.
+//!
+//! ```ignore
+//! let reply = billing.send(Traced::new(Charge { .. })).await?;
+//!
+//! impl Handler<Traced<Charge>> for BillingActor {
+//!     type Result = ResponseFuture<Result<Receipt, ChargeError>>;
+//!     fn handle(&mut self, msg: Traced<Charge>, _: &mut Context<Self>) -> Self::Result {
+//!         let (charge, span) = msg.into_parts::<Self>();
+//!         Box::pin(async move { .. }.instrument(span))
+//!     }
+//! }
+//! ```
+
+use std::time::Instant;
+
+use actix::Message;
+use opentelemetry::Context;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::propagation::set_remote_parent;
+
+/// A message together with the span context of whoever sent it.
+pub struct Traced<M> {
+    message: M,
+    parent: Context,
+    enqueued_at: Instant,
+}
+
+impl<M: Message> Message for Traced<M> {
+    type Result = M::Result;
+}
+
+impl<M> Traced<M> {
+    /// Wraps `message`, capturing the current span as the parent of the handler's span.
+    pub fn new(message: M) -> Self {
+        Self::with_parent(message, tracing::Span::current().context())
+    }
+
+    /// Wraps `message` with an explicit parent context (a context restored from storage, say).
+    pub fn with_parent(message: M, parent: Context) -> Self {
+        Self {
+            message,
+            parent,
+            enqueued_at: Instant::now(),
+        }
+    }
+
+    /// The wrapped message, without taking it out.
+    pub fn message(&self) -> &M {
+        &self.message
+    }
+
+    /// The sender's context.
+    pub fn parent(&self) -> &Context {
+        &self.parent
+    }
+
+    /// Takes the message out and starts the handler span for actor `A`. Call this first thing in `handle`, so
+    /// the mailbox wait is measured up to the moment the actor picked the message up.
+    pub fn into_parts<A>(self) -> (M, tracing::Span) {
+        let actor = short_type_name::<A>();
+        let message_type = short_type_name::<M>();
+        let waited = self.enqueued_at.elapsed();
+        let span = tracing::info_span!(
+            "actor.handle",
+            otel.name = %format!("{actor} handle {message_type}"),
+            otel.kind = "internal",
+            otel.status_code = tracing::field::Empty,
+            actor.name = actor,
+            actor.message.type = message_type,
+            actor.mailbox.wait_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+        );
+        set_remote_parent(&span, self.parent);
+        (self.message, span)
+    }
+}
+
+/// `tracehop_billing::actors::BillingActor` -> `BillingActor` (generic arguments dropped).
+pub fn short_type_name<T: ?Sized>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    let without_generics = full.split('<').next().unwrap_or(full);
+    without_generics
+        .rsplit("::")
+        .next()
+        .unwrap_or(without_generics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+
+    struct Ping;
+    impl Message for Ping {
+        type Result = ();
+    }
+    struct PingActor;
+
+    #[test]
+    fn short_names() {
+        assert_eq!(short_type_name::<PingActor>(), "PingActor");
+        assert_eq!(short_type_name::<Traced<Ping>>(), "Traced");
+    }
+
+    #[test]
+    fn envelope_carries_the_senders_context() {
+        let span_context = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let parent = Context::new().with_remote_span_context(span_context.clone());
+        let envelope = Traced::with_parent(Ping, parent);
+        assert_eq!(
+            envelope.parent().span().span_context().trace_id(),
+            span_context.trace_id()
+        );
+        assert_eq!(
+            envelope.parent().span().span_context().span_id(),
+            span_context.span_id()
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! PostgreSQL through diesel and an r2d2 pool, never on an async worker.
+//!
+//! [`Database::run`] moves the closure to Tokio's blocking pool together with the current span, so spans
+//! created inside stay in the request's trace. Waiting for a pooled connection is recorded on a
+//! `db.pool.acquire` span when it takes longer than a millisecond (a starved pool shows up in the trace).
+//! Inside the closure, wrap each statement in [`traced`]: it becomes a CLIENT span named
+//! `{operation} {table}` with the database conventions and the SQL text (placeholders only, never values).
+
+use std::time::{Duration, Instant};
+
+use diesel::pg::{Pg, PgConnection};
+use diesel::query_builder::QueryFragment;
+use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
+use tracing::Span;
+
+/// The pool type every service uses.
+pub type DbPool = Pool<ConnectionManager<PgConnection>>;
+/// A connection checked out of [`DbPool`].
+pub type DbConnection = PooledConnection<ConnectionManager<PgConnection>>;
+
+/// A pool plus what the spans need to know about it.
+#[derive(Clone)]
+pub struct Database {
+    pool: DbPool,
+    namespace: String,
+}
+
+/// Why a database call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unavailable: {0}")]
+    Unavailable(#[from] r2d2::Error),
+    #[error("query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+impl DbError {
+    /// Whether this is a unique-constraint violation (a duplicate insert).
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(
+            self,
+            Self::Query(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _
+            ))
+        )
+    }
+}
+
+impl Database {
+    /// Builds a pool of `max_size` connections. Does not fail when PostgreSQL is down (connections are opened
+    /// lazily) so a service can start, report itself unhealthy and recover.
+    pub fn connect(url: &str, max_size: u32) -> Result<Self, DbError> {
+        let manager = ConnectionManager::<PgConnection>::new(url);
+        let pool = Pool::builder()
+            .max_size(max_size)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(3))
+            .build_unchecked(manager);
+        let namespace = database_name(url);
+        Ok(Self { pool, namespace })
+    }
+
+    /// The database name, recorded as `db.namespace`.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Runs `work` with a pooled connection on the blocking pool, inside the caller's span.
+    pub async fn run<T, F>(&self, work: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection, &Statements) -> Result<T, DbError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let statements = Statements {
+            namespace: self.namespace.clone(),
+        };
+        let parent = Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _entered = parent.enter();
+            let waiting_since = Instant::now();
+            let connection = pool.get();
+            let waited = waiting_since.elapsed();
+            if waited > Duration::from_millis(1) || connection.is_err() {
+                record_pool_wait(waited, &pool, connection.as_ref().err());
+            }
+            let mut connection = connection?;
+            work(&mut connection, &statements)
+        })
+        .await
+        .map_err(|error| DbError::Task(error.to_string()))?
+    }
+
+    /// Checks that a connection can be made and answers (used by readiness checks).
+    pub async fn ping(&self) -> Result<(), DbError> {
+        use diesel::RunQueryDsl;
+        self.run(|connection, _| {
+            diesel::sql_query("SELECT 1").execute(connection)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// A span for a slow or failed pool checkout. `tracing` spans cannot be back-dated, so the wait itself is
+/// the `db.client.connection.wait_us` attribute.
+fn record_pool_wait(
+    waited: Duration,
+    pool: &DbPool,
+    error: Option<&r2d2::Error>,
+) {
+    let state = pool.state();
+    let span = tracing::info_span!(
+        "db.pool.acquire",
+        otel.kind = "internal",
+        otel.status_code = tracing::field::Empty,
+        db.client.connection.wait_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+        db.client.connection.pool.connections = state.connections,
+        db.client.connection.pool.idle = state.idle_connections,
+    );
+    if let Some(error) = error {
+        span.record("otel.status_code", "ERROR");
+        span.in_scope(|| tracing::error!(error = %error, "no database connection"));
+    }
+}
+
+/// What [`traced`] needs to describe a statement; handed to every [`Database::run`] closure.
+pub struct Statements {
+    namespace: String,
+}
+
+/// Runs one diesel statement inside a CLIENT span named after its operation and table.
+///
+/// ```ignore
+/// let query = diesel::insert_into(transactions::table).values(&row);
+/// traced(statements, &query, |q| q.execute(connection))?;
+/// ```
+pub fn traced<Q, R>(
+    statements: &Statements,
+    query: Q,
+    run: impl FnOnce(Q) -> diesel::QueryResult<R>,
+) -> diesel::QueryResult<R>
+where
+    Q: QueryFragment<Pg>,
+{
+    let text = statement_text(&query);
+    let (operation, table) = describe(&text);
+    let name = match &table {
+        Some(table) => format!("{operation} {table}"),
+        None => operation.clone(),
+    };
+    let span = tracing::info_span!(
+        "db.query",
+        otel.name = %name,
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        db.system.name = "postgresql",
+        db.namespace = %statements.namespace,
+        db.operation.name = %operation,
+        db.collection.name = table.as_deref().unwrap_or_default(),
+        db.query.text = %text,
+        db.response.returned_rows = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    let _entered = span.enter();
+    let outcome = run(query);
+    if let Err(error) = &outcome {
+        // "Not found" is an answer, not a failure of the database.
+        if !matches!(error, diesel::result::Error::NotFound) {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", error_type(error));
+            tracing::error!(error = %error, "query failed");
+        }
+    }
+    outcome
+}
+
+fn error_type(error: &diesel::result::Error) -> &'static str {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match error {
+        Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => "unique_violation",
+        Error::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => "foreign_key_violation",
+        Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => "serialization_failure",
+        Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => "closed_connection",
+        Error::DatabaseError(..) => "database_error",
+        Error::NotFound => "not_found",
+        Error::RollbackTransaction => "rollback",
+        _ => "diesel_error",
+    }
+}
+
+/// The SQL diesel will send, with bind placeholders (`$1`) and without the values.
+pub fn statement_text<Q: QueryFragment<Pg>>(query: &Q) -> String {
+    let debug = diesel::debug_query::<Pg, _>(query).to_string();
+    match debug.split_once(" -- binds:") {
+        Some((sql, _)) => sql.trim().to_owned(),
+        None => debug.trim().to_owned(),
+    }
+}
+
+/// Operation keyword and target table of a statement (`INSERT INTO "orders" ...` -> `INSERT`, `orders`).
+pub fn describe(sql: &str) -> (String, Option<String>) {
+    let mut words = sql.split_whitespace();
+    let operation = words.next().unwrap_or("QUERY").to_uppercase();
+    let keyword = match operation.as_str() {
+        "INSERT" => "INTO",
+        "UPDATE" => "UPDATE",
+        _ => "FROM",
+    };
+    let table = if keyword == "UPDATE" {
+        sql.split_whitespace().nth(1)
+    } else {
+        let mut tokens = sql.split_whitespace();
+        tokens
+            .by_ref()
+            .find(|token| token.eq_ignore_ascii_case(keyword));
+        tokens.next()
+    };
+    let table = table.map(|name| {
+        name.trim_matches(|c: char| c == '"' || c == '(' || c == ')' || c == ',')
+            .rsplit('.')
+            .next()
+            .unwrap_or(name)
+            .trim_matches('"')
+            .to_owned()
+    });
+    (operation, table.filter(|name| !name.is_empty()))
+}
+
+/// The database name in a `postgres://` URL (the part after the last `/`, before any `?`).
+fn database_name(url: &str) -> String {
+    url.rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .filter(|name| !name.is_empty() && !name.contains('@'))
+        .unwrap_or("postgres")
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_diesel_statements() {
+        assert_eq!(
+            describe(r#"INSERT INTO "transactions" ("id", "amount") VALUES ($1, $2)"#),
+            ("INSERT".into(), Some("transactions".into()))
+        );
+        assert_eq!(
+            describe(r#"SELECT "users"."id", "users"."email" FROM "users" WHERE ("users"."email" = $1)"#),
+            ("SELECT".into(), Some("users".into()))
+        );
+        assert_eq!(
+            describe(r#"UPDATE "notifications" SET "status" = $1 WHERE ("notifications"."order_id" = $2)"#),
+            ("UPDATE".into(), Some("notifications".into()))
+        );
+        assert_eq!(describe("SELECT 1"), ("SELECT".into(), None));
+    }
+
+    #[test]
+    fn database_name_from_url() {
+        assert_eq!(database_name("postgres://postgres@127.0.0.1:5432/tracehop"), "tracehop");
+        assert_eq!(database_name("postgres://u@h/db?sslmode=disable"), "db");
+        assert_eq!(database_name("postgres://u@h"), "postgres");
+    }
+}

@@ -1,0 +1,9 @@
+//! Domain types parsed at the edge: once a value has one of these types it is known to be valid.
+
+pub mod currency;
+pub mod email;
+pub mod money;
+
+pub use currency::Currency;
+pub use email::Email;
+pub use money::{Amount, MoneyError};

@@ -1,0 +1,120 @@
+//! The traced HTTP client: every outgoing call is a CLIENT span (`{method} {url.template}`) with the HTTP
+//! client conventions, and carries the span's context in `traceparent`/`tracestate`/`baggage`.
+
+use std::time::Duration;
+
+use opentelemetry::trace::TraceContextExt;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::propagation::{HttpHeaderInjector, inject};
+
+/// A reqwest client (one connection pool, keep-alive) that traces and propagates every request.
+#[derive(Clone, Debug)]
+pub struct TracedClient {
+    inner: reqwest::Client,
+}
+
+/// Why an outgoing call produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("could not build the request: {0}")]
+    Build(#[source] reqwest::Error),
+    #[error("request timed out: {0}")]
+    Timeout(#[source] reqwest::Error),
+    #[error("could not connect: {0}")]
+    Connect(#[source] reqwest::Error),
+    #[error("request failed: {0}")]
+    Transport(#[source] reqwest::Error),
+}
+
+impl ClientError {
+    fn classify(error: reqwest::Error) -> Self {
+        if error.is_timeout() {
+            Self::Timeout(error)
+        } else if error.is_connect() {
+            Self::Connect(error)
+        } else if error.is_builder() {
+            Self::Build(error)
+        } else {
+            Self::Transport(error)
+        }
+    }
+
+    /// `error.type` value for the span.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Build(_) => "build",
+            Self::Timeout(_) => "timeout",
+            Self::Connect(_) => "connect",
+            Self::Transport(_) => "transport",
+        }
+    }
+}
+
+impl TracedClient {
+    /// A client whose every request gives up after `timeout`.
+    pub fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+        let inner = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self { inner })
+    }
+
+    /// The underlying client, to build requests with.
+    pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        self.inner.request(method, url)
+    }
+
+    /// Sends `request` inside a CLIENT span named `{method} {url_template}`. 4xx and 5xx answers mark the span
+    /// as an error, as the HTTP client conventions say; the response is returned either way.
+    pub async fn send(
+        &self,
+        url_template: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut request = request.build().map_err(ClientError::Build)?;
+        let url = request.url();
+        let span = tracing::info_span!(
+            "HTTP client request",
+            otel.name = %format!("{} {url_template}", request.method()),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %request.method(),
+            url.full = %url,
+            url.template = url_template,
+            server.address = url.host_str().unwrap_or_default(),
+            server.port = url.port_or_known_default().unwrap_or_default(),
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let context = span.context();
+        if context.span().span_context().is_valid() {
+            inject(&context, &mut HttpHeaderInjector(request.headers_mut()));
+        }
+        let outcome = self
+            .inner
+            .execute(request)
+            .instrument(span.clone())
+            .await
+            .map_err(ClientError::classify);
+        match &outcome {
+            Ok(response) => {
+                let status = response.status();
+                span.record("http.response.status_code", status.as_u16());
+                if status.is_client_error() || status.is_server_error() {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("error.type", status.as_str());
+                }
+            }
+            Err(error) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", error.kind());
+                span.in_scope(|| tracing::error!(error = %error, "HTTP request failed"));
+            }
+        }
+        outcome
+    }
+}

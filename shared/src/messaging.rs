@@ -1,0 +1,236 @@
+//! NATS JetStream with the trace in the message headers.
+//!
+//! - [`publish`]: a PRODUCER span `publish {subject}`; its context goes into the NATS headers (never the
+//!   payload) and the event id into `Nats-Msg-Id`, so JetStream drops a re-published duplicate.
+//! - [`process_span`]: a CONSUMER span `process {subject}` whose parent is the producer span. We chose the
+//!   parent/child link (rather than a new trace with a span link) because each message is processed on its
+//!   own and the whole point is one checkout = one trace. Every delivery attempt is its own process span,
+//!   with `messaging.nats.delivery_count`.
+//!
+//! `messaging.system` is `nats`, which is not (yet) a registered value of the semantic conventions.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use opentelemetry::Context;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::propagation::{NatsHeaderExtractor, NatsHeaderInjector, extract, inject, set_remote_parent};
+
+/// The event billing publishes once a charge is recorded.
+pub const ORDER_COMPLETED: &str = "order.completed";
+/// Where messages go after their last failed delivery (or when they cannot be parsed).
+pub const ORDER_COMPLETED_DEAD_LETTER: &str = "order.completed.dead";
+
+/// Payload of [`ORDER_COMPLETED`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCompleted {
+    pub event_id: uuid::Uuid,
+    pub order_id: uuid::Uuid,
+    pub user_id: uuid::Uuid,
+    pub email: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub charge_id: String,
+}
+
+/// JetStream settings, explicit rather than server defaults (see README, "Delivery guarantees").
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Stream name (one per deployment; tests use their own NATS server).
+    pub stream: String,
+    /// How long JetStream remembers a `Nats-Msg-Id`: longer than the outbox relay keeps retrying one event.
+    pub duplicate_window: Duration,
+    /// How long messages are kept.
+    pub max_age: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            stream: "ORDERS".to_owned(),
+            duplicate_window: Duration::from_secs(30 * 60),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Why a publish was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("JetStream publish failed: {0}")]
+    Publish(#[from] jetstream::context::PublishError),
+}
+
+/// Connects to NATS, retrying in the background when the server goes away (async-nats reconnects).
+pub async fn connect(url: &str, client_name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .name(client_name)
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(3))
+        .connect(url)
+        .await
+}
+
+/// Creates (or updates) the order stream: file storage, `order.completed` and its dead-letter subject.
+pub async fn ensure_stream(
+    context: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+    let config = stream::Config {
+        name: settings.stream.clone(),
+        subjects: vec![
+            ORDER_COMPLETED.to_owned(),
+            ORDER_COMPLETED_DEAD_LETTER.to_owned(),
+        ],
+        storage: stream::StorageType::File,
+        duplicate_window: settings.duplicate_window,
+        max_age: settings.max_age,
+        ..Default::default()
+    };
+    match context.get_or_create_stream(config.clone()).await {
+        Ok(stream) => Ok(stream),
+        Err(error) => {
+            tracing::warn!(%error, "get_or_create_stream failed, trying create_stream");
+            context.create_stream(config).await
+        }
+    }
+}
+
+/// Settings of the notifier's durable consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub durable_name: String,
+    /// How long JetStream waits for an ack before redelivering: above the slowest e-mail send.
+    pub ack_wait: Duration,
+    /// Deliveries before the message is dead-lettered by the consumer.
+    pub max_deliver: i64,
+    /// Redelivery delays after a negative ack or an ack timeout.
+    pub backoff: Vec<Duration>,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            durable_name: "notifications".to_owned(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                Duration::from_secs(5),
+                Duration::from_secs(10),
+            ],
+        }
+    }
+}
+
+/// Creates (or reuses) the durable pull consumer of [`ORDER_COMPLETED`].
+pub async fn ensure_consumer(
+    stream: &stream::Stream,
+    settings: &ConsumerSettings,
+) -> Result<consumer::PullConsumer, jetstream::stream::ConsumerError> {
+    stream
+        .get_or_create_consumer(
+            &settings.durable_name,
+            consumer::pull::Config {
+                durable_name: Some(settings.durable_name.clone()),
+                filter_subject: ORDER_COMPLETED.to_owned(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: settings.ack_wait,
+                max_deliver: settings.max_deliver,
+                backoff: settings.backoff.clone(),
+                max_ack_pending: 256,
+                ..Default::default()
+            },
+        )
+        .await
+}
+
+/// Publishes `payload` to `subject` under a PRODUCER span that is a child of `parent`, waits for the
+/// JetStream acknowledgement, and returns it. `message_id` becomes `Nats-Msg-Id` (deduplication).
+pub async fn publish(
+    context: &jetstream::Context,
+    subject: &str,
+    message_id: &str,
+    payload: Bytes,
+    parent: Context,
+) -> Result<jetstream::publish::PublishAck, PublishError> {
+    let span = tracing::info_span!(
+        "messaging.publish",
+        otel.name = %format!("publish {subject}"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.destination.name = %subject,
+        messaging.operation.name = "publish",
+        messaging.operation.type = "send",
+        messaging.message.id = %message_id,
+        messaging.message.body.size = payload.len(),
+        messaging.nats.stream.sequence = tracing::field::Empty,
+        messaging.nats.duplicate = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    set_remote_parent(&span, parent);
+    let mut headers = async_nats::HeaderMap::new();
+    inject(&span.context(), &mut NatsHeaderInjector(&mut headers));
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
+    let outcome = async {
+        let ack = context
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await?
+            .await?;
+        Ok::<_, jetstream::context::PublishError>(ack)
+    }
+    .instrument(span.clone())
+    .await;
+    match &outcome {
+        Ok(ack) => {
+            span.record("messaging.nats.stream.sequence", ack.sequence);
+            span.record("messaging.nats.duplicate", ack.duplicate);
+        }
+        Err(error) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", "publish_failed");
+            span.in_scope(|| tracing::error!(error = %error, "publish failed"));
+        }
+    }
+    Ok(outcome?)
+}
+
+/// The CONSUMER span for one delivery of `message`, child of the producer span found in its headers.
+pub fn process_span(message: &jetstream::Message) -> tracing::Span {
+    let subject = message.subject.as_str();
+    let (delivery_count, stream_sequence) = message
+        .info()
+        .map(|info| (info.delivered, info.stream_sequence))
+        .unwrap_or((0, 0));
+    let message_id = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|value| value.as_str().to_owned())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "messaging.process",
+        otel.name = %format!("process {subject}"),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.destination.name = %subject,
+        messaging.operation.name = "process",
+        messaging.operation.type = "process",
+        messaging.message.id = %message_id,
+        messaging.message.body.size = message.payload.len(),
+        messaging.nats.delivery_count = delivery_count,
+        messaging.nats.stream.sequence = stream_sequence,
+        error.type = tracing::field::Empty,
+    );
+    if let Some(headers) = &message.headers {
+        set_remote_parent(&span, extract(&NatsHeaderExtractor(headers)));
+    }
+    span
+}

@@ -1,0 +1,223 @@
+//! W3C Trace Context carriers for every header map a tracehop hop travels in.
+//!
+//! Each adapter is tiny; having them in one place means there is exactly one way context enters and leaves a
+//! service. All of them go through the global propagator installed by [`crate::telemetry::init`]
+//! (`traceparent`, `tracestate`, `baggage`).
+
+use opentelemetry::Context;
+use opentelemetry::global;
+use opentelemetry::propagation::{Extractor, Injector};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Reads context from actix-web request headers.
+pub struct ActixHeaderExtractor<'a>(pub &'a actix_web::http::header::HeaderMap);
+
+impl Extractor for ActixHeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|name| name.as_str()).collect()
+    }
+}
+
+/// Writes context into `http` header maps (what reqwest sends).
+pub struct HttpHeaderInjector<'a>(pub &'a mut reqwest::header::HeaderMap);
+
+impl Injector for HttpHeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            reqwest::header::HeaderName::from_bytes(key.as_bytes()),
+            reqwest::header::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Reads context from `http` header maps (tests and clients that inspect responses).
+pub struct HttpHeaderExtractor<'a>(pub &'a reqwest::header::HeaderMap);
+
+impl Extractor for HttpHeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|name| name.as_str()).collect()
+    }
+}
+
+/// Writes context into NATS message headers.
+pub struct NatsHeaderInjector<'a>(pub &'a mut async_nats::HeaderMap);
+
+impl Injector for NatsHeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+/// Reads context from NATS message headers.
+pub struct NatsHeaderExtractor<'a>(pub &'a async_nats::HeaderMap);
+
+impl Extractor for NatsHeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|value| value.as_str())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_ref()).collect()
+    }
+}
+
+/// Writes context into a plain map (stored with outbox rows, so a later relay keeps the trace).
+impl Injector for SerializedContext {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+impl Extractor for SerializedContext {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// Trace context in a form that can be stored (JSON) and restored later.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerializedContext(pub std::collections::BTreeMap<String, String>);
+
+impl SerializedContext {
+    /// Captures the context of the current `tracing` span.
+    pub fn capture_current() -> Self {
+        Self::capture(&tracing::Span::current().context())
+    }
+
+    /// Captures an OpenTelemetry context.
+    pub fn capture(context: &Context) -> Self {
+        let mut carrier = Self::default();
+        global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(context, &mut carrier)
+        });
+        carrier
+    }
+
+    /// Restores the context (a remote parent).
+    pub fn restore(&self) -> Context {
+        extract(self)
+    }
+}
+
+/// Injects `context` with the global propagator.
+pub fn inject(context: &Context, injector: &mut dyn Injector) {
+    global::get_text_map_propagator(|propagator| propagator.inject_context(context, injector));
+}
+
+/// Extracts a context with the global propagator (an empty context when the carrier has none).
+pub fn extract(extractor: &dyn Extractor) -> Context {
+    global::get_text_map_propagator(|propagator| propagator.extract(extractor))
+}
+
+/// Makes `span` a child of `parent` when `parent` carries a valid span context. A span without a remote
+/// parent simply starts a new trace.
+pub fn set_remote_parent(span: &tracing::Span, parent: Context) {
+    use opentelemetry::trace::TraceContextExt;
+    if parent.span().span_context().is_valid() {
+        // Only fails when the span has already been started, which our callers never do.
+        if let Err(error) = span.set_parent(parent) {
+            tracing::debug!(%error, "could not set remote parent");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+    fn sample_context() -> Context {
+        let span_context = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::from_key_value([("vendor", "opaque")]).unwrap(),
+        );
+        Context::new().with_remote_span_context(span_context)
+    }
+
+    fn install() {
+        global::set_text_map_propagator(TraceContextPropagator::new());
+    }
+
+    fn assert_same_span(restored: &Context) {
+        let original = sample_context();
+        let expected = original.span().span_context().clone();
+        let actual = restored.span().span_context().clone();
+        assert_eq!(actual.trace_id(), expected.trace_id());
+        assert_eq!(actual.span_id(), expected.span_id());
+        assert!(actual.is_sampled());
+        assert!(actual.is_remote());
+        assert_eq!(actual.trace_state().get("vendor"), Some("opaque"));
+    }
+
+    #[test]
+    fn http_headers_round_trip() {
+        install();
+        let mut headers = reqwest::header::HeaderMap::new();
+        inject(&sample_context(), &mut HttpHeaderInjector(&mut headers));
+        assert_eq!(
+            headers["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert_same_span(&extract(&HttpHeaderExtractor(&headers)));
+    }
+
+    #[test]
+    fn actix_headers_extract() {
+        install();
+        let mut headers = actix_web::http::header::HeaderMap::new();
+        headers.insert(
+            actix_web::http::header::HeaderName::from_static("traceparent"),
+            actix_web::http::header::HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        );
+        headers.insert(
+            actix_web::http::header::HeaderName::from_static("tracestate"),
+            actix_web::http::header::HeaderValue::from_static("vendor=opaque"),
+        );
+        assert_same_span(&extract(&ActixHeaderExtractor(&headers)));
+    }
+
+    #[test]
+    fn nats_headers_round_trip() {
+        install();
+        let mut headers = async_nats::HeaderMap::new();
+        inject(&sample_context(), &mut NatsHeaderInjector(&mut headers));
+        assert!(headers.get("traceparent").is_some());
+        assert_same_span(&extract(&NatsHeaderExtractor(&headers)));
+    }
+
+    #[test]
+    fn serialized_context_round_trip_through_json() {
+        install();
+        let captured = SerializedContext::capture(&sample_context());
+        let json = serde_json::to_string(&captured).unwrap();
+        let back: SerializedContext = serde_json::from_str(&json).unwrap();
+        assert_same_span(&back.restore());
+    }
+
+    #[test]
+    fn garbage_traceparent_yields_no_parent() {
+        install();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", "00-zzzz-not-a-trace-01");
+        let context = extract(&NatsHeaderExtractor(&headers));
+        assert!(!context.span().span_context().is_valid());
+    }
+}

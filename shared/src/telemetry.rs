@@ -1,0 +1,191 @@
+//! Telemetry set-up: traces to an OTLP collector, logs to stdout, both correlated by trace id.
+//!
+//! Configuration is the standard OpenTelemetry environment, so the same binary works against the embedded
+//! collector, a Jaeger all-in-one or an OpenTelemetry Collector without code changes:
+//!
+//! | variable | effect |
+//! | --- | --- |
+//! | `OTEL_SERVICE_NAME` | `service.name` (defaults to the service's own name) |
+//! | `OTEL_RESOURCE_ATTRIBUTES` | extra resource attributes (`key=value,...`) |
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | collector address |
+//! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` (default) or `http/protobuf` |
+//! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling (default `parentbased_always_on`) |
+//! | `OTEL_SDK_DISABLED` | `true` turns tracing export off; logs stay |
+//! | `OTEL_BSP_*` | batch span processor queue, batch size, delay, timeout |
+//! | `RUST_LOG` | log filter (default `info`) |
+//! | `LOG_FORMAT` | `json` (default) or `text` |
+//!
+//! Export runs on the batch processor's own thread: an unreachable collector costs a full queue and dropped
+//! spans (counted and logged at shutdown), never a slower or failed request.
+
+use std::time::Duration;
+
+use opentelemetry::propagation::TextMapCompositePropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::{KeyValue, global};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+mod json_log;
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("could not build the OTLP span exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("unsupported OTEL_EXPORTER_OTLP_PROTOCOL {0:?} (use grpc or http/protobuf)")]
+    Protocol(String),
+    #[error("a global tracing subscriber is already installed: {0}")]
+    Subscriber(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// Keeps the tracer provider alive; [`TelemetryGuard::shutdown`] flushes what is still queued.
+///
+/// Shut down *after* the HTTP server and the consumers have drained, so that the spans of the last requests
+/// are exported too.
+#[must_use = "dropping the guard without shutdown loses the last spans"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Flushes and stops the exporter. Runs the blocking shutdown on the blocking pool, because the gRPC
+    /// exporter's connection is driven by the very runtime we would otherwise block.
+    pub async fn shutdown(mut self) {
+        if let Some(provider) = self.provider.take() {
+            let outcome = tokio::task::spawn_blocking(move || {
+                provider.shutdown_with_timeout(Duration::from_secs(5))
+            })
+            .await;
+            match outcome {
+                Ok(Ok(())) => tracing::info!("telemetry flushed"),
+                Ok(Err(error)) => eprintln!("telemetry shutdown: {error}"),
+                Err(error) => eprintln!("telemetry shutdown task failed: {error}"),
+            }
+        }
+    }
+
+    /// Whether spans are exported (false when `OTEL_SDK_DISABLED=true`).
+    pub fn is_exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+/// Installs the global propagators, tracer provider and `tracing` subscriber for one service.
+///
+/// `default_service_name` is used when `OTEL_SERVICE_NAME` is not set. Must be called from inside the
+/// service's Tokio runtime (the gRPC exporter spawns its connection task there).
+pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ]));
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,h2=warn,hyper=warn,tonic=warn,tower=warn,opentelemetry=warn")
+    });
+    let text_logs = crate::config::env_or("LOG_FORMAT", "json") == "text";
+    let fmt_layer = if text_logs {
+        tracing_subscriber::fmt::layer().with_target(false).boxed_layer()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .event_format(json_log::JsonWithTraceIds)
+            .boxed_layer()
+    };
+
+    if sdk_disabled() {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt_layer)
+            .try_init()?;
+        tracing::info!("OTEL_SDK_DISABLED=true: spans are not exported");
+        return Ok(TelemetryGuard { provider: None });
+    }
+
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(span_exporter()?)
+        .with_resource(resource(default_service_name))
+        .build();
+    let tracer = provider.tracer("tracehop");
+    global::set_tracer_provider(provider.clone());
+
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer)
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_error_records_to_exceptions(true)
+                .with_tracked_inactivity(false)
+                .with_threads(false),
+        )
+        .try_init()?;
+    Ok(TelemetryGuard {
+        provider: Some(provider),
+    })
+}
+
+fn sdk_disabled() -> bool {
+    std::env::var("OTEL_SDK_DISABLED").is_ok_and(|value| value.trim().eq_ignore_ascii_case("true"))
+}
+
+fn span_exporter() -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|_| "grpc".to_owned());
+    let exporter = match protocol.trim() {
+        "grpc" => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_protocol(Protocol::Grpc)
+            .build()?,
+        "http/protobuf" => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .build()?,
+        other => return Err(TelemetryError::Protocol(other.to_owned())),
+    };
+    Ok(exporter)
+}
+
+fn resource(default_service_name: &'static str) -> Resource {
+    // The default detectors already read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; only fall back to the
+    // built-in name when the operator did not choose one.
+    let mut builder = Resource::builder().with_attributes([
+        KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()),
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+    ]);
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        builder = builder.with_service_name(default_service_name);
+    }
+    builder.build()
+}
+
+/// The trace id of the current span as 32 lowercase hex digits (all zeros when there is none).
+pub fn current_trace_id() -> String {
+    tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .trace_id()
+        .to_string()
+}
+
+trait BoxedLayer<S> {
+    fn boxed_layer(self) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync + 'static>;
+}
+
+impl<S, L> BoxedLayer<S> for L
+where
+    L: tracing_subscriber::Layer<S> + Send + Sync + 'static,
+    S: tracing::Subscriber,
+{
+    fn boxed_layer(self) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync + 'static> {
+        Box::new(self)
+    }
+}
