@@ -12,6 +12,7 @@
 //!   parent is the producer).
 //! - [`actor`]: [`actor::Traced`], the envelope that carries span context through an actix mailbox.
 //! - [`db`]: diesel over r2d2 on the blocking pool, one CLIENT span per statement.
+//! - [`schema`]: the diesel tables of `migrations/`.
 //! - [`domain`]: money in minor units, currency codes and e-mail addresses, parsed at the edge.
 
 pub mod actor;
@@ -21,4 +22,5 @@ pub mod domain;
 pub mod http;
 pub mod messaging;
 pub mod propagation;
+pub mod schema;
 pub mod telemetry;

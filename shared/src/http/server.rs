@@ -140,3 +140,36 @@ pub async fn not_found() -> ApiError {
 pub async fn healthz() -> actix_web::HttpResponse {
     actix_web::HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
+
+/// A tracehop actix-web app: tracing root span, `traceresponse`, JSON errors for bad bodies and paths,
+/// `GET /healthz`, and a JSON 404; `configure` adds the service's own routes and state.
+pub fn app<F>(
+    configure: F,
+) -> actix_web::App<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = Error,
+        InitError = (),
+    >,
+>
+where
+    F: FnOnce(&mut web::ServiceConfig),
+{
+    actix_web::App::new()
+        .wrap(actix_web::middleware::from_fn(trace_response))
+        .wrap(tracing_middleware())
+        .app_data(json_config())
+        .app_data(path_config())
+        .route("/healthz", web::get().to(healthz))
+        .configure(configure)
+        .default_service(web::to(not_found))
+}
+
+/// Binds `host:port` (port 0 picks a free one) and reports the port actually bound.
+pub fn bind(host: &str, port: u16) -> std::io::Result<(std::net::TcpListener, u16)> {
+    let listener = std::net::TcpListener::bind((host, port))?;
+    let port = listener.local_addr()?.port();
+    Ok((listener, port))
+}

@@ -1,0 +1,3 @@
+DROP TABLE notifications;
+DROP TABLE outbox;
+DROP TABLE transactions;

@@ -1,0 +1,78 @@
+//! Argon2id password hashing.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+
+/// A password as typed, checked for length only (longer is better; we do not impose character classes).
+pub struct Password(String);
+
+/// Why a password was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("password must be 8 to 128 characters")]
+pub struct InvalidPassword;
+
+impl Password {
+    pub fn parse(input: String) -> Result<Self, InvalidPassword> {
+        let length = input.chars().count();
+        if (8..=128).contains(&length) {
+            Ok(Self(input))
+        } else {
+            Err(InvalidPassword)
+        }
+    }
+}
+
+/// Hashing failed (it only does on a broken random source or absurd parameters).
+#[derive(Debug, thiserror::Error)]
+#[error("password hashing failed: {0}")]
+pub struct HashError(String);
+
+/// Hashes with a fresh salt; CPU-bound, call it on the blocking pool.
+pub fn hash(password: &Password) -> Result<String, HashError> {
+    let mut salt_bytes = [0_u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt_bytes);
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|error| HashError(error.to_string()))?;
+    Argon2::default()
+        .hash_password(password.0.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|error| HashError(error.to_string()))
+}
+
+/// Whether `password` matches the stored PHC string (false for a malformed hash).
+pub fn verify(password: &str, stored: &str) -> bool {
+    PasswordHash::new(stored)
+        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .unwrap_or(false)
+}
+
+/// A hash to verify against when the user does not exist, so "no such user" and "wrong password" take the
+/// same time.
+pub fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let placeholder = Password(crate::token::generate());
+        hash(&placeholder).unwrap_or_default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_then_verify() {
+        let password = Password::parse("correct horse battery".into()).unwrap();
+        let stored = hash(&password).unwrap();
+        assert!(stored.starts_with("$argon2id$"));
+        assert!(verify("correct horse battery", &stored));
+        assert!(!verify("wrong horse battery", &stored));
+        assert!(!verify("anything", "not a hash"));
+    }
+
+    #[test]
+    fn length_rules() {
+        assert!(Password::parse("short".into()).is_err());
+        assert!(Password::parse("x".repeat(129)).is_err());
+        assert!(Password::parse("12345678".into()).is_ok());
+    }
+}

@@ -1,0 +1,13 @@
+//! One module per route.
+
+pub mod login;
+pub mod signup;
+pub mod validate;
+
+use tracehop_shared::db::Database;
+
+/// Shared by every handler.
+pub struct State {
+    pub database: Database,
+    pub session_ttl: chrono::Duration,
+}

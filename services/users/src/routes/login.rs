@@ -1,0 +1,100 @@
+//! `POST /sessions`: log in, get a bearer token.
+
+use actix_web::{HttpResponse, web};
+use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, RunQueryDsl};
+use tracehop_shared::db::{DbError, traced};
+use tracehop_shared::http::ApiError;
+use tracehop_shared::schema::{sessions, users};
+
+use super::State;
+use crate::{password, token};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    email: String,
+    password: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoginResponse {
+    pub token: String,
+    pub user_id: uuid::Uuid,
+}
+
+/// What can go wrong when logging in.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("wrong e-mail or password")]
+    BadCredentials,
+    #[error(transparent)]
+    Database(#[from] DbError),
+}
+
+impl From<LoginError> for ApiError {
+    fn from(error: LoginError) -> Self {
+        match error {
+            LoginError::BadCredentials => ApiError::unauthorized(error.to_string()),
+            LoginError::Database(DbError::Unavailable(_)) => {
+                ApiError::unavailable("database_unavailable", "the user database is unavailable")
+            }
+            LoginError::Database(other) => ApiError::internal(other.to_string()),
+        }
+    }
+}
+
+#[tracing::instrument(name = "user.login", skip_all, fields(user.id = tracing::field::Empty), err(Display))]
+pub async fn login(
+    state: web::Data<State>,
+    body: web::Json<LoginRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let LoginRequest { email, password } = body.into_inner();
+    if email.len() > 254 || password.len() > 512 {
+        return Err(LoginError::BadCredentials.into());
+    }
+    let email = email.trim().to_lowercase();
+    let found = state
+        .database
+        .run(move |connection, statements| {
+            let query = users::table
+                .filter(users::email.eq(email))
+                .select((users::id, users::password_hash));
+            Ok(traced(statements, query, |query| {
+                query.first::<(uuid::Uuid, String)>(connection).optional()
+            })?)
+        })
+        .await
+        .map_err(LoginError::from)?;
+
+    let span = tracing::Span::current();
+    let stored = found
+        .as_ref()
+        .map(|(_, hash)| hash.clone())
+        .unwrap_or_else(|| password::dummy_hash().to_owned());
+    let matches = web::block(move || span.in_scope(|| password::verify(&password, &stored)))
+        .await
+        .map_err(|error| ApiError::internal(error.to_string()))?;
+    let user_id = match (found, matches) {
+        (Some((user_id, _)), true) => user_id,
+        _ => return Err(LoginError::BadCredentials.into()),
+    };
+
+    let token = token::generate();
+    let token_hash = token::digest(&token);
+    let expires_at = chrono::Utc::now() + state.session_ttl;
+    state
+        .database
+        .run(move |connection, statements| {
+            let query = diesel::insert_into(sessions::table).values((
+                sessions::token_hash.eq(token_hash),
+                sessions::user_id.eq(user_id),
+                sessions::expires_at.eq(expires_at),
+            ));
+            Ok(traced(statements, query, |query| query.execute(connection))?)
+        })
+        .await
+        .map_err(LoginError::from)?;
+    tracing::Span::current().record("user.id", tracing::field::display(user_id));
+    Ok(HttpResponse::Ok().json(LoginResponse { token, user_id }))
+}

@@ -1,0 +1,106 @@
+//! `POST /users`: sign up.
+
+use actix_web::{HttpResponse, web};
+use diesel::RunQueryDsl;
+use tracehop_shared::db::{DbError, traced};
+use tracehop_shared::domain::Email;
+use tracehop_shared::http::ApiError;
+use tracehop_shared::schema::users;
+
+use super::State;
+use crate::password::{self, Password};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignupRequest {
+    email: String,
+    name: String,
+    password: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignupResponse {
+    pub user_id: uuid::Uuid,
+}
+
+/// What can go wrong when signing up.
+#[derive(Debug, thiserror::Error)]
+pub enum SignupError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("an account with this e-mail already exists")]
+    EmailTaken,
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error("{0}")]
+    Hash(#[from] password::HashError),
+}
+
+impl From<SignupError> for ApiError {
+    fn from(error: SignupError) -> Self {
+        match error {
+            SignupError::Invalid(message) => ApiError::bad_request("invalid_request", message),
+            SignupError::EmailTaken => ApiError::conflict("email_taken", error.to_string()),
+            SignupError::Database(DbError::Unavailable(_)) => {
+                ApiError::unavailable("database_unavailable", "the user database is unavailable")
+            }
+            other => ApiError::internal(other.to_string()),
+        }
+    }
+}
+
+#[derive(diesel::Insertable)]
+#[diesel(table_name = users)]
+struct NewUser {
+    id: uuid::Uuid,
+    email: String,
+    name: String,
+    password_hash: String,
+}
+
+#[tracing::instrument(name = "user.signup", skip_all, fields(user.id = tracing::field::Empty), err(Display))]
+pub async fn signup(
+    state: web::Data<State>,
+    body: web::Json<SignupRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let SignupRequest {
+        email,
+        name,
+        password,
+    } = body.into_inner();
+    let email = Email::parse(&email).map_err(|error| SignupError::Invalid(error.to_string()))?;
+    let name = name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(SignupError::Invalid("name must be 1 to 100 characters".into()).into());
+    }
+    let password =
+        Password::parse(password).map_err(|error| SignupError::Invalid(error.to_string()))?;
+    let span = tracing::Span::current();
+    let password_hash = web::block(move || span.in_scope(|| password::hash(&password)))
+        .await
+        .map_err(|error| ApiError::internal(error.to_string()))?
+        .map_err(SignupError::from)?;
+
+    let user = NewUser {
+        id: uuid::Uuid::new_v4(),
+        email: email.as_str().to_owned(),
+        name,
+        password_hash,
+    };
+    let user_id = user.id;
+    let inserted = state
+        .database
+        .run(move |connection, statements| {
+            let query = diesel::insert_into(users::table).values(user);
+            Ok(traced(statements, query, |query| query.execute(connection))?)
+        })
+        .await;
+    match inserted {
+        Ok(_) => {}
+        Err(error) if error.is_unique_violation() => return Err(SignupError::EmailTaken.into()),
+        Err(error) => return Err(SignupError::from(error).into()),
+    }
+    tracing::Span::current().record("user.id", tracing::field::display(user_id));
+    Ok(HttpResponse::Created().json(SignupResponse { user_id }))
+}

@@ -1,0 +1,93 @@
+//! `POST /sessions/validate`: who does this bearer token belong to?
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, RunQueryDsl};
+use tracehop_shared::db::{DbError, traced};
+use tracehop_shared::http::ApiError;
+use tracehop_shared::schema::{sessions, users};
+
+use super::State;
+use crate::token;
+
+/// The session's owner.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionUser {
+    pub user_id: uuid::Uuid,
+    pub email: String,
+    pub name: String,
+}
+
+/// What can go wrong when validating a session.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error("missing or malformed bearer token")]
+    Malformed,
+    #[error("unknown or expired session")]
+    Unknown,
+    #[error(transparent)]
+    Database(#[from] DbError),
+}
+
+impl From<ValidateError> for ApiError {
+    fn from(error: ValidateError) -> Self {
+        match error {
+            ValidateError::Malformed | ValidateError::Unknown => {
+                ApiError::unauthorized(error.to_string())
+            }
+            ValidateError::Database(DbError::Unavailable(_)) => {
+                ApiError::unavailable("database_unavailable", "the user database is unavailable")
+            }
+            ValidateError::Database(other) => ApiError::internal(other.to_string()),
+        }
+    }
+}
+
+#[tracing::instrument(
+    name = "session.validate",
+    skip_all,
+    fields(user.id = tracing::field::Empty, session.valid = tracing::field::Empty),
+    err(Display)
+)]
+pub async fn validate(
+    state: web::Data<State>,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let header = request
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let Some(token) = token::from_authorization(header) else {
+        tracing::Span::current().record("session.valid", false);
+        return Err(ValidateError::Malformed.into());
+    };
+    let token_hash = token::digest(token);
+    let now = chrono::Utc::now();
+    let user = state
+        .database
+        .run(move |connection, statements| {
+            let query = sessions::table
+                .inner_join(users::table)
+                .filter(sessions::token_hash.eq(token_hash))
+                .filter(sessions::expires_at.gt(now))
+                .select((users::id, users::email, users::name));
+            Ok(traced(statements, query, |query| {
+                query
+                    .first::<(uuid::Uuid, String, String)>(connection)
+                    .optional()
+            })?)
+        })
+        .await
+        .map_err(ValidateError::from)?;
+    let span = tracing::Span::current();
+    span.record("session.valid", user.is_some());
+    let Some((user_id, email, name)) = user else {
+        return Err(ValidateError::Unknown.into());
+    };
+    span.record("user.id", tracing::field::display(user_id));
+    Ok(HttpResponse::Ok().json(SessionUser {
+        user_id,
+        email,
+        name,
+    }))
+}

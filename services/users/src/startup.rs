@@ -1,0 +1,53 @@
+//! Building and running the HTTP server.
+
+use actix_web::web;
+use tracehop_shared::db::Database;
+use tracehop_shared::http::server;
+
+use crate::configuration::Settings;
+use crate::routes;
+
+/// A bound, not yet running, user-service.
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let database = Database::connect(&settings.database_url, settings.pool_size)?;
+        let (listener, port) = server::bind(&settings.host, settings.port)?;
+        let state = web::Data::new(routes::State {
+            database,
+            session_ttl: chrono::Duration::hours(settings.session_ttl_hours),
+        });
+        let server = actix_web::HttpServer::new(move || {
+            let state = state.clone();
+            server::app(move |config| {
+                config
+                    .app_data(state)
+                    .route("/users", web::post().to(routes::signup::signup))
+                    .route("/sessions", web::post().to(routes::login::login))
+                    .route(
+                        "/sessions/validate",
+                        web::post().to(routes::validate::validate),
+                    );
+            })
+        })
+        .listen(listener)?
+        .shutdown_timeout(10)
+        .run();
+        tracing::info!(port, "user-service listening");
+        Ok(Self { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until SIGINT/SIGTERM, then drains in-flight requests.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.server.await?;
+        Ok(())
+    }
+}
