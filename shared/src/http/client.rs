@@ -75,6 +75,17 @@ impl TracedClient {
         url_template: &'static str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
+        self.send_attempt(url_template, request, 0).await
+    }
+
+    /// Like [`TracedClient::send`], for the `resend_count`-th retry of the same logical request; recorded as
+    /// `http.request.resend_count` (each attempt is its own CLIENT span, as the conventions ask).
+    pub async fn send_attempt(
+        &self,
+        url_template: &'static str,
+        request: reqwest::RequestBuilder,
+        resend_count: u32,
+    ) -> Result<reqwest::Response, ClientError> {
         let mut request = request.build().map_err(ClientError::Build)?;
         let url = request.url();
         let span = tracing::info_span!(
@@ -87,9 +98,13 @@ impl TracedClient {
             url.template = url_template,
             server.address = url.host_str().unwrap_or_default(),
             server.port = url.port_or_known_default().unwrap_or_default(),
+            http.request.resend_count = tracing::field::Empty,
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
+        if resend_count > 0 {
+            span.record("http.request.resend_count", resend_count);
+        }
         let context = span.context();
         if context.span().span_context().is_valid() {
             inject(&context, &mut HttpHeaderInjector(request.headers_mut()));

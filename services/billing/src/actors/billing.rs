@@ -1,0 +1,255 @@
+//! `BillingActor`: one checkout's charge, from idempotency claim to outbox.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Addr, Context, Handler, ResponseFuture, Supervised};
+use sha2::{Digest, Sha256};
+use tracehop_shared::actor::Traced;
+use tracehop_shared::db::{Database, DbError};
+use tracehop_shared::messaging::{ORDER_COMPLETED, OrderCompleted};
+use tracehop_shared::propagation::SerializedContext;
+use tracing::Instrument;
+
+use super::outbox::{OutboxRelay, RelayEvent};
+use super::stripe::{CreateCharge, StripeClientActor, StripeError};
+use crate::store::{self, Claim, OutboxEvent, PendingTransaction};
+
+/// How long a request waits for another request holding the same idempotency key to finish.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
+
+/// Charge a validated amount for a user.
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "Result<ChargeReceipt, ChargeError>")]
+pub struct Charge {
+    pub user_id: uuid::Uuid,
+    pub email: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub idempotency_key: String,
+}
+
+/// A recorded charge.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargeReceipt {
+    pub order_id: uuid::Uuid,
+    pub charge_id: String,
+    pub status: String,
+    /// True when this answer replays an earlier request with the same idempotency key.
+    pub replayed: bool,
+}
+
+/// Why a charge failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChargeError {
+    #[error("this Idempotency-Key was already used for a different checkout")]
+    IdempotencyKeyReused,
+    #[error("a checkout with this Idempotency-Key is still in progress; retry later")]
+    InProgress,
+    #[error(transparent)]
+    Payment(#[from] StripeError),
+    #[error("database: {0}")]
+    Database(#[from] DbError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// What the handler futures share.
+pub struct BillingDeps {
+    pub database: Database,
+    pub stripe: Addr<StripeClientActor>,
+    pub relay: Addr<OutboxRelay>,
+}
+
+pub struct BillingActor {
+    deps: Arc<BillingDeps>,
+}
+
+impl BillingActor {
+    pub fn new(deps: Arc<BillingDeps>) -> Self {
+        Self { deps }
+    }
+}
+
+impl Actor for BillingActor {
+    type Context = Context<Self>;
+}
+
+impl Supervised for BillingActor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        tracing::warn!(actor = "BillingActor", "actor restarting");
+    }
+}
+
+impl Handler<Traced<Charge>> for BillingActor {
+    type Result = ResponseFuture<Result<ChargeReceipt, ChargeError>>;
+
+    fn handle(&mut self, message: Traced<Charge>, _: &mut Self::Context) -> Self::Result {
+        let (charge, span) = message.into_parts::<Self>();
+        let deps = self.deps.clone();
+        Box::pin(async move { charge_card(&deps, charge).await }.instrument(span))
+    }
+}
+
+/// SHA-256 of what the request asked for; the same key with another fingerprint is refused.
+fn fingerprint(charge: &Charge) -> String {
+    let text = format!(
+        "{}|{}|{}",
+        charge.user_id, charge.amount_minor, charge.currency
+    );
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+#[tracing::instrument(
+    name = "billing.charge",
+    skip_all,
+    fields(
+        billing.amount = charge.amount_minor,
+        billing.currency = %charge.currency,
+        user.id = %charge.user_id,
+        order.id = tracing::field::Empty,
+        billing.idempotent_replay = tracing::field::Empty,
+    ),
+    err(Display)
+)]
+async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt, ChargeError> {
+    let span = tracing::Span::current();
+    let request_fingerprint = fingerprint(&charge);
+    let order_id = uuid::Uuid::new_v4();
+    let pending = PendingTransaction {
+        id: order_id,
+        user_id: charge.user_id,
+        email: charge.email.clone(),
+        amount_minor: charge.amount_minor,
+        currency: charge.currency.clone(),
+        status: "pending".into(),
+        idempotency_key: charge.idempotency_key.clone(),
+        request_fingerprint: request_fingerprint.clone(),
+        trace_id: tracehop_shared::telemetry::current_trace_id(),
+    };
+
+    // Claim the key; if someone else holds it, wait for their outcome (or for it to be released).
+    let deadline = Instant::now() + CLAIM_WAIT;
+    loop {
+        let attempt = pending.clone();
+        let claim = deps
+            .database
+            .run(move |connection, statements| store::claim(connection, statements, attempt))
+            .await?;
+        match claim {
+            Claim::Claimed => break,
+            Claim::Existing(existing) if existing.request_fingerprint != request_fingerprint => {
+                return Err(ChargeError::IdempotencyKeyReused);
+            }
+            Claim::Existing(existing) if existing.status == "charged" => {
+                span.record("order.id", tracing::field::display(existing.id));
+                span.record("billing.idempotent_replay", true);
+                return Ok(ChargeReceipt {
+                    order_id: existing.id,
+                    charge_id: existing.charge_id.unwrap_or_default(),
+                    status: "completed".into(),
+                    replayed: true,
+                });
+            }
+            Claim::Existing(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Claim::Existing(_) => return Err(ChargeError::InProgress),
+        }
+    }
+    span.record("order.id", tracing::field::display(order_id));
+
+    let created = deps
+        .stripe
+        .send(Traced::new(CreateCharge {
+            order_id,
+            user_id: charge.user_id,
+            amount_minor: charge.amount_minor,
+            currency: charge.currency.clone(),
+            idempotency_key: format!("tracehop-{}", charge.idempotency_key),
+        }))
+        .await
+        .map_err(|error| ChargeError::Internal(format!("Stripe client actor unavailable: {error}")));
+    let created = match created {
+        Ok(Ok(created)) => created,
+        Ok(Err(error)) => {
+            release(deps, order_id).await;
+            return Err(error.into());
+        }
+        Err(error) => {
+            release(deps, order_id).await;
+            return Err(error);
+        }
+    };
+
+    let event = OrderCompleted {
+        event_id: uuid::Uuid::new_v4(),
+        order_id,
+        user_id: charge.user_id,
+        email: charge.email.clone(),
+        amount_minor: charge.amount_minor,
+        currency: charge.currency.clone(),
+        charge_id: created.id.clone(),
+    };
+    let event_id = event.event_id;
+    save_transaction(deps, order_id, &created.id, &charge.email, event).await?;
+    deps.relay.do_send(Traced::new(RelayEvent { event_id }));
+    Ok(ChargeReceipt {
+        order_id,
+        charge_id: created.id,
+        status: "completed".into(),
+        replayed: false,
+    })
+}
+
+/// Gives the idempotency key back after a failed charge (Stripe's own key makes a later retry safe even if
+/// the failed attempt did reach it).
+async fn release(deps: &BillingDeps, order_id: uuid::Uuid) {
+    let outcome = deps
+        .database
+        .run(move |connection, statements| store::release(connection, statements, order_id))
+        .await;
+    if let Err(error) = outcome {
+        tracing::error!(error = %error, %order_id, "could not release the idempotency key");
+    }
+}
+
+#[tracing::instrument(name = "db.save_transaction", skip_all, fields(order.id = %order_id, stripe.charge_id = %charge_id), err(Display))]
+async fn save_transaction(
+    deps: &BillingDeps,
+    order_id: uuid::Uuid,
+    charge_id: &str,
+    email: &str,
+    event: OrderCompleted,
+) -> Result<(), ChargeError> {
+    let payload =
+        serde_json::to_string(&event).map_err(|error| ChargeError::Internal(error.to_string()))?;
+    // The event keeps the context of billing.charge (our parent), so its publish span joins this trace
+    // whenever it is relayed.
+    let trace_context = serde_json::to_string(&SerializedContext::capture(
+        &tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()),
+    ))
+    .map_err(|error| ChargeError::Internal(error.to_string()))?;
+    let outbox_event = OutboxEvent {
+        id: event.event_id,
+        subject: ORDER_COMPLETED.to_owned(),
+        payload,
+        trace_context,
+    };
+    let charge_id = charge_id.to_owned();
+    let email = email.to_owned();
+    deps.database
+        .run(move |connection, statements| {
+            store::save_charged(
+                connection,
+                statements,
+                order_id,
+                &charge_id,
+                &email,
+                outbox_event,
+            )
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! `OutboxRelay`: publishes outbox events to JetStream, then marks them sent.
+//!
+//! Billing pokes the relay right after a charge is committed; a periodic sweep catches whatever that missed
+//! (NATS down, billing restarted between commit and publish). Publishing uses the event id as `Nats-Msg-Id`,
+//! so when both paths publish the same event JetStream keeps one (duplicate window: see
+//! [`tracehop_shared::messaging::StreamSettings`]).
+
+use std::time::Duration;
+
+use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
+use async_nats::jetstream;
+use opentelemetry::Context as OtelContext;
+use tracehop_shared::actor::Traced;
+use tracehop_shared::db::Database;
+use tracehop_shared::messaging;
+use tracehop_shared::propagation::{SerializedContext, set_remote_parent};
+use tracing::Instrument;
+
+use crate::store::{self, OutboxEvent};
+
+/// Publish this event now.
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "()")]
+pub struct RelayEvent {
+    pub event_id: uuid::Uuid,
+}
+
+pub struct OutboxRelay {
+    database: Database,
+    jetstream: jetstream::Context,
+    sweep_every: Duration,
+}
+
+impl OutboxRelay {
+    pub fn new(database: Database, jetstream: jetstream::Context, sweep_every: Duration) -> Self {
+        Self {
+            database,
+            jetstream,
+            sweep_every,
+        }
+    }
+}
+
+impl Actor for OutboxRelay {
+    type Context = Context<Self>;
+
+    fn started(&mut self, context: &mut Self::Context) {
+        context.run_interval(self.sweep_every, |relay, context| {
+            let database = relay.database.clone();
+            let jetstream = relay.jetstream.clone();
+            context.spawn(actix::fut::wrap_future(sweep(database, jetstream)));
+        });
+    }
+}
+
+impl Supervised for OutboxRelay {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        tracing::warn!(actor = "OutboxRelay", "actor restarting");
+    }
+}
+
+impl Handler<Traced<RelayEvent>> for OutboxRelay {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, message: Traced<RelayEvent>, _: &mut Self::Context) -> Self::Result {
+        let (RelayEvent { event_id }, span) = message.into_parts::<Self>();
+        let database = self.database.clone();
+        let jetstream = self.jetstream.clone();
+        Box::pin(
+            async move {
+                let event = database
+                    .run(move |connection, statements| {
+                        store::unpublished_event(connection, statements, event_id)
+                    })
+                    .await;
+                match event {
+                    Ok(Some(event)) => publish_event(&database, &jetstream, event).await,
+                    Ok(None) => tracing::debug!(%event_id, "already published"),
+                    Err(error) => {
+                        tracing::warn!(error = %error, %event_id, "could not load event; the sweep will retry")
+                    }
+                }
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Publishes every event still waiting (oldest first, at most 100 per sweep). Events younger than a few
+/// seconds are left to the immediate path, which is normally about to publish them.
+async fn sweep(database: Database, jetstream: jetstream::Context) {
+    let created_before = chrono::Utc::now() - chrono::Duration::seconds(3);
+    let events = database
+        .run(move |connection, _| store::unpublished_events(connection, created_before, 100))
+        .await;
+    match events {
+        Ok(events) => {
+            if !events.is_empty() {
+                tracing::info!(count = events.len(), "relaying outbox events that were not published right away");
+            }
+            for event in events {
+                let parent = restore_context(&event);
+                let span = tracing::info_span!("outbox.relay", otel.kind = "internal", messaging.message.id = %event.id, outbox.late = true);
+                set_remote_parent(&span, parent);
+                publish_event(&database, &jetstream, event).instrument(span).await;
+            }
+        }
+        Err(error) => tracing::debug!(error = %error, "outbox sweep skipped"),
+    }
+}
+
+fn restore_context(event: &OutboxEvent) -> OtelContext {
+    serde_json::from_str::<SerializedContext>(&event.trace_context)
+        .map(|context| context.restore())
+        .unwrap_or_default()
+}
+
+/// Publishes one event (PRODUCER span under the checkout's trace) and records the outcome.
+async fn publish_event(database: &Database, jetstream: &jetstream::Context, event: OutboxEvent) {
+    let parent = restore_context(&event);
+    let event_id = event.id;
+    let outcome = messaging::publish(
+        jetstream,
+        &event.subject,
+        &event.id.to_string(),
+        event.payload.into_bytes().into(),
+        parent,
+    )
+    .await;
+    let recorded = match outcome {
+        Ok(_) => {
+            database
+                .run(move |connection, statements| {
+                    store::mark_published(connection, statements, event_id)
+                })
+                .await
+        }
+        Err(error) => {
+            let message = error.to_string();
+            database
+                .run(move |connection, statements| {
+                    store::mark_publish_failed(connection, statements, event_id, &message)
+                })
+                .await
+        }
+    };
+    if let Err(error) = recorded {
+        tracing::warn!(error = %error, %event_id, "could not record the publish outcome; the sweep will retry");
+    }
+}

@@ -1,0 +1,66 @@
+//! billing-service settings, from the environment.
+
+use std::time::Duration;
+
+use tracehop_shared::config::{ConfigError, env_or, env_parse, listen_address};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    /// `BILLING_PORT` (default 3002).
+    pub port: u16,
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// `DATABASE_POOL_SIZE` (default 10).
+    pub pool_size: u32,
+    /// `NATS_URL` (default nats://127.0.0.1:4222).
+    pub nats_url: String,
+    /// `NATS_STREAM` (default ORDERS).
+    pub nats_stream: String,
+    pub stripe: StripeSettings,
+    /// `OUTBOX_SWEEP_MS`: how often the relay looks for events that were not published right away.
+    pub outbox_sweep: Duration,
+}
+
+/// How billing talks to the payment provider.
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    /// `STRIPE_API_BASE` (default http://127.0.0.1:12111, the simulator).
+    pub api_base: String,
+    /// `STRIPE_SECRET_KEY`.
+    pub secret_key: String,
+    /// `STRIPE_ATTEMPT_TIMEOUT_MS` (default 10000): one attempt gives up after this long.
+    pub attempt_timeout: Duration,
+    /// `STRIPE_MAX_ATTEMPTS` (default 3).
+    pub max_attempts: u32,
+    /// `STRIPE_BACKOFF_MS` (default 200): first retry delay, doubled each time, plus jitter.
+    pub backoff: Duration,
+    /// `STRIPE_BREAKER_THRESHOLD` (default 5): consecutive failed charges that open the circuit.
+    pub breaker_threshold: u32,
+    /// `STRIPE_BREAKER_COOLDOWN_MS` (default 15000): how long the circuit stays open.
+    pub breaker_cooldown: Duration,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let (host, port) = listen_address("BILLING", 3002)?;
+        Ok(Self {
+            host,
+            port,
+            database_url: env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tracehop"),
+            pool_size: env_parse("DATABASE_POOL_SIZE", 10)?,
+            nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),
+            nats_stream: env_or("NATS_STREAM", "ORDERS"),
+            stripe: StripeSettings {
+                api_base: env_or("STRIPE_API_BASE", "http://127.0.0.1:12111"),
+                secret_key: env_or("STRIPE_SECRET_KEY", "sk_test_tracehop"),
+                attempt_timeout: Duration::from_millis(env_parse("STRIPE_ATTEMPT_TIMEOUT_MS", 10_000)?),
+                max_attempts: env_parse("STRIPE_MAX_ATTEMPTS", 3)?,
+                backoff: Duration::from_millis(env_parse("STRIPE_BACKOFF_MS", 200)?),
+                breaker_threshold: env_parse("STRIPE_BREAKER_THRESHOLD", 5)?,
+                breaker_cooldown: Duration::from_millis(env_parse("STRIPE_BREAKER_COOLDOWN_MS", 15_000)?),
+            },
+            outbox_sweep: Duration::from_millis(env_parse("OUTBOX_SWEEP_MS", 2_000)?),
+        })
+    }
+}

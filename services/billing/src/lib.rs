@@ -1,0 +1,22 @@
+//! # billing-service
+//!
+//! `POST /charge` hands the request to the [`actors::BillingActor`] (span `billing.charge`), which
+//!
+//! 1. claims the idempotency key (a `pending` transaction row; a repeated key returns the first order),
+//! 2. asks the [`actors::StripeClientActor`] to charge the card over HTTP (span `stripe.create_charge`, one
+//!    HTTP client span per attempt, retries with back-off behind a circuit breaker),
+//! 3. records the charge, the `order.completed` outbox event and a `pending` notification in one database
+//!    transaction (span `db.save_transaction`),
+//! 4. pokes the [`actors::OutboxRelay`], which publishes the event to JetStream (span
+//!    `publish order.completed`, a child of `billing.charge` even when relayed late) and marks it sent.
+//!
+//! `GET /orders/{id}` reads an order with its notification status (the gateway checks ownership).
+//! All actors carry span context in [`tracehop_shared::actor::Traced`] envelopes and are supervised.
+
+#![forbid(unsafe_code)]
+
+pub mod actors;
+pub mod configuration;
+pub mod routes;
+pub mod startup;
+pub mod store;

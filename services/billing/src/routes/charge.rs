@@ -1,0 +1,78 @@
+//! `POST /charge`: charge a user (called by the gateway).
+
+use actix_web::{HttpResponse, web};
+use tracehop_shared::actor::Traced;
+use tracehop_shared::db::DbError;
+use tracehop_shared::domain::{Amount, Currency, Email};
+use tracehop_shared::http::ApiError;
+
+use super::State;
+use crate::actors::{Charge, ChargeError, StripeError};
+
+/// What the gateway sends.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChargeRequest {
+    pub user_id: uuid::Uuid,
+    pub email: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub idempotency_key: String,
+}
+
+impl From<ChargeError> for ApiError {
+    fn from(error: ChargeError) -> Self {
+        let message = error.to_string();
+        match error {
+            ChargeError::IdempotencyKeyReused => {
+                ApiError::new(actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", message)
+            }
+            ChargeError::InProgress => ApiError::conflict("checkout_in_progress", message),
+            ChargeError::Payment(StripeError::Declined(_)) => ApiError::new(
+                actix_web::http::StatusCode::PAYMENT_REQUIRED,
+                "payment_declined",
+                message,
+            ),
+            ChargeError::Payment(StripeError::CircuitOpen) => {
+                ApiError::unavailable("payment_provider_unavailable", message)
+            }
+            ChargeError::Payment(_) => ApiError::bad_gateway("payment_provider_error", message),
+            ChargeError::Database(DbError::Unavailable(_)) => {
+                ApiError::unavailable("database_unavailable", "the billing database is unavailable")
+            }
+            ChargeError::Database(_) | ChargeError::Internal(_) => ApiError::internal(message),
+        }
+    }
+}
+
+pub async fn charge(
+    state: web::Data<State>,
+    body: web::Json<ChargeRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let request = body.into_inner();
+    let currency = Currency::parse(&request.currency)
+        .map_err(|error| ApiError::bad_request("invalid_currency", error.to_string()))?;
+    let amount = Amount::from_minor_units(request.amount_minor, currency)
+        .map_err(|error| ApiError::bad_request("invalid_amount", error.to_string()))?;
+    let email = Email::parse(&request.email)
+        .map_err(|error| ApiError::bad_request("invalid_email", error.to_string()))?;
+    let key = request.idempotency_key.trim();
+    if key.is_empty() || key.len() > 255 {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "idempotency key must be 1 to 255 characters",
+        ));
+    }
+    let receipt = state
+        .billing
+        .send(Traced::new(Charge {
+            user_id: request.user_id,
+            email: email.as_str().to_owned(),
+            amount_minor: amount.minor_units(),
+            currency: currency.code().to_owned(),
+            idempotency_key: key.to_owned(),
+        }))
+        .await
+        .map_err(|error| ApiError::unavailable("billing_unavailable", error.to_string()))??;
+    Ok(HttpResponse::Ok().json(receipt))
+}

@@ -1,0 +1,77 @@
+//! Building and running billing: database pool, NATS, the supervised actors, the HTTP server.
+
+use std::sync::Arc;
+
+use actix::Supervisor;
+use actix_web::web;
+use anyhow::Context as _;
+use tracehop_shared::db::Database;
+use tracehop_shared::http::server;
+use tracehop_shared::messaging::{self, StreamSettings};
+
+use crate::actors::billing::BillingDeps;
+use crate::actors::{BillingActor, OutboxRelay, StripeClientActor};
+use crate::configuration::Settings;
+use crate::routes;
+
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let database = Database::connect(&settings.database_url, settings.pool_size)?;
+        let nats = messaging::connect(&settings.nats_url, "billing-service")
+            .await
+            .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
+        let jetstream = async_nats::jetstream::new(nats);
+        let stream_settings = StreamSettings {
+            stream: settings.nats_stream.clone(),
+            ..StreamSettings::default()
+        };
+        messaging::ensure_stream(&jetstream, &stream_settings)
+            .await
+            .context("creating the JetStream stream")?;
+
+        // A supervised actor keeps its instance across restarts (`Supervised::restarting`), so the closure
+        // only hands over the one built here.
+        let stripe_client = StripeClientActor::new(settings.stripe.clone())?;
+        let stripe = Supervisor::start(move |_| stripe_client);
+        let relay_database = database.clone();
+        let sweep_every = settings.outbox_sweep;
+        let relay = Supervisor::start(move |_| OutboxRelay::new(relay_database, jetstream, sweep_every));
+        let deps = Arc::new(BillingDeps {
+            database: database.clone(),
+            stripe,
+            relay,
+        });
+        let billing = Supervisor::start(move |_| BillingActor::new(deps));
+
+        let (listener, port) = server::bind(&settings.host, settings.port)?;
+        let state = web::Data::new(routes::State { database, billing });
+        let server = actix_web::HttpServer::new(move || {
+            let state = state.clone();
+            server::app(move |config| {
+                config
+                    .app_data(state)
+                    .route("/charge", web::post().to(routes::charge::charge))
+                    .route("/orders/{order_id}", web::get().to(routes::orders::get_order));
+            })
+        })
+        .listen(listener)?
+        .shutdown_timeout(30)
+        .run();
+        tracing::info!(port, "billing-service listening");
+        Ok(Self { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.server.await?;
+        Ok(())
+    }
+}

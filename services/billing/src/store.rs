@@ -1,0 +1,277 @@
+//! Billing's rows: transactions (one per order), the outbox, and the initial notification row.
+//!
+//! Every function takes a connection from [`tracehop_shared::db::Database::run`] (so it runs on the blocking
+//! pool) and wraps each statement in [`traced`].
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use tracehop_shared::db::{DbConnection, DbError, Statements, traced};
+use tracehop_shared::schema::{notifications, outbox, transactions};
+
+/// A transaction row.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = transactions)]
+pub struct Transaction {
+    pub id: uuid::Uuid,
+    pub user_id: uuid::Uuid,
+    pub email: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub charge_id: Option<String>,
+    pub idempotency_key: String,
+    pub request_fingerprint: String,
+    pub trace_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A charge about to be attempted.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = transactions)]
+pub struct PendingTransaction {
+    pub id: uuid::Uuid,
+    pub user_id: uuid::Uuid,
+    pub email: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub idempotency_key: String,
+    pub request_fingerprint: String,
+    pub trace_id: String,
+}
+
+/// The outcome of claiming an idempotency key.
+#[derive(Debug)]
+pub enum Claim {
+    /// This request owns the key and must charge.
+    Claimed,
+    /// Someone already used the key.
+    Existing(Transaction),
+}
+
+/// Inserts a `pending` row unless the idempotency key is taken; the unique index makes concurrent claims of
+/// one key safe (exactly one wins).
+pub fn claim(
+    connection: &mut DbConnection,
+    statements: &Statements,
+    pending: PendingTransaction,
+) -> Result<Claim, DbError> {
+    let key = pending.idempotency_key.clone();
+    let query = diesel::insert_into(transactions::table)
+        .values(pending)
+        .on_conflict(transactions::idempotency_key)
+        .do_nothing();
+    let inserted = traced(statements, query, |query| query.execute(connection))?;
+    if inserted == 1 {
+        return Ok(Claim::Claimed);
+    }
+    let query = transactions::table
+        .filter(transactions::idempotency_key.eq(key))
+        .select(Transaction::as_select());
+    let existing = traced(statements, query, |query| query.first(connection))?;
+    Ok(Claim::Existing(existing))
+}
+
+/// Reads one transaction by id.
+pub fn transaction(
+    connection: &mut DbConnection,
+    statements: &Statements,
+    order_id: uuid::Uuid,
+) -> Result<Option<Transaction>, DbError> {
+    let query = transactions::table
+        .find(order_id)
+        .select(Transaction::as_select());
+    Ok(traced(statements, query, |query| {
+        query.first(connection).optional()
+    })?)
+}
+
+/// Gives the key back after a charge that certainly did not happen (declined, or never reached Stripe), so
+/// the client may retry with the same key.
+pub fn release(
+    connection: &mut DbConnection,
+    statements: &Statements,
+    order_id: uuid::Uuid,
+) -> Result<(), DbError> {
+    let query = diesel::delete(
+        transactions::table
+            .filter(transactions::id.eq(order_id))
+            .filter(transactions::status.eq("pending")),
+    );
+    traced(statements, query, |query| query.execute(connection))?;
+    Ok(())
+}
+
+/// An event to relay.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = outbox)]
+pub struct OutboxEvent {
+    pub id: uuid::Uuid,
+    pub subject: String,
+    pub payload: String,
+    pub trace_context: String,
+}
+
+/// Records a successful charge: the transaction becomes `charged`, the `order.completed` event goes into the
+/// outbox and the notification starts `pending`, all in one database transaction.
+pub fn save_charged(
+    connection: &mut DbConnection,
+    statements: &Statements,
+    order_id: uuid::Uuid,
+    charge_id: &str,
+    email: &str,
+    event: OutboxEvent,
+) -> Result<(), DbError> {
+    connection.transaction::<_, DbError, _>(|connection| {
+        let query = diesel::update(transactions::table.find(order_id)).set((
+            transactions::status.eq("charged"),
+            transactions::charge_id.eq(charge_id),
+            transactions::updated_at.eq(diesel::dsl::now),
+        ));
+        traced(statements, query, |query| query.execute(connection))?;
+        let query = diesel::insert_into(outbox::table).values(event);
+        traced(statements, query, |query| query.execute(connection))?;
+        let query = diesel::insert_into(notifications::table)
+            .values((
+                notifications::order_id.eq(order_id),
+                notifications::email.eq(email),
+                notifications::status.eq("pending"),
+            ))
+            .on_conflict_do_nothing();
+        traced(statements, query, |query| query.execute(connection))?;
+        Ok(())
+    })
+}
+
+/// An unpublished outbox event by id (`None` once published).
+pub fn unpublished_event(
+    connection: &mut DbConnection,
+    statements: &Statements,
+    event_id: uuid::Uuid,
+) -> Result<Option<OutboxEvent>, DbError> {
+    let query = outbox::table
+        .filter(outbox::id.eq(event_id))
+        .filter(outbox::published_at.is_null())
+        .select(OutboxEvent::as_select());
+    Ok(traced(statements, query, |query| {
+        query.first(connection).optional()
+    })?)
+}
+
+/// Marks an event as acknowledged by JetStream.
+pub fn mark_published(
+    connection: &mut DbConnection,
+    statements: &Statements,
+    event_id: uuid::Uuid,
+) -> Result<(), DbError> {
+    let query = diesel::update(outbox::table.find(event_id)).set((
+        outbox::published_at.eq(diesel::dsl::now),
+        outbox::attempts.eq(outbox::attempts + 1),
+        outbox::last_error.eq(None::<String>),
+    ));
+    traced(statements, query, |query| query.execute(connection))?;
+    Ok(())
+}
+
+/// Records a failed publish (the sweep will try again).
+pub fn mark_publish_failed(
+    connection: &mut DbConnection,
+    statements: &Statements,
+    event_id: uuid::Uuid,
+    error: &str,
+) -> Result<(), DbError> {
+    let query = diesel::update(outbox::table.find(event_id)).set((
+        outbox::attempts.eq(outbox::attempts + 1),
+        outbox::last_error.eq(error),
+    ));
+    traced(statements, query, |query| query.execute(connection))?;
+    Ok(())
+}
+
+/// Events still waiting, oldest first. Deliberately *not* traced: the sweep runs every few seconds outside
+/// any request and would otherwise fill the trace store with one-span traces; the events it finds are
+/// published under their own checkout's trace.
+pub fn unpublished_events(
+    connection: &mut DbConnection,
+    created_before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<OutboxEvent>, DbError> {
+    Ok(outbox::table
+        .filter(outbox::published_at.is_null())
+        .filter(outbox::created_at.lt(created_before))
+        .order(outbox::created_at.asc())
+        .limit(limit)
+        .select(OutboxEvent::as_select())
+        .load(connection)?)
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderView {
+    pub order_id: uuid::Uuid,
+    pub user_id: uuid::Uuid,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub charge_id: Option<String>,
+    pub trace_id: String,
+    pub created_at: DateTime<Utc>,
+    pub notification: Option<NotificationView>,
+}
+
+/// The confirmation e-mail's state.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationView {
+    pub status: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// An order with its notification.
+pub fn order_view(
+    connection: &mut DbConnection,
+    statements: &Statements,
+    order_id: uuid::Uuid,
+) -> Result<Option<OrderView>, DbError> {
+    let query = transactions::table
+        .left_join(notifications::table)
+        .filter(transactions::id.eq(order_id))
+        .select((
+            Transaction::as_select(),
+            (
+                notifications::status,
+                notifications::attempts,
+                notifications::last_error,
+                notifications::sent_at,
+            )
+                .nullable(),
+        ));
+    let row = traced(statements, query, |query| {
+        query
+            .first::<(Transaction, Option<(String, i32, Option<String>, Option<DateTime<Utc>>)>)>(
+                connection,
+            )
+            .optional()
+    })?;
+    Ok(row.map(|(transaction, notification)| OrderView {
+        order_id: transaction.id,
+        user_id: transaction.user_id,
+        amount_minor: transaction.amount_minor,
+        currency: transaction.currency,
+        status: transaction.status,
+        charge_id: transaction.charge_id,
+        trace_id: transaction.trace_id,
+        created_at: transaction.created_at,
+        notification: notification.map(|(status, attempts, last_error, sent_at)| {
+            NotificationView {
+                status,
+                attempts,
+                last_error,
+                sent_at,
+            }
+        }),
+    }))
+}

@@ -1,0 +1,356 @@
+//! # stripe-sim
+//!
+//! The part of the Stripe API that billing uses, spoken over real HTTP so the billing service's client,
+//! timeouts and retries are exercised for real. It is a test double for a third party we cannot reach from
+//! here; it is deliberately *not* traced (Stripe does not send us its spans either).
+//!
+//! - `POST /v1/charges` (form-encoded `amount`, `currency`, `customer`, `description`, `metadata[...]`),
+//!   `Authorization: Bearer sk_test_...`, `Idempotency-Key` replay (same key and parameters -> the same
+//!   charge with `Idempotent-Replayed: true`; same key, other parameters -> 400 `idempotency_error`).
+//! - `GET /v1/charges/{id}`.
+//! - Faults, from the environment at start (`STRIPE_SIM_LATENCY_MS`, `STRIPE_SIM_FAIL_RATE`) or at any time
+//!   through `POST /_admin/faults` with `{"latencyMs", "failRate", "failNext", "failStatus", "hangNext",
+//!   "hangMs", "declineNext"}`; `DELETE /_admin/faults` resets; `GET /_admin/charges` lists every charge
+//!   (tests count them).
+//!
+//! A "hang" sleeps *before* the charge is created, like a request stuck in a load balancer: a client that
+//! times out and retries with the same idempotency key gets exactly one charge.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Start-up settings.
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub faults: Faults,
+}
+
+impl Settings {
+    pub fn from_env() -> std::io::Result<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let invalid = |name: &str| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid {name}"))
+        };
+        let port = match var("STRIPE_SIM_PORT") {
+            Some(port) => port.trim().parse().map_err(|_| invalid("STRIPE_SIM_PORT"))?,
+            None => 12111,
+        };
+        let mut faults = Faults::default();
+        if let Some(latency) = var("STRIPE_SIM_LATENCY_MS") {
+            faults.latency_ms = latency
+                .trim()
+                .parse()
+                .map_err(|_| invalid("STRIPE_SIM_LATENCY_MS"))?;
+        }
+        if let Some(rate) = var("STRIPE_SIM_FAIL_RATE") {
+            faults.fail_rate = rate
+                .trim()
+                .parse()
+                .map_err(|_| invalid("STRIPE_SIM_FAIL_RATE"))?;
+        }
+        Ok(Self {
+            host: var("STRIPE_SIM_HOST").unwrap_or_else(|| "127.0.0.1".into()),
+            port,
+            faults,
+        })
+    }
+}
+
+/// Injected faults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Faults {
+    /// Added to every charge request.
+    pub latency_ms: u64,
+    /// Share of charge requests answered with `fail_status` (0.0 to 1.0).
+    pub fail_rate: f64,
+    /// The next N charge requests fail with `fail_status`.
+    pub fail_next: u32,
+    /// Status for injected failures (default 500).
+    pub fail_status: Option<u16>,
+    /// The next N charge requests sleep `hang_ms` before being processed.
+    pub hang_next: u32,
+    pub hang_ms: u64,
+    /// The next N charge requests are declined (402 `card_declined`).
+    pub decline_next: u32,
+}
+
+/// A created charge, as Stripe returns it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Charge {
+    pub id: String,
+    pub object: String,
+    pub amount: i64,
+    pub currency: String,
+    pub customer: Option<String>,
+    pub description: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub status: String,
+    pub paid: bool,
+    pub captured: bool,
+    pub livemode: bool,
+    pub created: i64,
+}
+
+struct Stored {
+    fingerprint: String,
+    charge: Charge,
+}
+
+#[derive(Default)]
+struct Ledger {
+    charges: Vec<Charge>,
+    by_idempotency_key: HashMap<String, Stored>,
+}
+
+struct State {
+    faults: Mutex<Faults>,
+    ledger: Mutex<Ledger>,
+}
+
+/// A bound server.
+pub struct Running {
+    pub port: u16,
+    pub server: actix_web::dev::Server,
+}
+
+/// Binds and starts the simulator (port 0 picks a free port).
+pub fn build(settings: Settings) -> std::io::Result<Running> {
+    let listener = std::net::TcpListener::bind((settings.host.as_str(), settings.port))?;
+    let port = listener.local_addr()?.port();
+    let state = web::Data::new(State {
+        faults: Mutex::new(settings.faults),
+        ledger: Mutex::new(Ledger::default()),
+    });
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(state.clone())
+            .app_data(web::FormConfig::default().limit(16 * 1024))
+            .route("/healthz", web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }))
+            .route("/v1/charges", web::post().to(create_charge))
+            .route("/v1/charges/{id}", web::get().to(get_charge))
+            .route("/_admin/faults", web::get().to(get_faults))
+            .route("/_admin/faults", web::post().to(set_faults))
+            .route("/_admin/faults", web::delete().to(reset_faults))
+            .route("/_admin/charges", web::get().to(list_charges))
+    })
+    .listen(listener)?
+    .shutdown_timeout(2)
+    .run();
+    Ok(Running { port, server })
+}
+
+fn stripe_error(status: u16, kind: &str, code: Option<&str>, message: &str) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(status)
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    HttpResponse::build(status).json(serde_json::json!({
+        "error": {"type": kind, "code": code, "message": message}
+    }))
+}
+
+fn authorized(request: &HttpRequest) -> bool {
+    request
+        .headers()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|key| key.starts_with("sk_test_") && key.len() > "sk_test_".len())
+}
+
+enum Injected {
+    None,
+    Fail(u16),
+    Decline,
+}
+
+/// Applies latency and hangs (sleeping), and decides whether this request fails.
+async fn apply_faults(state: &State) -> Injected {
+    let (delay, injected) = {
+        let Ok(mut faults) = state.faults.lock() else {
+            return Injected::Fail(500);
+        };
+        let mut delay = Duration::from_millis(faults.latency_ms);
+        if faults.hang_next > 0 {
+            faults.hang_next -= 1;
+            delay += Duration::from_millis(faults.hang_ms);
+        }
+        let status = faults.fail_status.unwrap_or(500);
+        let injected = if faults.fail_next > 0 {
+            faults.fail_next -= 1;
+            Injected::Fail(status)
+        } else if faults.decline_next > 0 {
+            faults.decline_next -= 1;
+            Injected::Decline
+        } else if faults.fail_rate > 0.0 && rand::rng().random_bool(faults.fail_rate.clamp(0.0, 1.0)) {
+            Injected::Fail(status)
+        } else {
+            Injected::None
+        };
+        (delay, injected)
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    injected
+}
+
+fn new_charge_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..24)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("ch_{suffix}")
+}
+
+async fn create_charge(
+    state: web::Data<State>,
+    request: HttpRequest,
+    form: web::Form<Vec<(String, String)>>,
+) -> HttpResponse {
+    if !authorized(&request) {
+        return stripe_error(401, "invalid_request_error", None, "Invalid API Key provided.");
+    }
+    let params: BTreeMap<String, String> = form.into_inner().into_iter().collect();
+    let Some(amount) = params.get("amount").and_then(|a| a.parse::<i64>().ok()).filter(|a| *a > 0) else {
+        return stripe_error(400, "invalid_request_error", Some("parameter_invalid_integer"), "amount must be a positive integer");
+    };
+    let Some(currency) = params.get("currency").filter(|c| c.len() == 3).cloned() else {
+        return stripe_error(400, "invalid_request_error", Some("parameter_missing"), "currency must be a three-letter code");
+    };
+    let idempotency_key = request
+        .headers()
+        .get("idempotency-key")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let fingerprint = format!("{params:?}");
+
+    match apply_faults(&state).await {
+        Injected::Fail(status) => {
+            return stripe_error(status, "api_error", None, "injected failure (stripe-sim)");
+        }
+        Injected::Decline => {
+            return stripe_error(402, "card_error", Some("card_declined"), "Your card was declined.");
+        }
+        Injected::None => {}
+    }
+
+    let Ok(mut ledger) = state.ledger.lock() else {
+        return stripe_error(500, "api_error", None, "ledger unavailable");
+    };
+    if let Some(key) = &idempotency_key {
+        if let Some(stored) = ledger.by_idempotency_key.get(key) {
+            if stored.fingerprint != fingerprint {
+                return stripe_error(
+                    400,
+                    "idempotency_error",
+                    None,
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                );
+            }
+            return HttpResponse::Ok()
+                .insert_header(("Idempotent-Replayed", "true"))
+                .json(&stored.charge);
+        }
+    }
+    let metadata = params
+        .iter()
+        .filter_map(|(key, value)| {
+            key.strip_prefix("metadata[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .map(|name| (name.to_owned(), value.clone()))
+        })
+        .collect();
+    let charge = Charge {
+        id: new_charge_id(),
+        object: "charge".into(),
+        amount,
+        currency: currency.to_lowercase(),
+        customer: params.get("customer").cloned(),
+        description: params.get("description").cloned(),
+        metadata,
+        status: "succeeded".into(),
+        paid: true,
+        captured: true,
+        livemode: false,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default(),
+    };
+    ledger.charges.push(charge.clone());
+    if let Some(key) = idempotency_key {
+        ledger.by_idempotency_key.insert(
+            key,
+            Stored {
+                fingerprint,
+                charge: charge.clone(),
+            },
+        );
+    }
+    tracing::info!(charge = %charge.id, amount, currency = %charge.currency, "charge created");
+    HttpResponse::Ok().json(charge)
+}
+
+async fn get_charge(
+    state: web::Data<State>,
+    request: HttpRequest,
+    id: web::Path<String>,
+) -> HttpResponse {
+    if !authorized(&request) {
+        return stripe_error(401, "invalid_request_error", None, "Invalid API Key provided.");
+    }
+    let Ok(ledger) = state.ledger.lock() else {
+        return stripe_error(500, "api_error", None, "ledger unavailable");
+    };
+    match ledger.charges.iter().find(|charge| charge.id == *id) {
+        Some(charge) => HttpResponse::Ok().json(charge),
+        None => stripe_error(404, "invalid_request_error", Some("resource_missing"), "No such charge"),
+    }
+}
+
+async fn get_faults(state: web::Data<State>) -> HttpResponse {
+    match state.faults.lock() {
+        Ok(faults) => HttpResponse::Ok().json(&*faults),
+        Err(_) => HttpResponse::InternalServerError().finish(),
+    }
+}
+
+async fn set_faults(state: web::Data<State>, faults: web::Json<Faults>) -> HttpResponse {
+    match state.faults.lock() {
+        Ok(mut current) => {
+            *current = faults.into_inner();
+            tracing::info!(faults = ?*current, "faults set");
+            HttpResponse::Ok().json(&*current)
+        }
+        Err(_) => HttpResponse::InternalServerError().finish(),
+    }
+}
+
+async fn reset_faults(state: web::Data<State>) -> HttpResponse {
+    match state.faults.lock() {
+        Ok(mut current) => {
+            *current = Faults::default();
+            HttpResponse::Ok().json(&*current)
+        }
+        Err(_) => HttpResponse::InternalServerError().finish(),
+    }
+}
+
+async fn list_charges(state: web::Data<State>) -> HttpResponse {
+    match state.ledger.lock() {
+        Ok(ledger) => HttpResponse::Ok().json(serde_json::json!({
+            "object": "list",
+            "data": ledger.charges,
+        })),
+        Err(_) => HttpResponse::InternalServerError().finish(),
+    }
+}
