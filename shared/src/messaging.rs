@@ -151,11 +151,13 @@ pub async fn ensure_consumer(
 }
 
 /// Publishes `payload` to `subject` under a PRODUCER span that is a child of `parent`, waits for the
-/// JetStream acknowledgement, and returns it. `message_id` becomes `Nats-Msg-Id` (deduplication).
+/// JetStream acknowledgement, and returns it. `message_id` becomes `Nats-Msg-Id` (deduplication); the trace
+/// context is added to `headers`.
 pub async fn publish(
     context: &jetstream::Context,
     subject: &str,
     message_id: &str,
+    mut headers: async_nats::HeaderMap,
     payload: Bytes,
     parent: Context,
 ) -> Result<jetstream::publish::PublishAck, PublishError> {
@@ -175,7 +177,6 @@ pub async fn publish(
         error.type = tracing::field::Empty,
     );
     set_remote_parent(&span, parent);
-    let mut headers = async_nats::HeaderMap::new();
     inject(&span.context(), &mut NatsHeaderInjector(&mut headers));
     headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
     let outcome = async {

@@ -1,1 +1,20 @@
-fn main() {}
+//! notification-service binary: see the library for what it does.
+
+use notifications::configuration::Settings;
+use notifications::startup::Application;
+
+#[actix_web::main]
+async fn main() -> anyhow::Result<()> {
+    let telemetry = tracehop_shared::telemetry::init("notification-service")?;
+    let outcome = async {
+        let settings = Settings::from_env()?;
+        let application = Application::build(settings).await?;
+        application.run_until_stopped().await
+    }
+    .await;
+    if let Err(error) = &outcome {
+        tracing::error!(error = %error, "notification-service stopped with an error");
+    }
+    telemetry.shutdown().await;
+    outcome
+}

@@ -118,22 +118,27 @@ impl Amount {
     }
 }
 
+impl Amount {
+    /// The amount in major units as decimal text: `49.99` (`500` for yen).
+    pub fn decimal(&self) -> String {
+        let digits = self.currency.minor_digits();
+        if digits == 0 {
+            return self.minor_units.to_string();
+        }
+        let scale = 10_i64.pow(digits);
+        format!(
+            "{}.{:0width$}",
+            self.minor_units / scale,
+            self.minor_units % scale,
+            width = digits as usize
+        )
+    }
+}
+
 impl fmt::Display for Amount {
     /// `49.99 usd`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let digits = self.currency.minor_digits();
-        if digits == 0 {
-            return write!(f, "{} {}", self.minor_units, self.currency);
-        }
-        let scale = 10_i64.pow(digits);
-        write!(
-            f,
-            "{}.{:0width$} {}",
-            self.minor_units / scale,
-            self.minor_units % scale,
-            self.currency,
-            width = digits as usize
-        )
+        write!(f, "{} {}", self.decimal(), self.currency)
     }
 }
 

@@ -4,6 +4,7 @@
 //! edge; the trace id is taken from the current span when the response is built, so support can jump from
 //! any error straight to its trace.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use actix_web::http::StatusCode;
@@ -13,7 +14,7 @@ use actix_web::{HttpResponse, ResponseError};
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Cow<'static, str>,
     pub message: String,
     trace_id: String,
 }
@@ -28,10 +29,14 @@ pub struct ErrorBody {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
             trace_id: crate::telemetry::current_trace_id(),
         }
@@ -90,7 +95,7 @@ impl ResponseError for ApiError {
             self.trace_id.clone()
         };
         HttpResponse::build(self.status).json(ErrorBody {
-            error: self.code.to_owned(),
+            error: self.code.to_string(),
             message: self.message.clone(),
             trace_id,
         })

@@ -123,6 +123,7 @@ async fn publish_event(database: &Database, jetstream: &jetstream::Context, even
         jetstream,
         &event.subject,
         &event.id.to_string(),
+        async_nats::HeaderMap::new(),
         event.payload.into_bytes().into(),
         parent,
     )

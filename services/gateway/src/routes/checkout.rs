@@ -1,0 +1,172 @@
+//! `POST /checkout`: the heart of tracehop. One call here is one trace across all four services.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::value::RawValue;
+use tracehop_shared::domain::{Amount, Currency};
+use tracehop_shared::http::ApiError;
+
+use super::authorization;
+use crate::upstream::{Upstreams, relay_error, unreachable_service};
+
+/// `{"total": "49.99" | 49.99, "currency": "usd"}`. The total is kept as raw JSON text so that a JSON number
+/// is never rounded through a float.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    total: Box<RawValue>,
+    currency: String,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckoutResponse {
+    pub order_id: uuid::Uuid,
+    pub status: String,
+    pub trace_id: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ChargeReceipt {
+    order_id: uuid::Uuid,
+}
+
+/// What is wrong with a checkout body.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutInputError {
+    #[error("total must be a decimal string like \"49.99\" or a JSON number")]
+    TotalType,
+    #[error("invalid total: {0}")]
+    Total(#[from] tracehop_shared::domain::MoneyError),
+    #[error("{0}")]
+    Currency(#[from] tracehop_shared::domain::currency::UnknownCurrency),
+    #[error("Idempotency-Key must be 1 to 255 printable ASCII characters")]
+    IdempotencyKey,
+}
+
+impl From<CheckoutInputError> for ApiError {
+    fn from(error: CheckoutInputError) -> Self {
+        let code = match error {
+            CheckoutInputError::TotalType | CheckoutInputError::Total(_) => "invalid_total",
+            CheckoutInputError::Currency(_) => "invalid_currency",
+            CheckoutInputError::IdempotencyKey => "invalid_idempotency_key",
+        };
+        ApiError::bad_request(code, error.to_string())
+    }
+}
+
+/// Parses the total from its raw JSON text: a string or a plain number, never `1e3`.
+fn parse_total(raw: &RawValue, currency: Currency) -> Result<Amount, CheckoutInputError> {
+    let text = raw.get().trim();
+    let decimal = if text.starts_with('"') {
+        serde_json::from_str::<String>(text).map_err(|_| CheckoutInputError::TotalType)?
+    } else if text.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+        text.to_owned()
+    } else {
+        return Err(CheckoutInputError::TotalType);
+    };
+    Ok(Amount::parse(&decimal, currency)?)
+}
+
+fn idempotency_key(request: &HttpRequest) -> Result<String, CheckoutInputError> {
+    match request.headers().get("idempotency-key") {
+        None => Ok(uuid::Uuid::new_v4().to_string()),
+        Some(value) => {
+            let key = value.to_str().map_err(|_| CheckoutInputError::IdempotencyKey)?.trim();
+            let printable = key.chars().all(|c| c.is_ascii_graphic() || c == ' ');
+            if key.is_empty() || key.len() > 255 || !printable {
+                return Err(CheckoutInputError::IdempotencyKey);
+            }
+            Ok(key.to_owned())
+        }
+    }
+}
+
+pub async fn checkout(
+    upstreams: web::Data<Upstreams>,
+    request: HttpRequest,
+    body: web::Json<CheckoutRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let currency = Currency::parse(&body.currency).map_err(CheckoutInputError::from)?;
+    let amount = parse_total(&body.total, currency)?;
+    let key = idempotency_key(&request)?;
+    let response = process(&upstreams, authorization(&request), amount, key).await?;
+    Ok(HttpResponse::Ok().json(response))
+}
+
+#[tracing::instrument(
+    name = "checkout.process",
+    skip_all,
+    fields(
+        user.id = tracing::field::Empty,
+        order.total = %amount.decimal(),
+        order.total_minor = amount.minor_units(),
+        order.currency = %amount.currency(),
+        order.id = tracing::field::Empty,
+    ),
+    err(Display)
+)]
+async fn process(
+    upstreams: &Upstreams,
+    authorization: Option<&str>,
+    amount: Amount,
+    idempotency_key: String,
+) -> Result<CheckoutResponse, ApiError> {
+    let span = tracing::Span::current();
+    let user = upstreams.validate_session(authorization).await?;
+    span.record("user.id", tracing::field::display(user.user_id));
+
+    let request = upstreams
+        .client
+        .request(reqwest::Method::POST, &format!("{}/charge", upstreams.billing_url))
+        .json(&serde_json::json!({
+            "userId": user.user_id,
+            "email": user.email,
+            "amountMinor": amount.minor_units(),
+            "currency": amount.currency().code(),
+            "idempotencyKey": idempotency_key,
+        }));
+    let response = upstreams
+        .client
+        .send("/charge", request)
+        .await
+        .map_err(|error| unreachable_service("billing-service", &error))?;
+    if !response.status().is_success() {
+        return Err(relay_error("billing-service", response).await);
+    }
+    let receipt: ChargeReceipt = response
+        .json()
+        .await
+        .map_err(|error| ApiError::bad_gateway("bad_upstream_response", error.to_string()))?;
+    span.record("order.id", tracing::field::display(receipt.order_id));
+    Ok(CheckoutResponse {
+        order_id: receipt.order_id,
+        status: "completed".into(),
+        trace_id: tracehop_shared::telemetry::current_trace_id(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn total(json: &str) -> Result<i64, CheckoutInputError> {
+        let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
+        parse_total(&raw, Currency::parse("usd").unwrap()).map(|a| a.minor_units())
+    }
+
+    #[test]
+    fn totals_from_strings_and_numbers() {
+        assert_eq!(total(r#""49.99""#).unwrap(), 4999);
+        assert_eq!(total("49.99").unwrap(), 4999);
+        assert_eq!(total("12").unwrap(), 1200);
+        assert!(total("1e3").is_err());
+        assert!(total("-1").is_err());
+        assert!(total("0").is_err());
+        assert!(total("true").is_err());
+        assert!(total("null").is_err());
+        assert!(total(r#"{"a":1}"#).is_err());
+        assert!(total("0.001").is_err());
+    }
+}

@@ -1,0 +1,50 @@
+//! Building and running the gateway.
+
+use actix_web::web;
+use tracehop_shared::http::{TracedClient, server};
+
+use crate::configuration::Settings;
+use crate::routes;
+use crate::upstream::Upstreams;
+
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let client = TracedClient::new(settings.upstream_timeout)?;
+        let upstreams = web::Data::new(Upstreams {
+            client,
+            users_url: settings.users_url.trim_end_matches('/').to_owned(),
+            billing_url: settings.billing_url.trim_end_matches('/').to_owned(),
+        });
+        let (listener, port) = server::bind(&settings.host, settings.port)?;
+        let server = actix_web::HttpServer::new(move || {
+            let upstreams = upstreams.clone();
+            server::app(move |config| {
+                config
+                    .app_data(upstreams)
+                    .route("/signup", web::post().to(routes::signup::signup))
+                    .route("/login", web::post().to(routes::login::login))
+                    .route("/checkout", web::post().to(routes::checkout::checkout))
+                    .route("/orders/{order_id}", web::get().to(routes::orders::get_order));
+            })
+        })
+        .listen(listener)?
+        .shutdown_timeout(30)
+        .run();
+        tracing::info!(port, "api-gateway listening");
+        Ok(Self { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.server.await?;
+        Ok(())
+    }
+}

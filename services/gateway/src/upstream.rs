@@ -1,0 +1,68 @@
+//! Calls to user-service and billing-service, and how their failures become gateway errors.
+
+use actix_web::http::StatusCode;
+use tracehop_shared::http::client::ClientError;
+use tracehop_shared::http::error::ErrorBody;
+use tracehop_shared::http::{ApiError, TracedClient};
+
+/// Where the internal services are, and the one client (connection pool) used to reach them.
+pub struct Upstreams {
+    pub client: TracedClient,
+    pub users_url: String,
+    pub billing_url: String,
+}
+
+/// The session owner, as user-service reports it.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionUser {
+    pub user_id: uuid::Uuid,
+    pub email: String,
+}
+
+impl Upstreams {
+    /// Who does `authorization` (the raw header) belong to? 401 when nobody.
+    pub async fn validate_session(&self, authorization: Option<&str>) -> Result<SessionUser, ApiError> {
+        let Some(authorization) = authorization else {
+            return Err(ApiError::unauthorized("missing Authorization: Bearer <token>"));
+        };
+        let request = self
+            .client
+            .request(reqwest::Method::POST, &format!("{}/sessions/validate", self.users_url))
+            .header(reqwest::header::AUTHORIZATION, authorization);
+        let response = self
+            .client
+            .send("/sessions/validate", request)
+            .await
+            .map_err(|error| unreachable_service("user-service", &error))?;
+        if !response.status().is_success() {
+            return Err(relay_error("user-service", response).await);
+        }
+        response
+            .json::<SessionUser>()
+            .await
+            .map_err(|error| ApiError::bad_gateway("bad_upstream_response", format!("user-service: {error}")))
+    }
+}
+
+/// A service that could not be reached: 503, with which one.
+pub fn unreachable_service(service: &str, error: &ClientError) -> ApiError {
+    tracing::error!(service, error = %error, "upstream unreachable");
+    ApiError::unavailable(
+        "upstream_unavailable",
+        format!("{service} is unavailable ({})", error.kind()),
+    )
+}
+
+/// An upstream error answer, passed on with its status and code (they are already meant for clients);
+/// anything unreadable becomes a 502.
+pub async fn relay_error(service: &str, response: reqwest::Response) -> ApiError {
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    match response.json::<ErrorBody>().await {
+        Ok(body) => ApiError::new(status, body.error, body.message),
+        Err(_) => ApiError::bad_gateway(
+            "bad_upstream_response",
+            format!("{service} answered {status} without an error body"),
+        ),
+    }
+}

@@ -1,0 +1,68 @@
+//! notification-service settings, from the environment.
+
+use std::time::Duration;
+
+use tracehop_shared::config::{ConfigError, env_or, env_parse, listen_address};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    /// `NOTIFICATIONS_PORT` (default 3003).
+    pub port: u16,
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// `DATABASE_POOL_SIZE` (default 8).
+    pub pool_size: u32,
+    /// `NATS_URL`.
+    pub nats_url: String,
+    /// `NATS_STREAM` (default ORDERS).
+    pub nats_stream: String,
+    /// `NATS_CONSUMER` (default notifications): the durable consumer name.
+    pub nats_consumer: String,
+    /// `NOTIFY_MAX_DELIVER` (default 5): deliveries before a message is dead-lettered.
+    pub max_deliver: i64,
+    /// `NOTIFY_ACK_WAIT_MS` (default 30000): above the slowest e-mail send.
+    pub ack_wait: Duration,
+    /// `NOTIFY_BACKOFF_MS` (default 1000): delay before the first redelivery, doubled each time.
+    pub backoff: Duration,
+    /// `NOTIFY_CONCURRENCY` (default 16): messages processed at once.
+    pub concurrency: usize,
+    pub mail: MailSettings,
+}
+
+/// Where e-mails go.
+#[derive(Debug, Clone)]
+pub struct MailSettings {
+    /// `SMTP_URL` (e.g. `smtp://127.0.0.1:1025`): send over SMTP when set.
+    pub smtp_url: Option<String>,
+    /// `MAIL_SINK` (default `mail.jsonl`): without SMTP, append each e-mail as one JSON line to this file
+    /// (`-` for stdout).
+    pub sink: String,
+    /// `MAIL_FROM` (default `tracehop <no-reply@tracehop.local>`).
+    pub from: String,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let (host, port) = listen_address("NOTIFICATIONS", 3003)?;
+        let smtp_url = std::env::var("SMTP_URL").ok().filter(|url| !url.trim().is_empty());
+        Ok(Self {
+            host,
+            port,
+            database_url: env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tracehop"),
+            pool_size: env_parse("DATABASE_POOL_SIZE", 8)?,
+            nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),
+            nats_stream: env_or("NATS_STREAM", "ORDERS"),
+            nats_consumer: env_or("NATS_CONSUMER", "notifications"),
+            max_deliver: env_parse("NOTIFY_MAX_DELIVER", 5)?,
+            ack_wait: Duration::from_millis(env_parse("NOTIFY_ACK_WAIT_MS", 30_000)?),
+            backoff: Duration::from_millis(env_parse("NOTIFY_BACKOFF_MS", 1_000)?),
+            concurrency: env_parse("NOTIFY_CONCURRENCY", 16)?,
+            mail: MailSettings {
+                smtp_url,
+                sink: env_or("MAIL_SINK", "mail.jsonl"),
+                from: env_or("MAIL_FROM", "tracehop <no-reply@tracehop.local>"),
+            },
+        })
+    }
+}

@@ -1,0 +1,23 @@
+//! # notification-service
+//!
+//! A durable JetStream consumer of `order.completed`. Each delivery runs in a `process order.completed`
+//! CONSUMER span (child of billing's publish span, so the e-mail is part of the checkout trace) and is handed
+//! to the [`notifier::NotifierActor`], which sends the confirmation (span `notification.send_confirmation`)
+//! and records it in PostgreSQL.
+//!
+//! - The message is acked only after the e-mail is sent *and* recorded; a redelivery of an order whose
+//!   e-mail is already recorded as sent is acked without sending again.
+//! - A failed send is negatively acked with a delay; after the last delivery the message goes to
+//!   `order.completed.dead` and the notification is marked `failed`.
+//! - A message that cannot be parsed goes to the dead-letter subject with the reason, and is never retried.
+//!
+//! HTTP: `GET /healthz`, and `POST /_admin/faults` `{"failNext": n}` (make the next n sends fail, for the
+//! `lost-email` demo and the tests).
+
+#![forbid(unsafe_code)]
+
+pub mod configuration;
+pub mod consumer;
+pub mod mailer;
+pub mod notifier;
+pub mod startup;

@@ -1,0 +1,196 @@
+//! `NotifierActor`: sends one order confirmation and records it, at most once per order.
+
+use std::sync::Arc;
+
+use actix::{Actor, Context, Handler, ResponseFuture, Supervised};
+use chrono::Utc;
+use diesel::prelude::*;
+use tracehop_shared::actor::Traced;
+use tracehop_shared::db::{Database, DbError, traced};
+use tracehop_shared::domain::{Amount, Currency};
+use tracehop_shared::messaging::OrderCompleted;
+use tracehop_shared::schema::notifications;
+use tracing::Instrument;
+
+use crate::mailer::{Email, MailError, Mailer};
+
+/// Send the confirmation for this order.
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "Result<Delivery, NotifyError>")]
+pub struct SendConfirmation {
+    pub event: OrderCompleted,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Sent,
+    /// A redelivery of an order whose e-mail was already sent: nothing sent again.
+    AlreadySent,
+}
+
+/// Why the confirmation was not sent (the message will be redelivered).
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("sending failed: {0}")]
+    Mail(#[from] MailError),
+    #[error("database: {0}")]
+    Database(#[from] DbError),
+}
+
+pub struct NotifierActor {
+    database: Database,
+    mailer: Arc<Mailer>,
+}
+
+impl NotifierActor {
+    pub fn new(database: Database, mailer: Arc<Mailer>) -> Self {
+        Self { database, mailer }
+    }
+}
+
+impl Actor for NotifierActor {
+    type Context = Context<Self>;
+}
+
+impl Supervised for NotifierActor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        tracing::warn!(actor = "NotifierActor", "actor restarting");
+    }
+}
+
+impl Handler<Traced<SendConfirmation>> for NotifierActor {
+    type Result = ResponseFuture<Result<Delivery, NotifyError>>;
+
+    fn handle(&mut self, message: Traced<SendConfirmation>, _: &mut Self::Context) -> Self::Result {
+        let (SendConfirmation { event }, span) = message.into_parts::<Self>();
+        let database = self.database.clone();
+        let mailer = self.mailer.clone();
+        Box::pin(async move { send_confirmation(&database, &mailer, event).await }.instrument(span))
+    }
+}
+
+#[tracing::instrument(
+    name = "notification.send_confirmation",
+    skip_all,
+    fields(
+        order.id = %event.order_id,
+        user.id = %event.user_id,
+        otel.status_code = tracing::field::Empty,
+        notification.duplicate = tracing::field::Empty,
+    ),
+    err(Display)
+)]
+async fn send_confirmation(
+    database: &Database,
+    mailer: &Mailer,
+    event: OrderCompleted,
+) -> Result<Delivery, NotifyError> {
+    let span = tracing::Span::current();
+    let order_id = event.order_id;
+    let status = database
+        .run(move |connection, statements| {
+            let query = notifications::table
+                .find(order_id)
+                .select(notifications::status);
+            Ok(traced(statements, query, |query| {
+                query.first::<String>(connection).optional()
+            })?)
+        })
+        .await?;
+    if status.as_deref() == Some("sent") {
+        span.record("notification.duplicate", true);
+        span.record("otel.status_code", "OK");
+        return Ok(Delivery::AlreadySent);
+    }
+
+    let email = confirmation(&event);
+    if let Err(error) = mailer.send(&email).await {
+        let message = error.to_string();
+        let recorded = database
+            .run(move |connection, statements| {
+                record_attempt(connection, statements, &event, "pending", Some(&message))
+            })
+            .await;
+        if let Err(db_error) = recorded {
+            tracing::warn!(error = %db_error, "could not record the failed attempt");
+        }
+        return Err(error.into());
+    }
+    database
+        .run(move |connection, statements| record_attempt(connection, statements, &event, "sent", None))
+        .await?;
+    span.record("notification.duplicate", false);
+    span.record("otel.status_code", "OK");
+    Ok(Delivery::Sent)
+}
+
+fn confirmation(event: &OrderCompleted) -> Email {
+    let amount = Currency::parse(&event.currency)
+        .ok()
+        .and_then(|currency| Amount::from_minor_units(event.amount_minor, currency).ok())
+        .map(|amount| amount.to_string())
+        .unwrap_or_else(|| format!("{} {} (minor units)", event.amount_minor, event.currency));
+    Email {
+        to: event.email.clone(),
+        subject: "Order confirmed".to_owned(),
+        body: format!(
+            "Your order {} for {amount} is confirmed (charge {}).",
+            event.order_id, event.charge_id
+        ),
+        order_id: event.order_id,
+        trace_id: tracehop_shared::telemetry::current_trace_id(),
+    }
+}
+
+/// Upserts the notification row: one more attempt, its outcome.
+fn record_attempt(
+    connection: &mut tracehop_shared::db::DbConnection,
+    statements: &tracehop_shared::db::Statements,
+    event: &OrderCompleted,
+    status: &str,
+    error: Option<&str>,
+) -> Result<(), DbError> {
+    let sent_at = (status == "sent").then(Utc::now);
+    let query = diesel::insert_into(notifications::table)
+        .values((
+            notifications::order_id.eq(event.order_id),
+            notifications::email.eq(&event.email),
+            notifications::status.eq(status),
+            notifications::attempts.eq(1),
+            notifications::last_error.eq(error),
+            notifications::sent_at.eq(sent_at),
+        ))
+        .on_conflict(notifications::order_id)
+        .do_update()
+        .set((
+            notifications::status.eq(status),
+            notifications::attempts.eq(notifications::attempts + 1),
+            notifications::last_error.eq(error),
+            notifications::sent_at.eq(sent_at),
+            notifications::updated_at.eq(diesel::dsl::now),
+        ));
+    traced(statements, query, |query| query.execute(connection))?;
+    Ok(())
+}
+
+/// Marks a notification as given up on (after the last delivery), unless it was sent meanwhile.
+pub fn mark_failed(
+    connection: &mut tracehop_shared::db::DbConnection,
+    statements: &tracehop_shared::db::Statements,
+    order_id: uuid::Uuid,
+    reason: &str,
+) -> Result<(), DbError> {
+    let query = diesel::update(
+        notifications::table
+            .filter(notifications::order_id.eq(order_id))
+            .filter(notifications::status.ne("sent")),
+    )
+    .set((
+        notifications::status.eq("failed"),
+        notifications::last_error.eq(reason),
+        notifications::updated_at.eq(diesel::dsl::now),
+    ));
+    traced(statements, query, |query| query.execute(connection))?;
+    Ok(())
+}

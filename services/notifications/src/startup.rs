@@ -1,0 +1,122 @@
+//! Building and running notifications: database, mailer, NATS consumer, supervised notifier, HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Supervisor;
+use actix_web::{HttpResponse, web};
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tracehop_shared::db::Database;
+use tracehop_shared::http::server;
+use tracehop_shared::messaging::{self, ConsumerSettings, StreamSettings};
+
+use crate::configuration::Settings;
+use crate::consumer::{self, ConsumerDeps};
+use crate::mailer::Mailer;
+use crate::notifier::NotifierActor;
+
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+    consumer: tokio::task::JoinHandle<()>,
+    shutdown: watch::Sender<bool>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Faults {
+    fail_next: u32,
+}
+
+async fn set_faults(mailer: web::Data<Mailer>, faults: web::Json<Faults>) -> HttpResponse {
+    mailer.fail_next(faults.fail_next);
+    tracing::warn!(fail_next = faults.fail_next, "mail fault injected");
+    HttpResponse::Ok().json(serde_json::json!({"failNext": faults.fail_next}))
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let database = Database::connect(&settings.database_url, settings.pool_size)?;
+        let nats = messaging::connect(&settings.nats_url, "notification-service")
+            .await
+            .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
+        let jetstream = async_nats::jetstream::new(nats);
+        let stream = messaging::ensure_stream(
+            &jetstream,
+            &StreamSettings {
+                stream: settings.nats_stream.clone(),
+                ..StreamSettings::default()
+            },
+        )
+        .await
+        .context("creating the JetStream stream")?;
+        let pull = messaging::ensure_consumer(
+            &stream,
+            &ConsumerSettings {
+                durable_name: settings.nats_consumer.clone(),
+                ack_wait: settings.ack_wait,
+                // One more than we use: if we crash during the last attempt, the server still redelivers
+                // once and the loop dead-letters it instead of the message vanishing.
+                max_deliver: settings.max_deliver + 1,
+                ..ConsumerSettings::default()
+            },
+        )
+        .await
+        .context("creating the durable consumer")?;
+
+        let mailer = web::Data::new(Mailer::new(&settings.mail)?);
+        let notifier_mailer: Arc<Mailer> = mailer.clone().into_inner();
+        let notifier_database = database.clone();
+        let notifier =
+            Supervisor::start(move |_| NotifierActor::new(notifier_database, notifier_mailer));
+
+        let (shutdown, shutdown_signal) = watch::channel(false);
+        let deps = ConsumerDeps {
+            jetstream,
+            notifier,
+            database,
+            max_deliver: settings.max_deliver,
+            backoff: settings.backoff,
+        };
+        let consumer = tokio::spawn(consumer::run(pull, deps, settings.concurrency, shutdown_signal));
+
+        let (listener, port) = server::bind(&settings.host, settings.port)?;
+        let server = actix_web::HttpServer::new(move || {
+            let mailer = mailer.clone();
+            server::app(move |config| {
+                config
+                    .app_data(mailer)
+                    .route("/_admin/faults", web::post().to(set_faults));
+            })
+        })
+        .listen(listener)?
+        .shutdown_timeout(10)
+        .run();
+        tracing::info!(port, "notification-service listening");
+        Ok(Self {
+            port,
+            server,
+            consumer,
+            shutdown,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until SIGINT/SIGTERM, then stops pulling and lets in-flight e-mails finish.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let served = self.server.await;
+        let _ = self.shutdown.send(true);
+        if tokio::time::timeout(Duration::from_secs(20), self.consumer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("consumer did not drain in time; unacked messages will be redelivered");
+        }
+        served?;
+        Ok(())
+    }
+}
