@@ -82,9 +82,7 @@ impl TelemetryGuard {
 /// `default_service_name` is used when `OTEL_SERVICE_NAME` is not set. Must be called from inside the
 /// service's Tokio runtime (the gRPC exporter spawns its connection task there).
 pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
-    // Two TLS stacks reach rustls (NATS, reqwest, lettre); pick one provider for the whole process. An error
-    // only means one is installed already.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::http::client::install_crypto_provider();
     global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
         Box::new(TraceContextPropagator::new()),
         Box::new(BaggagePropagator::new()),

@@ -52,9 +52,22 @@ impl ClientError {
     }
 }
 
+/// Installs rustls' `ring` provider for the process (reqwest is built without one, so there is exactly one
+/// TLS stack). Idempotent; every entry point calls it before building an HTTP client.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A plain reqwest client builder, with the crypto provider in place (tools and tests).
+pub fn plain_client_builder() -> reqwest::ClientBuilder {
+    install_crypto_provider();
+    reqwest::Client::builder()
+}
+
 impl TracedClient {
     /// A client whose every request gives up after `timeout`.
     pub fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+        install_crypto_provider();
         let inner = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))

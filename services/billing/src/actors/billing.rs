@@ -10,6 +10,7 @@ use tracehop_shared::db::{Database, DbError};
 use tracehop_shared::messaging::{ORDER_COMPLETED, OrderCompleted};
 use tracehop_shared::propagation::SerializedContext;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::outbox::{OutboxRelay, RelayEvent};
 use super::stripe::{CreateCharge, StripeClientActor, StripeError};
@@ -193,7 +194,10 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
         charge_id: created.id.clone(),
     };
     let event_id = event.event_id;
-    save_transaction(deps, order_id, &created.id, &charge.email, event).await?;
+    // The event keeps the context of this span (billing.charge), so its publish span joins the checkout
+    // trace whenever it is relayed, even after a restart.
+    let trace_context = SerializedContext::capture(&span.context());
+    save_transaction(deps, order_id, &created.id, &charge.email, event, trace_context).await?;
     deps.relay.do_send(Traced::new(RelayEvent { event_id }));
     Ok(ChargeReceipt {
         order_id,
@@ -222,15 +226,12 @@ async fn save_transaction(
     charge_id: &str,
     email: &str,
     event: OrderCompleted,
+    trace_context: SerializedContext,
 ) -> Result<(), ChargeError> {
     let payload =
         serde_json::to_string(&event).map_err(|error| ChargeError::Internal(error.to_string()))?;
-    // The event keeps the context of billing.charge (our parent), so its publish span joins this trace
-    // whenever it is relayed.
-    let trace_context = serde_json::to_string(&SerializedContext::capture(
-        &tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()),
-    ))
-    .map_err(|error| ChargeError::Internal(error.to_string()))?;
+    let trace_context = serde_json::to_string(&trace_context)
+        .map_err(|error| ChargeError::Internal(error.to_string()))?;
     let outbox_event = OutboxEvent {
         id: event.event_id,
         subject: ORDER_COMPLETED.to_owned(),

@@ -15,6 +15,7 @@ use tracehop_shared::db::Database;
 use tracehop_shared::messaging;
 use tracehop_shared::propagation::{SerializedContext, set_remote_parent};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::store::{self, OutboxEvent};
 
@@ -74,7 +75,12 @@ impl Handler<Traced<RelayEvent>> for OutboxRelay {
                     })
                     .await;
                 match event {
-                    Ok(Some(event)) => publish_event(&database, &jetstream, event).await,
+                    // Relayed right away: the publish is a child of this handler span (itself a child of
+                    // billing.charge), so the in-process hop shows too.
+                    Ok(Some(event)) => {
+                        let parent = tracing::Span::current().context();
+                        publish_event(&database, &jetstream, event, parent).await
+                    }
                     Ok(None) => tracing::debug!(%event_id, "already published"),
                     Err(error) => {
                         tracing::warn!(error = %error, %event_id, "could not load event; the sweep will retry")
@@ -102,7 +108,8 @@ async fn sweep(database: Database, jetstream: jetstream::Context) {
                 let parent = restore_context(&event);
                 let span = tracing::info_span!("outbox.relay", otel.kind = "internal", messaging.message.id = %event.id, outbox.late = true);
                 set_remote_parent(&span, parent);
-                publish_event(&database, &jetstream, event).instrument(span).await;
+                let parent = span.context();
+                publish_event(&database, &jetstream, event, parent).instrument(span).await;
             }
         }
         Err(error) => tracing::debug!(error = %error, "outbox sweep skipped"),
@@ -115,9 +122,13 @@ fn restore_context(event: &OutboxEvent) -> OtelContext {
         .unwrap_or_default()
 }
 
-/// Publishes one event (PRODUCER span under the checkout's trace) and records the outcome.
-async fn publish_event(database: &Database, jetstream: &jetstream::Context, event: OutboxEvent) {
-    let parent = restore_context(&event);
+/// Publishes one event (PRODUCER span, child of `parent`) and records the outcome.
+async fn publish_event(
+    database: &Database,
+    jetstream: &jetstream::Context,
+    event: OutboxEvent,
+    parent: OtelContext,
+) {
     let event_id = event.id;
     let outcome = messaging::publish(
         jetstream,

@@ -1,0 +1,204 @@
+//! The embedded trace backend: OTLP in, Jaeger UI and query API out, all in memory.
+//!
+//! Spans go into [`otlp_embedded`]'s store. On the way in, each span gets the tags real Jaeger derives from
+//! OTLP (`span.kind`, `otel.status_code`, `otel.status_description`, `error`), so the UI shows kinds and
+//! errors, and code reading the query API (the waterfall, the tests) works the same against real Jaeger.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use otlp_embedded::proto::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use otlp_embedded::proto::common::v1::{AnyValue, KeyValue, any_value};
+use otlp_embedded::{Config, State, StateRef, TraceService, TraceServiceImpl, TraceServiceServer};
+use prost::Message as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Where the collector listens.
+#[derive(Debug, Clone, Copy)]
+pub struct CollectorAddresses {
+    pub otlp_grpc: SocketAddr,
+    pub otlp_http: SocketAddr,
+    pub ui: SocketAddr,
+}
+
+/// A running collector; stops when dropped.
+pub struct Collector {
+    pub addresses: CollectorAddresses,
+    state: StateRef,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Collector {
+    /// Binds all three listeners (port 0 picks free ports) and serves in the background.
+    pub async fn start(requested: CollectorAddresses) -> anyhow::Result<Self> {
+        let grpc_listener = TcpListener::bind(requested.otlp_grpc)
+            .await
+            .with_context(|| format!("OTLP gRPC port {} is in use", requested.otlp_grpc))?;
+        let http_listener = TcpListener::bind(requested.otlp_http)
+            .await
+            .with_context(|| format!("OTLP HTTP port {} is in use", requested.otlp_http))?;
+        let ui_listener = TcpListener::bind(requested.ui)
+            .await
+            .with_context(|| format!("Jaeger UI port {} is in use", requested.ui))?;
+        let addresses = CollectorAddresses {
+            otlp_grpc: grpc_listener.local_addr()?,
+            otlp_http: http_listener.local_addr()?,
+            ui: ui_listener.local_addr()?,
+        };
+        let state = State::new(Config {
+            max_length: 10_000,
+            max_memory_usage: 512 << 20,
+        });
+
+        let grpc_service = TraceServiceServer::new(Enriching::new(state.clone()))
+            .max_decoding_message_size(32 << 20);
+        let grpc = tokio::spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
+            if let Err(error) = tonic::transport::Server::builder()
+                .add_service(grpc_service)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                eprintln!("collector: OTLP gRPC server stopped: {error}");
+            }
+        });
+
+        let http_state = state.clone();
+        let http_app = axum::Router::new()
+            .route(
+                "/v1/traces",
+                axum::routing::post(move |body: bytes::Bytes| {
+                    let service = Enriching::new(http_state.clone());
+                    async move { export_http(&service, body).await }
+                }),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(32 << 20));
+        let http = tokio::spawn(async move {
+            if let Err(error) = axum::serve(http_listener, http_app).await {
+                eprintln!("collector: OTLP HTTP server stopped: {error}");
+            }
+        });
+
+        let ui_app = otlp_embedded::ui_app(state.clone(), "/");
+        let ui = tokio::spawn(async move {
+            if let Err(error) = axum::serve(ui_listener, ui_app).await {
+                eprintln!("collector: Jaeger UI server stopped: {error}");
+            }
+        });
+
+        Ok(Self {
+            addresses,
+            state,
+            tasks: vec![grpc, http, ui],
+        })
+    }
+
+    /// Base URL of the Jaeger UI and query API.
+    pub fn ui_url(&self) -> String {
+        format!("http://{}", self.addresses.ui)
+    }
+
+    /// Number of traces held.
+    pub async fn trace_count(&self) -> usize {
+        self.state.read().await.len()
+    }
+}
+
+/// OTLP/HTTP with protobuf bodies (`OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`).
+async fn export_http(service: &Enriching, body: bytes::Bytes) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let request = match ExportTraceServiceRequest::decode(body) {
+        Ok(request) => request,
+        Err(error) => {
+            return (StatusCode::BAD_REQUEST, format!("invalid OTLP protobuf: {error}")).into_response();
+        }
+    };
+    match service.export(tonic::Request::new(request)).await {
+        Ok(response) => (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            response.into_inner().encode_to_vec(),
+        )
+            .into_response(),
+        Err(status) => (StatusCode::INTERNAL_SERVER_ERROR, status.message().to_owned()).into_response(),
+    }
+}
+
+/// Adds the Jaeger-style tags, then stores.
+struct Enriching {
+    inner: TraceServiceImpl,
+}
+
+impl Enriching {
+    fn new(state: StateRef) -> Self {
+        Self {
+            inner: TraceServiceImpl::new(state),
+        }
+    }
+}
+
+fn string_tag(key: &str, value: impl Into<String>) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Enriching {
+    async fn export(
+        &self,
+        mut request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        for resource_spans in &mut request.get_mut().resource_spans {
+            for scope_spans in &mut resource_spans.scope_spans {
+                for span in &mut scope_spans.spans {
+                    let kind = match span.kind {
+                        1 => "internal",
+                        2 => "server",
+                        3 => "client",
+                        4 => "producer",
+                        5 => "consumer",
+                        _ => "unspecified",
+                    };
+                    span.attributes.push(string_tag("span.kind", kind));
+                    if let Some(status) = &span.status {
+                        match status.code {
+                            1 => span.attributes.push(string_tag("otel.status_code", "OK")),
+                            2 => {
+                                span.attributes.push(string_tag("otel.status_code", "ERROR"));
+                                span.attributes.push(KeyValue {
+                                    key: "error".to_owned(),
+                                    value: Some(AnyValue {
+                                        value: Some(any_value::Value::BoolValue(true)),
+                                    }),
+                                });
+                                if !status.message.is_empty() {
+                                    span.attributes.push(string_tag(
+                                        "otel.status_description",
+                                        status.message.clone(),
+                                    ));
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        self.inner.export(request).await
+    }
+}

@@ -1,0 +1,21 @@
+//! # tracehop (stack)
+//!
+//! The orchestration behind `./dev up` and the end-to-end tests, in Rust so it is testable:
+//!
+//! - [`collector`]: an embedded OTLP collector (gRPC 4317, HTTP/protobuf 4318) that keeps traces in memory
+//!   and serves the real Jaeger UI and its query API (16686).
+//! - [`infra`]: NATS JetStream and PostgreSQL, reused when reachable, otherwise started privately; the
+//!   database created and migrated with the same `migrations/` that `diesel migration run` applies.
+//! - [`process`]: child processes that are always stopped (SIGTERM, then SIGKILL), logs to files.
+//! - [`stack`]: the whole stack in dependency order, each service awaited on `/healthz`.
+//! - [`client`]: a small API client (signup, login, checkout, order) for demos, tests and load.
+//! - [`trace_view`]: a trace from any Jaeger query API, as a tree and as a terminal waterfall.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod collector;
+pub mod infra;
+pub mod process;
+pub mod stack;
+pub mod trace_view;

@@ -1,0 +1,201 @@
+//! Child processes that never outlive their owner: SIGTERM on drop (so services flush their spans), SIGKILL
+//! if they do not exit in time. Output goes to a log file per process.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+/// A running child.
+pub struct ChildProcess {
+    pub name: String,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl ChildProcess {
+    /// Starts `command` with stdout and stderr appended to `log_path`.
+    pub fn spawn(name: &str, mut command: Command, log_path: &Path) -> anyhow::Result<Self> {
+        if let Some(parent) = log_path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            log_path: log_path.to_owned(),
+            child: Some(child),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process has exited (and with what).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGKILL right away (fault tests: a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last `lines` lines of the log (for error messages).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(10));
+    }
+}
+
+/// Sends a signal with `kill(1)` (keeps this crate free of `unsafe`).
+pub fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Where the workspace's binaries are: `TRACEHOP_BIN_DIR`, else next to the running executable (for test
+/// binaries in `target/<profile>/deps`, one level up).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("TRACEHOP_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow::anyhow!("executable has no directory"))?;
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// Path of a workspace binary, with a message that says how to build it when missing.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.exists() {
+        anyhow::bail!(
+            "{} not found: build the workspace first (`cargo build --workspace`, or `./dev up` which does it)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Finds an executable on `PATH` or in the usual PostgreSQL/NATS locations.
+pub fn find_executable(name: &str) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect())
+        .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        versions.reverse();
+        candidates.extend(versions);
+    }
+    candidates.push(PathBuf::from("/usr/sbin"));
+    candidates
+        .into_iter()
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+}
+
+/// A port nobody listens on right now (bind to 0, read, release).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Whether something accepts TCP connections on `127.0.0.1:port`.
+pub fn port_open(host: &str, port: u16) -> bool {
+    use std::net::ToSocketAddrs;
+    let Ok(mut addresses) = (host, port).to_socket_addrs() else {
+        return false;
+    };
+    addresses.any(|address| {
+        std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300)).is_ok()
+    })
+}
+
+/// Waits until `url` answers 2xx, or fails with the process's log tail.
+pub async fn wait_healthy(
+    url: &str,
+    timeout: Duration,
+    process: Option<&mut ChildProcess>,
+) -> anyhow::Result<()> {
+    let client = tracehop_shared::http::client::plain_client_builder().build().unwrap_or_default();
+    let deadline = Instant::now() + timeout;
+    let mut process = process;
+    loop {
+        let healthy = client
+            .get(url)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .is_ok_and(|response| response.status().is_success());
+        if healthy {
+            return Ok(());
+        }
+        if let Some(process) = process.as_deref_mut() {
+            if let Some(status) = process.exited() {
+                anyhow::bail!(
+                    "{} exited ({status}) before becoming healthy; last log lines:\n{}",
+                    process.name,
+                    process.log_tail(20)
+                );
+            }
+        }
+        if Instant::now() >= deadline {
+            let tail = process.map(|p| p.log_tail(20)).unwrap_or_default();
+            anyhow::bail!("{url} not healthy after {timeout:?}; last log lines:\n{tail}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

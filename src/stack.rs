@@ -1,0 +1,259 @@
+//! The whole stack, started in dependency order and stopped in reverse.
+//!
+//! trace backend -> NATS -> PostgreSQL (created, migrated) -> stripe-sim -> users -> billing ->
+//! notifications -> gateway, each service awaited on `/healthz`. Stopping goes the other way and ends with
+//! the collector, so the services' last spans (flushed on SIGTERM) still arrive.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::collector::{Collector, CollectorAddresses};
+use crate::infra::{self, PrivateNats};
+use crate::process::{ChildProcess, wait_healthy, workspace_binary};
+
+/// The services, in start order: (binary, service name, health path).
+pub const SERVICES: [&str; 5] = ["stripe-sim", "users", "billing", "notifications", "gateway"];
+
+/// Ports of everything the stack listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub gateway: u16,
+    pub users: u16,
+    pub billing: u16,
+    pub notifications: u16,
+    pub stripe_sim: u16,
+    pub otlp_grpc: u16,
+    pub otlp_http: u16,
+    pub jaeger_ui: u16,
+}
+
+impl Ports {
+    /// The documented defaults (README, docker-compose.yml).
+    pub const DEFAULT: Ports = Ports {
+        gateway: 3000,
+        users: 3001,
+        billing: 3002,
+        notifications: 3003,
+        stripe_sim: 12111,
+        otlp_grpc: 4317,
+        otlp_http: 4318,
+        jaeger_ui: 16686,
+    };
+
+    /// Free ports for a test stack.
+    pub fn free() -> anyhow::Result<Ports> {
+        use crate::process::free_port;
+        Ok(Ports {
+            gateway: free_port()?,
+            users: free_port()?,
+            billing: free_port()?,
+            notifications: free_port()?,
+            stripe_sim: free_port()?,
+            otlp_grpc: 0,
+            otlp_http: 0,
+            jaeger_ui: 0,
+        })
+    }
+}
+
+/// Which NATS to use.
+#[derive(Debug, Clone)]
+pub enum NatsChoice {
+    /// Reuse a running server.
+    Existing(String),
+    /// Start `nats-server -js` on this port, store under the state folder.
+    Private { port: u16 },
+}
+
+/// Where spans go.
+#[derive(Debug, Clone)]
+pub enum TraceBackend {
+    /// The in-process collector (Jaeger UI on `Ports::jaeger_ui`).
+    Embedded,
+    /// Someone else's: an OTLP endpoint, and the Jaeger query URL if there is one.
+    External {
+        otlp_endpoint: String,
+        jaeger_url: Option<String>,
+    },
+}
+
+/// How to start a stack.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Logs, NATS store, mail sink.
+    pub state_dir: PathBuf,
+    pub ports: Ports,
+    pub nats: NatsChoice,
+    /// A reachable PostgreSQL server (any database name; it is replaced by `database_name`).
+    pub database_server_url: String,
+    pub database_name: String,
+    pub trace_backend: TraceBackend,
+    /// `grpc` or `http/protobuf`.
+    pub otlp_protocol: String,
+    /// Extra environment for every service (applied last, so it wins).
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// A running stack; everything stops when it is dropped.
+pub struct Stack {
+    pub options: StackOptions,
+    pub database_url: String,
+    pub nats_url: String,
+    pub jaeger_url: Option<String>,
+    pub otlp_endpoint: String,
+    pub mail_sink: PathBuf,
+    // Field order is drop order: services first, then NATS, then the collector.
+    services: Vec<ChildProcess>,
+    pub nats: Option<PrivateNats>,
+    pub collector: Option<Collector>,
+}
+
+impl Stack {
+    /// Starts everything, or stops whatever was started and reports what failed.
+    pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(options.state_dir.join("logs"))?;
+        let (collector, otlp_endpoint, jaeger_url) = match &options.trace_backend {
+            TraceBackend::Embedded => {
+                let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+                let collector = Collector::start(CollectorAddresses {
+                    otlp_grpc: local(options.ports.otlp_grpc),
+                    otlp_http: local(options.ports.otlp_http),
+                    ui: local(options.ports.jaeger_ui),
+                })
+                .await?;
+                let endpoint = if options.otlp_protocol == "http/protobuf" {
+                    format!("http://{}", collector.addresses.otlp_http)
+                } else {
+                    format!("http://{}", collector.addresses.otlp_grpc)
+                };
+                let ui = collector.ui_url();
+                (Some(collector), endpoint, Some(ui))
+            }
+            TraceBackend::External {
+                otlp_endpoint,
+                jaeger_url,
+            } => (None, otlp_endpoint.clone(), jaeger_url.clone()),
+        };
+
+        let (nats, nats_url) = match &options.nats {
+            NatsChoice::Existing(url) => (None, url.clone()),
+            NatsChoice::Private { port } => {
+                let nats = PrivateNats::start(
+                    *port,
+                    &options.state_dir.join("nats"),
+                    &options.state_dir.join("logs/nats-server.log"),
+                )
+                .await?;
+                let url = nats.url.clone();
+                (Some(nats), url)
+            }
+        };
+
+        infra::create_database(&options.database_server_url, &options.database_name).await?;
+        let database_url = infra::with_database(&options.database_server_url, &options.database_name);
+        infra::migrate(&database_url).await?;
+
+        let mail_sink = options.state_dir.join("mail.jsonl");
+        let mut stack = Self {
+            options,
+            database_url,
+            nats_url,
+            jaeger_url,
+            otlp_endpoint,
+            mail_sink,
+            services: Vec::new(),
+            nats,
+            collector,
+        };
+        for name in SERVICES {
+            stack.start_service(name).await?;
+        }
+        Ok(stack)
+    }
+
+    /// The environment of one service.
+    pub fn service_env(&self, name: &str) -> Vec<(String, String)> {
+        let ports = self.options.ports;
+        let mut env: Vec<(String, String)> = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), self.otlp_endpoint.clone()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), self.options.otlp_protocol.clone()),
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "500".into()),
+            ("DATABASE_URL".into(), self.database_url.clone()),
+            ("NATS_URL".into(), self.nats_url.clone()),
+            ("GATEWAY_PORT".into(), ports.gateway.to_string()),
+            ("USERS_PORT".into(), ports.users.to_string()),
+            ("BILLING_PORT".into(), ports.billing.to_string()),
+            ("NOTIFICATIONS_PORT".into(), ports.notifications.to_string()),
+            ("STRIPE_SIM_PORT".into(), ports.stripe_sim.to_string()),
+            ("USERS_URL".into(), format!("http://127.0.0.1:{}", ports.users)),
+            ("BILLING_URL".into(), format!("http://127.0.0.1:{}", ports.billing)),
+            ("STRIPE_API_BASE".into(), format!("http://127.0.0.1:{}", ports.stripe_sim)),
+            ("STRIPE_SECRET_KEY".into(), "sk_test_tracehop".into()),
+            ("MAIL_SINK".into(), self.mail_sink.display().to_string()),
+        ];
+        env.retain(|(key, _)| !(name == "stripe-sim" && key.starts_with("OTEL_")));
+        env.extend(self.options.extra_env.iter().cloned());
+        env
+    }
+
+    fn health_url(&self, name: &str) -> String {
+        let ports = self.options.ports;
+        let port = match name {
+            "stripe-sim" => ports.stripe_sim,
+            "users" => ports.users,
+            "billing" => ports.billing,
+            "notifications" => ports.notifications,
+            _ => ports.gateway,
+        };
+        format!("http://127.0.0.1:{port}/healthz")
+    }
+
+    /// Starts (or starts again) one service and waits for its `/healthz`.
+    pub async fn start_service(&mut self, name: &str) -> anyhow::Result<()> {
+        let mut command = Command::new(workspace_binary(name)?);
+        command.envs(self.service_env(name));
+        let log_path = self.options.state_dir.join("logs").join(format!("{name}.log"));
+        let mut process = ChildProcess::spawn(name, command, &log_path)?;
+        wait_healthy(&self.health_url(name), Duration::from_secs(30), Some(&mut process)).await?;
+        self.services.retain(|existing| existing.name != name);
+        self.services.push(process);
+        Ok(())
+    }
+
+    /// The process of a service (fault tests kill and restart them).
+    pub fn service(&mut self, name: &str) -> Option<&mut ChildProcess> {
+        self.services.iter_mut().find(|process| process.name == name)
+    }
+
+    pub fn gateway_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.options.ports.gateway)
+    }
+
+    pub fn stripe_sim_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.options.ports.stripe_sim)
+    }
+
+    pub fn notifications_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.options.ports.notifications)
+    }
+
+    /// Stops the services (reverse order, SIGTERM so they flush), then NATS, then the collector.
+    pub fn stop(&mut self) {
+        while let Some(mut process) = self.services.pop() {
+            process.stop(Duration::from_secs(15));
+        }
+        if let Some(nats) = &mut self.nats {
+            nats.stop();
+        }
+        self.nats = None;
+        self.collector = None;
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,149 @@
+//! Boots a private stack for one test: its own NATS server, its own database on the shared PostgreSQL, free
+//! ports, the embedded collector; everything stopped and dropped at the end, even when the test fails.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tracehop::process::free_port;
+use tracehop::stack::{NatsChoice, Ports, Stack, StackOptions, TraceBackend};
+use tracehop::trace_view::TraceView;
+
+/// The PostgreSQL server tests use (`DATABASE_URL`, any database name), default the local one.
+pub fn database_server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub struct TestStack {
+    pub stack: Stack,
+    pub database_name: String,
+    pub state_dir: PathBuf,
+}
+
+impl TestStack {
+    pub async fn boot(extra_env: &[(&str, &str)]) -> TestStack {
+        Self::boot_with(extra_env, "grpc").await
+    }
+
+    pub async fn boot_with(extra_env: &[(&str, &str)], otlp_protocol: &str) -> TestStack {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let database_name = format!("tracehop_test_{}", &id[..12]);
+        let state_dir = std::env::temp_dir().join(format!("tracehop-test-{}", &id[..12]));
+        let mut env: Vec<(String, String)> = [
+            // Short timeouts keep failure tests quick; defaults are documented in the README.
+            ("STRIPE_ATTEMPT_TIMEOUT_MS", "2000"),
+            ("STRIPE_BACKOFF_MS", "50"),
+            ("NOTIFY_BACKOFF_MS", "200"),
+            ("OUTBOX_SWEEP_MS", "500"),
+            ("RUST_LOG", "info"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let options = StackOptions {
+            state_dir: state_dir.clone(),
+            ports: Ports::free().expect("free ports"),
+            nats: NatsChoice::Private {
+                port: free_port().expect("free port"),
+            },
+            database_server_url: database_server_url(),
+            database_name: database_name.clone(),
+            trace_backend: TraceBackend::Embedded,
+            otlp_protocol: otlp_protocol.to_owned(),
+            extra_env: env,
+        };
+        let stack = match Stack::start(options).await {
+            Ok(stack) => stack,
+            Err(error) => {
+                let _ = tracehop::infra::drop_database(&database_server_url(), &database_name).await;
+                panic!("stack did not start: {error:#}");
+            }
+        };
+        TestStack {
+            stack,
+            database_name,
+            state_dir,
+        }
+    }
+
+    pub fn jaeger(&self) -> String {
+        self.stack.jaeger_url.clone().expect("embedded collector")
+    }
+
+    /// Waits until the trace satisfies `ready` (spans arrive in batches from four processes).
+    pub async fn trace(&self, trace_id: &str, ready: impl Fn(&TraceView) -> bool) -> TraceView {
+        TraceView::wait_for(&self.jaeger(), trace_id, Duration::from_secs(30), ready)
+            .await
+            .unwrap_or_else(|error| panic!("trace {trace_id} not found: {error:#}"))
+    }
+
+    /// A connection to this test's database.
+    pub fn db(&self) -> diesel::PgConnection {
+        use diesel::Connection;
+        diesel::PgConnection::establish(&self.stack.database_url).expect("database connection")
+    }
+
+    /// Lines of the mail sink.
+    pub fn sent_mail(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.stack.mail_sink)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    pub async fn stripe_charges(&self) -> Vec<serde_json::Value> {
+        let body: serde_json::Value = tracehop_shared::http::client::plain_client_builder().build().unwrap().get(format!("{}/_admin/charges", self.stack.stripe_sim_url())).send()
+            .await
+            .expect("stripe-sim")
+            .json()
+            .await
+            .expect("json");
+        body["data"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn stripe_faults(&self, faults: serde_json::Value) {
+        let response = tracehop_shared::http::client::plain_client_builder().build().unwrap_or_default()
+            .post(format!("{}/_admin/faults", self.stack.stripe_sim_url()))
+            .json(&faults)
+            .send()
+            .await
+            .expect("stripe-sim");
+        assert!(response.status().is_success());
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        self.stack.stop();
+        // Best effort, synchronous (Drop cannot await): remove this test's database and files.
+        use diesel::{Connection, RunQueryDsl};
+        let admin = tracehop::infra::with_database(&database_server_url(), "postgres");
+        if let Ok(mut connection) = diesel::PgConnection::establish(&admin) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.database_name
+            ))
+            .execute(&mut connection);
+        }
+        if std::env::var_os("TRACEHOP_KEEP_TEST_STATE").is_none() {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
+    }
+}
+
+/// The one span called `name` (panics with the span list when there is not exactly one).
+pub fn one<'a>(trace: &'a TraceView, name: &str) -> &'a tracehop::trace_view::SpanView {
+    let found = trace.named(name);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one span {name:?}, found {}; spans: {:#?}",
+        found.len(),
+        trace.spans.iter().map(|s| format!("{} [{}]", s.name, s.service)).collect::<Vec<_>>()
+    );
+    found[0]
+}

@@ -1,0 +1,395 @@
+//! End to end: all five services as real processes, real NATS JetStream and PostgreSQL, OTLP to the
+//! embedded collector; the assertions read the exported trace back through the Jaeger query API.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{TestStack, one};
+use diesel::{QueryDsl, RunQueryDsl};
+use tracehop::client::{ApiClient, unique_email};
+use tracehop::trace_view::TraceView;
+
+fn has_everything(trace: &TraceView) -> bool {
+    let names: HashSet<&str> = trace.spans.iter().map(|s| s.name.as_str()).collect();
+    ["notification.send_confirmation", "UPDATE outbox", "process order.completed", "POST /checkout", "session.validate"]
+        .iter()
+        .all(|name| names.contains(name))
+        // The notifier records the e-mail after sending it: wait for that statement too.
+        && trace.spans.iter().any(|s| s.name == "INSERT notifications" && s.service == "notification-service")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_checkout_is_one_trace_across_all_four_services() {
+    let test = TestStack::boot(&[]).await;
+    let mut customer = ApiClient::new(&test.stack.gateway_url());
+    let user_id = customer
+        .signup_and_login(&unique_email("dani"), "correct horse battery")
+        .await
+        .expect("signup and login");
+
+    let checkout = customer.checkout("49.99", "usd", None).await.expect("checkout");
+    assert_eq!(checkout.status, 200, "{}", checkout.body);
+    assert_eq!(checkout.body["status"], "completed");
+    let order_id = checkout.body["orderId"].as_str().expect("orderId").to_owned();
+    let trace_id = checkout.body["traceId"].as_str().expect("traceId").to_owned();
+    assert_eq!(trace_id.len(), 32);
+    assert_eq!(checkout.trace_id.as_deref(), Some(trace_id.as_str()), "traceresponse header names the trace");
+
+    let trace = test.trace(&trace_id, has_everything).await;
+    assert_eq!(trace.trace_id, trace_id);
+    let services: HashSet<String> = trace.services().into_iter().collect();
+    for service in ["api-gateway", "user-service", "billing-service", "notification-service"] {
+        assert!(services.contains(service), "no spans from {service}: {services:?}");
+    }
+    assert!(!services.contains("unknown"), "a span without service.name");
+    let roots = trace.roots();
+    assert_eq!(roots.len(), 1, "one root: {:?}", roots.iter().map(|s| &s.name).collect::<Vec<_>>());
+
+    // Gateway: server span -> checkout.process.
+    let root = roots[0];
+    assert_eq!(root.name, "POST /checkout");
+    assert_eq!(root.service, "api-gateway");
+    assert_eq!(root.kind(), "server");
+    assert_eq!(root.tag("http.request.method").as_deref(), Some("POST"));
+    assert_eq!(root.tag("http.route").as_deref(), Some("/checkout"));
+    assert_eq!(root.tag("url.path").as_deref(), Some("/checkout"));
+    assert_eq!(root.tag("url.scheme").as_deref(), Some("http"));
+    assert_eq!(root.tag("http.response.status_code").as_deref(), Some("200"));
+    let process = one(&trace, "checkout.process");
+    assert_eq!(trace.parent(process).map(|p| &p.span_id), Some(&root.span_id));
+    assert_eq!(process.tag("user.id").as_deref(), Some(user_id.as_str()));
+    assert_eq!(process.tag("order.total").as_deref(), Some("49.99"));
+    assert_eq!(process.tag("order.id").as_deref(), Some(order_id.as_str()));
+
+    // -> users call -> user-service server span -> session.validate (+ its query).
+    let users_call = trace
+        .children(process)
+        .into_iter()
+        .find(|s| s.name == "POST /sessions/validate")
+        .expect("client call to user-service");
+    assert_eq!(users_call.kind(), "client");
+    assert_eq!(users_call.service, "api-gateway");
+    assert!(users_call.tag("url.full").unwrap_or_default().ends_with("/sessions/validate"));
+    assert_eq!(users_call.tag("server.address").as_deref(), Some("127.0.0.1"));
+    assert!(users_call.tag("server.port").is_some());
+    let users_server = trace.children(users_call);
+    assert_eq!(users_server.len(), 1);
+    assert_eq!(users_server[0].service, "user-service");
+    assert_eq!(users_server[0].kind(), "server");
+    let validate = one(&trace, "session.validate");
+    assert_eq!(trace.parent(validate).map(|p| &p.span_id), Some(&users_server[0].span_id));
+    let session_query = trace.children(validate);
+    assert!(
+        session_query.iter().any(|s| s.name == "SELECT sessions" && s.kind() == "client"),
+        "session lookup query span"
+    );
+
+    // -> billing call -> billing server span -> BillingActor handle -> billing.charge.
+    let billing_call = trace
+        .children(process)
+        .into_iter()
+        .find(|s| s.name == "POST /charge")
+        .expect("client call to billing");
+    assert_eq!(billing_call.kind(), "client");
+    let billing_server = trace.children(billing_call);
+    assert_eq!(billing_server.len(), 1);
+    assert_eq!(billing_server[0].service, "billing-service");
+    assert_eq!(billing_server[0].name, "POST /charge");
+    let billing_actor = one(&trace, "BillingActor handle Charge");
+    assert_eq!(trace.parent(billing_actor).map(|p| &p.span_id), Some(&billing_server[0].span_id));
+    assert_eq!(billing_actor.tag("actor.name").as_deref(), Some("BillingActor"));
+    assert_eq!(billing_actor.tag("actor.message.type").as_deref(), Some("Charge"));
+    assert!(billing_actor.tag("actor.mailbox.wait_us").is_some_and(|w| w.parse::<u64>().is_ok()));
+    let charge = one(&trace, "billing.charge");
+    assert_eq!(trace.parent(charge).map(|p| &p.span_id), Some(&billing_actor.span_id));
+    assert_eq!(charge.tag("billing.amount").as_deref(), Some("4999"));
+    assert_eq!(charge.tag("billing.currency").as_deref(), Some("usd"));
+
+    // -> StripeClientActor handle -> stripe.create_charge -> HTTP client span to Stripe.
+    let stripe_actor = one(&trace, "StripeClientActor handle CreateCharge");
+    assert_eq!(trace.parent(stripe_actor).map(|p| &p.span_id), Some(&charge.span_id));
+    let stripe = one(&trace, "stripe.create_charge");
+    assert_eq!(trace.parent(stripe).map(|p| &p.span_id), Some(&stripe_actor.span_id));
+    let charge_id = stripe.tag("stripe.charge_id").expect("stripe.charge_id");
+    assert!(charge_id.starts_with("ch_"), "{charge_id}");
+    let stripe_http = one(&trace, "POST /v1/charges");
+    assert_eq!(trace.parent(stripe_http).map(|p| &p.span_id), Some(&stripe.span_id));
+    assert_eq!(stripe_http.kind(), "client");
+    assert_eq!(stripe_http.tag("http.response.status_code").as_deref(), Some("200"));
+
+    // -> db.save_transaction -> one CLIENT span per statement, no literal values.
+    let save = one(&trace, "db.save_transaction");
+    assert_eq!(trace.parent(save).map(|p| &p.span_id), Some(&charge.span_id));
+    let statements: Vec<_> = trace.children(save);
+    let names: HashSet<&str> = statements.iter().map(|s| s.name.as_str()).collect();
+    for expected in ["UPDATE transactions", "INSERT outbox", "INSERT notifications"] {
+        assert!(names.contains(expected), "{expected} under db.save_transaction: {names:?}");
+    }
+    for statement in &statements {
+        assert_eq!(statement.kind(), "client");
+        assert_eq!(statement.tag("db.system.name").as_deref(), Some("postgresql"));
+        assert_eq!(statement.tag("db.namespace").as_deref(), Some(test.database_name.as_str()));
+        let text = statement.tag("db.query.text").unwrap_or_default();
+        assert!(text.contains("$1"), "placeholders in {text}");
+        assert!(!text.contains(&charge_id), "literal value leaked into {text}");
+    }
+
+    // -> publish order.completed (PRODUCER) -> process order.completed (CONSUMER, other service).
+    let publish = one(&trace, "publish order.completed");
+    assert!(trace.is_ancestor(charge, publish), "publish joins the charge");
+    assert_eq!(publish.kind(), "producer");
+    assert_eq!(publish.service, "billing-service");
+    assert_eq!(publish.tag("messaging.system").as_deref(), Some("nats"));
+    assert_eq!(publish.tag("messaging.destination.name").as_deref(), Some("order.completed"));
+    assert_eq!(publish.tag("messaging.operation.type").as_deref(), Some("send"));
+    let message_id = publish.tag("messaging.message.id").expect("message id");
+    let consume = one(&trace, "process order.completed");
+    assert_eq!(trace.parent(consume).map(|p| &p.span_id), Some(&publish.span_id));
+    assert_eq!(consume.kind(), "consumer");
+    assert_eq!(consume.service, "notification-service");
+    assert_eq!(consume.tag("messaging.operation.type").as_deref(), Some("process"));
+    assert_eq!(consume.tag("messaging.message.id"), Some(message_id));
+    assert_eq!(consume.tag("messaging.nats.delivery_count").as_deref(), Some("1"));
+
+    // -> NotifierActor handle -> notification.send_confirmation (OK).
+    let notifier = one(&trace, "NotifierActor handle SendConfirmation");
+    assert_eq!(trace.parent(notifier).map(|p| &p.span_id), Some(&consume.span_id));
+    let send = one(&trace, "notification.send_confirmation");
+    assert_eq!(trace.parent(send).map(|p| &p.span_id), Some(&notifier.span_id));
+    assert_eq!(send.tag("otel.status_code").as_deref(), Some("OK"));
+    assert_eq!(send.tag("order.id").as_deref(), Some(order_id.as_str()));
+
+    // The database and the mail agree.
+    use tracehop_shared::schema::notifications;
+    let mut db = test.db();
+    let order_uuid: uuid::Uuid = order_id.parse().unwrap();
+    let status: String = notifications::table
+        .find(order_uuid)
+        .select(notifications::status)
+        .first(&mut db)
+        .expect("notification row");
+    assert_eq!(status, "sent");
+    let mail = test.sent_mail();
+    let ours: Vec<_> = mail.iter().filter(|m| m["orderId"] == order_id.as_str()).collect();
+    assert_eq!(ours.len(), 1, "exactly one e-mail: {mail:?}");
+    assert_eq!(ours[0]["traceId"], trace_id.as_str());
+    assert!(ours[0]["body"].as_str().unwrap_or_default().contains("49.99 usd"));
+
+    // The order, as its owner sees it.
+    let order = customer.order(&order_id).await.expect("order");
+    assert_eq!(order.status, 200, "{}", order.body);
+    assert_eq!(order.body["amount"], "49.99");
+    assert_eq!(order.body["currency"], "usd");
+    assert_eq!(order.body["chargeId"], charge_id.as_str());
+    assert_eq!(order.body["notification"], "sent");
+    assert_eq!(order.body["checkoutTraceId"], trace_id.as_str());
+
+    // ...and nobody else does.
+    let mut stranger = ApiClient::new(&test.stack.gateway_url());
+    stranger.signup_and_login(&unique_email("eve"), "another password").await.expect("stranger");
+    let peek = stranger.order(&order_id).await.expect("order");
+    assert_eq!(peek.status, 404);
+
+    // The terminal waterfall draws every span.
+    let drawn = trace.waterfall(false);
+    assert_eq!(drawn.lines().count(), trace.spans.len() + 1, "{drawn}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_payment_provider_is_an_error_with_the_trace_id_and_an_error_span() {
+    let test = TestStack::boot(&[("STRIPE_MAX_ATTEMPTS", "3")]).await;
+    let mut customer = ApiClient::new(&test.stack.gateway_url());
+    customer
+        .signup_and_login(&unique_email("dani"), "correct horse battery")
+        .await
+        .expect("signup and login");
+    test.stripe_faults(serde_json::json!({"failNext": 3, "failStatus": 500})).await;
+
+    let checkout = customer.checkout("12.00", "eur", None).await.expect("checkout");
+    assert_eq!(checkout.status, 502, "{}", checkout.body);
+    assert_eq!(checkout.body["error"], "payment_provider_error");
+    assert!(checkout.body["message"].as_str().unwrap_or_default().contains("3 attempts"));
+    let trace_id = checkout.body["traceId"].as_str().expect("traceId").to_owned();
+    assert_eq!(checkout.trace_id.as_deref(), Some(trace_id.as_str()));
+
+    let trace = test
+        .trace(&trace_id, |t| {
+            t.named("POST /v1/charges").len() == 3 && !t.named("POST /checkout").is_empty()
+        })
+        .await;
+    let stripe = one(&trace, "stripe.create_charge");
+    assert!(stripe.is_error(), "stripe.create_charge is ERROR: {:?}", stripe.tags);
+    assert!(
+        stripe.events.iter().any(|event| event.get("event").and_then(|e| e.as_str()) == Some("exception")
+            || event.contains_key("exception.message")),
+        "exception recorded on stripe.create_charge: {:?}",
+        stripe.events
+    );
+    let attempts = trace.named("POST /v1/charges");
+    let mut resends: Vec<String> = attempts
+        .iter()
+        .map(|a| a.tag("http.request.resend_count").unwrap_or_else(|| "0".into()))
+        .collect();
+    resends.sort();
+    assert_eq!(resends, vec!["0", "1", "2"]);
+    for attempt in attempts {
+        assert!(attempt.is_error());
+        assert_eq!(attempt.tag("http.response.status_code").as_deref(), Some("500"));
+        assert_eq!(trace.parent(attempt).map(|p| &p.span_id), Some(&stripe.span_id));
+    }
+    let root = one(&trace, "POST /checkout");
+    assert_eq!(root.tag("http.response.status_code").as_deref(), Some("502"));
+    assert!(root.is_error());
+
+    // Nothing was charged and no order is left half-made.
+    assert!(test.stripe_charges().await.is_empty());
+    use tracehop_shared::schema::transactions;
+    let rows: i64 = transactions::table.count().get_result(&mut test.db()).unwrap();
+    assert_eq!(rows, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_json_error_with_the_trace_id() {
+    let test = TestStack::boot(&[]).await;
+    let gateway = test.stack.gateway_url();
+    let mut customer = ApiClient::new(&gateway);
+    customer
+        .signup_and_login(&unique_email("dani"), "correct horse battery")
+        .await
+        .expect("signup and login");
+    let raw = tracehop_shared::http::client::plain_client_builder().build().unwrap();
+
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            raw.post(format!("{gateway}/checkout"))
+                .bearer_auth(customer.token.clone().unwrap())
+                .header("content-type", "application/json")
+                .body("{\"total\": "),
+            400,
+            "invalid_body",
+        ),
+        (
+            "missing field",
+            raw.post(format!("{gateway}/checkout"))
+                .bearer_auth(customer.token.clone().unwrap())
+                .json(&serde_json::json!({"total": "5.00"})),
+            400,
+            "invalid_body",
+        ),
+        (
+            "unknown currency",
+            raw.post(format!("{gateway}/checkout"))
+                .bearer_auth(customer.token.clone().unwrap())
+                .json(&serde_json::json!({"total": "5.00", "currency": "xyz"})),
+            400,
+            "invalid_currency",
+        ),
+        (
+            "negative total",
+            raw.post(format!("{gateway}/checkout"))
+                .bearer_auth(customer.token.clone().unwrap())
+                .json(&serde_json::json!({"total": -5, "currency": "usd"})),
+            400,
+            "invalid_total",
+        ),
+        (
+            "absurd total",
+            raw.post(format!("{gateway}/checkout"))
+                .bearer_auth(customer.token.clone().unwrap())
+                .json(&serde_json::json!({"total": "99999999999.99", "currency": "usd"})),
+            400,
+            "invalid_total",
+        ),
+        (
+            "too many decimals",
+            raw.post(format!("{gateway}/checkout"))
+                .bearer_auth(customer.token.clone().unwrap())
+                .json(&serde_json::json!({"total": 1.005, "currency": "usd"})),
+            400,
+            "invalid_total",
+        ),
+        (
+            "oversized body",
+            raw.post(format!("{gateway}/checkout"))
+                .bearer_auth(customer.token.clone().unwrap())
+                .json(&serde_json::json!({"total": "5.00", "currency": "x".repeat(100_000)})),
+            400,
+            "invalid_body",
+        ),
+        (
+            "missing token",
+            raw.post(format!("{gateway}/checkout"))
+                .json(&serde_json::json!({"total": "5.00", "currency": "usd"})),
+            401,
+            "unauthorized",
+        ),
+        (
+            "bad token",
+            raw.post(format!("{gateway}/checkout"))
+                .bearer_auth("f".repeat(64))
+                .json(&serde_json::json!({"total": "5.00", "currency": "usd"})),
+            401,
+            "unauthorized",
+        ),
+        (
+            "bad e-mail at signup",
+            raw.post(format!("{gateway}/signup"))
+                .json(&serde_json::json!({"email": "not-an-email", "name": "x", "password": "12345678"})),
+            400,
+            "invalid_email",
+        ),
+        (
+            "unknown route",
+            raw.get(format!("{gateway}/nope")),
+            404,
+            "not_found",
+        ),
+        (
+            "malformed order id",
+            raw.get(format!("{gateway}/orders/not-a-uuid"))
+                .bearer_auth(customer.token.clone().unwrap()),
+            400,
+            "invalid_path",
+        ),
+    ];
+    for (case, request, status, code) in cases {
+        let response = request.send().await.expect(case);
+        assert_eq!(response.status().as_u16(), status, "{case}");
+        let header_trace = response
+            .headers()
+            .get("traceresponse")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split('-').nth(1))
+            .map(str::to_owned);
+        let body: serde_json::Value = response.json().await.expect(case);
+        assert_eq!(body["error"], code, "{case}: {body}");
+        assert!(!body["message"].as_str().unwrap_or_default().is_empty(), "{case}: {body}");
+        let trace_id = body["traceId"].as_str().unwrap_or_default();
+        assert_eq!(trace_id.len(), 32, "{case}: {body}");
+        assert_ne!(trace_id, "0".repeat(32), "{case}");
+        assert_eq!(header_trace.as_deref(), Some(trace_id), "{case}");
+    }
+    // Nothing was charged by any of it.
+    assert!(test.stripe_charges().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_charges_once_and_refuses_a_different_body() {
+    let test = TestStack::boot(&[]).await;
+    let mut customer = ApiClient::new(&test.stack.gateway_url());
+    customer
+        .signup_and_login(&unique_email("dani"), "correct horse battery")
+        .await
+        .expect("signup and login");
+    let first = customer.checkout("20.00", "usd", Some("order-42")).await.unwrap();
+    let again = customer.checkout("20.00", "usd", Some("order-42")).await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(first.body["orderId"], again.body["orderId"]);
+    let other = customer.checkout("21.00", "usd", Some("order-42")).await.unwrap();
+    assert_eq!(other.status, 422, "{}", other.body);
+    assert_eq!(other.body["error"], "idempotency_key_reused");
+    assert_eq!(test.stripe_charges().await.len(), 1);
+}
