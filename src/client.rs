@@ -52,7 +52,10 @@ impl ApiClient {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.with_context(|| format!("calling {path}"))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("calling {path}"))?;
         let status = response.status().as_u16();
         let trace_id = response
             .headers()
@@ -70,7 +73,11 @@ impl ApiClient {
     }
 
     /// Signs up and logs in a new user; returns the user id.
-    pub async fn signup_and_login(&mut self, email: &str, password: &str) -> anyhow::Result<String> {
+    pub async fn signup_and_login(
+        &mut self,
+        email: &str,
+        password: &str,
+    ) -> anyhow::Result<String> {
         let signup = self
             .call(
                 reqwest::Method::POST,
@@ -79,7 +86,12 @@ impl ApiClient {
                 &[],
             )
             .await?;
-        anyhow::ensure!(signup.status == 201, "signup answered {}: {}", signup.status, signup.body);
+        anyhow::ensure!(
+            signup.status == 201,
+            "signup answered {}: {}",
+            signup.status,
+            signup.body
+        );
         let login = self
             .call(
                 reqwest::Method::POST,
@@ -88,9 +100,17 @@ impl ApiClient {
                 &[],
             )
             .await?;
-        anyhow::ensure!(login.status == 200, "login answered {}: {}", login.status, login.body);
+        anyhow::ensure!(
+            login.status == 200,
+            "login answered {}: {}",
+            login.status,
+            login.body
+        );
         self.token = login.body["token"].as_str().map(str::to_owned);
-        Ok(signup.body["userId"].as_str().unwrap_or_default().to_owned())
+        Ok(signup.body["userId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
     }
 
     /// `POST /checkout`.
@@ -114,8 +134,13 @@ impl ApiClient {
 
     /// `GET /orders/{id}`.
     pub async fn order(&self, order_id: &str) -> anyhow::Result<ApiResponse> {
-        self.call(reqwest::Method::GET, &format!("/orders/{order_id}"), None, &[])
-            .await
+        self.call(
+            reqwest::Method::GET,
+            &format!("/orders/{order_id}"),
+            None,
+            &[],
+        )
+        .await
     }
 }
 

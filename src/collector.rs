@@ -122,7 +122,11 @@ async fn export_http(service: &Enriching, body: bytes::Bytes) -> axum::response:
     let request = match ExportTraceServiceRequest::decode(body) {
         Ok(request) => request,
         Err(error) => {
-            return (StatusCode::BAD_REQUEST, format!("invalid OTLP protobuf: {error}")).into_response();
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("invalid OTLP protobuf: {error}"),
+            )
+                .into_response();
         }
     };
     match service.export(tonic::Request::new(request)).await {
@@ -131,7 +135,11 @@ async fn export_http(service: &Enriching, body: bytes::Bytes) -> axum::response:
             response.into_inner().encode_to_vec(),
         )
             .into_response(),
-        Err(status) => (StatusCode::INTERNAL_SERVER_ERROR, status.message().to_owned()).into_response(),
+        Err(status) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            status.message().to_owned(),
+        )
+            .into_response(),
     }
 }
 
@@ -179,7 +187,8 @@ impl TraceService for Enriching {
                         match status.code {
                             1 => span.attributes.push(string_tag("otel.status_code", "OK")),
                             2 => {
-                                span.attributes.push(string_tag("otel.status_code", "ERROR"));
+                                span.attributes
+                                    .push(string_tag("otel.status_code", "ERROR"));
                                 span.attributes.push(KeyValue {
                                     key: "error".to_owned(),
                                     value: Some(AnyValue {

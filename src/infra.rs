@@ -79,7 +79,10 @@ impl PrivateNats {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !port_open("127.0.0.1", self.port) {
             if let Some(status) = self.process.exited() {
-                anyhow::bail!("nats-server exited ({status}):\n{}", self.process.log_tail(20));
+                anyhow::bail!(
+                    "nats-server exited ({status}):\n{}",
+                    self.process.log_tail(20)
+                );
             }
             if Instant::now() > deadline {
                 anyhow::bail!("nats-server did not listen on {} in time", self.port);
@@ -115,7 +118,8 @@ impl PrivatePostgres {
         let initdb = find_executable("initdb").ok_or_else(|| {
             anyhow::anyhow!("initdb not found: install PostgreSQL (Debian: apt-get install postgresql) or set DATABASE_URL")
         })?;
-        let pg_ctl = find_executable("pg_ctl").ok_or_else(|| anyhow::anyhow!("pg_ctl not found"))?;
+        let pg_ctl =
+            find_executable("pg_ctl").ok_or_else(|| anyhow::anyhow!("pg_ctl not found"))?;
         // PostgreSQL refuses to run as root; use the `postgres` system user the Debian package creates.
         let as_postgres_user = running_as_root();
         std::fs::create_dir_all(data_dir)?;
@@ -123,9 +127,13 @@ impl PrivatePostgres {
             std::fs::create_dir_all(parent)?;
         }
         if as_postgres_user {
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(data_dir))?;
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(data_dir))?;
             if let Some(parent) = log_path.parent() {
-                run(Command::new("chown").args(["postgres:postgres"]).arg(parent))?;
+                run(Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(parent))?;
             }
         }
         let cluster = Self {
@@ -134,10 +142,13 @@ impl PrivatePostgres {
         };
         if !data_dir.join("PG_VERSION").exists() {
             let mut command = cluster.command(&initdb);
-            command
-                .arg("-D")
-                .arg(data_dir)
-                .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-instructions"]);
+            command.arg("-D").arg(data_dir).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-instructions",
+            ]);
             run(&mut command).context("initdb failed")?;
         }
         let mut command = cluster.command(&pg_ctl);
@@ -149,7 +160,8 @@ impl PrivatePostgres {
             .args(["-w", "-t", "60", "-o"])
             .arg(format!("-p {port} -c listen_addresses=127.0.0.1 -k /tmp"))
             .arg("start");
-        run(&mut command).with_context(|| format!("pg_ctl start failed; see {}", log_path.display()))?;
+        run(&mut command)
+            .with_context(|| format!("pg_ctl start failed; see {}", log_path.display()))?;
         Ok(cluster)
     }
 
@@ -163,11 +175,19 @@ impl PrivatePostgres {
         }
     }
 
+    /// Leaves the server running after this handle is gone (`stack prepare`).
+    pub fn detach(self) {
+        std::mem::forget(self);
+    }
+
     /// `pg_ctl stop -m fast`.
     pub fn stop(&self) {
         if let Some(pg_ctl) = find_executable("pg_ctl") {
             let mut command = self.command(&pg_ctl);
-            command.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "stop"]);
+            command
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-m", "fast", "-w", "stop"]);
             let _ = command.output();
         }
     }
@@ -188,7 +208,9 @@ fn running_as_root() -> bool {
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
     if !output.status.success() {
         anyhow::bail!(
             "{command:?} failed ({}):\n{}{}",
@@ -211,7 +233,9 @@ pub async fn postgres_reachable(url: &str) -> bool {
 /// Creates `database` on the server of `server_url` unless it exists.
 pub async fn create_database(server_url: &str, database: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
-        database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        database
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_'),
         "database name {database:?} must be letters, digits and underscores"
     );
     let admin_url = with_database(server_url, "postgres");
@@ -230,7 +254,8 @@ pub async fn create_database(server_url: &str, database: &str) -> anyhow::Result
         .bind::<diesel::sql_types::Text, _>(&database)
         .get_result(&mut connection)?;
         if !found.exists {
-            diesel::sql_query(format!("CREATE DATABASE \"{database}\"")).execute(&mut connection)?;
+            diesel::sql_query(format!("CREATE DATABASE \"{database}\""))
+                .execute(&mut connection)?;
         }
         Ok(())
     })
@@ -243,8 +268,10 @@ pub async fn drop_database(server_url: &str, database: &str) -> anyhow::Result<(
     let database = database.to_owned();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut connection = PgConnection::establish(&admin_url)?;
-        diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))
-            .execute(&mut connection)?;
+        diesel::sql_query(format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        ))
+        .execute(&mut connection)?;
         Ok(())
     })
     .await?
@@ -254,12 +281,15 @@ pub async fn drop_database(server_url: &str, database: &str) -> anyhow::Result<(
 pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<String>> {
     let url = database_url.to_owned();
     tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-        let mut connection = PgConnection::establish(&url)
-            .with_context(|| format!("connecting to {url}"))?;
+        let mut connection =
+            PgConnection::establish(&url).with_context(|| format!("connecting to {url}"))?;
         let applied = connection
             .run_pending_migrations(MIGRATIONS)
             .map_err(|error| anyhow::anyhow!("migration failed: {error}"))?;
-        Ok(applied.into_iter().map(|version| version.to_string()).collect())
+        Ok(applied
+            .into_iter()
+            .map(|version| version.to_string())
+            .collect())
     })
     .await?
 }
@@ -274,7 +304,10 @@ mod tests {
             host_port("postgres://postgres@127.0.0.1:5433/tracehop", 5432),
             ("127.0.0.1".into(), 5433)
         );
-        assert_eq!(host_port("nats://localhost", 4222), ("localhost".into(), 4222));
+        assert_eq!(
+            host_port("nats://localhost", 4222),
+            ("localhost".into(), 4222)
+        );
         assert_eq!(
             with_database("postgres://postgres@127.0.0.1:5432/tracehop", "postgres"),
             "postgres://postgres@127.0.0.1:5432/postgres"

@@ -1,1 +1,491 @@
-fn main() {}
+//! `stack`: run tracehop locally, look at traces, replay the seed's stories.
+//!
+//! ```text
+//! stack up [--no-demo]             everything, in the foreground, until Ctrl-C
+//! stack trace <trace-id>           a terminal waterfall from any Jaeger query API
+//! stack demo <scenario>            checkout | slow-stripe | lost-email, against a running stack
+//! stack migrate                    create the database and apply migrations/ (what docker compose runs)
+//! stack prepare                    make sure PostgreSQL and nats-server are available (used by ./dev test)
+//! stack collector                  only the embedded OTLP collector + Jaeger UI
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracehop::client::{ApiClient, unique_email};
+use tracehop::collector::{Collector, CollectorAddresses};
+use tracehop::infra::{self, PrivatePostgres};
+use tracehop::process::{find_executable, port_open};
+use tracehop::stack::{NatsChoice, Ports, Stack, StackOptions, TraceBackend};
+use tracehop::trace_view::TraceView;
+
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tracehop";
+const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+const DEFAULT_JAEGER: &str = "http://127.0.0.1:16686";
+
+#[derive(Parser)]
+#[command(name = "stack", about = "Run tracehop and read its traces", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the whole stack in the foreground; Ctrl-C stops everything cleanly.
+    Up {
+        /// Do not run the demo checkout.
+        #[arg(long)]
+        no_demo: bool,
+        /// Where logs, the NATS store, a private PostgreSQL and the mail sink live.
+        #[arg(long, default_value = ".tracehop")]
+        state_dir: PathBuf,
+    },
+    /// Draw a trace as a terminal waterfall.
+    Trace {
+        trace_id: String,
+        #[arg(long, default_value = DEFAULT_JAEGER, env = "JAEGER_URL")]
+        jaeger: String,
+    },
+    /// Reproduce one of the seed's stories against a running stack.
+    Demo {
+        scenario: Scenario,
+        #[arg(long, default_value = "http://127.0.0.1:3000")]
+        gateway: String,
+        #[arg(long, default_value = DEFAULT_JAEGER, env = "JAEGER_URL")]
+        jaeger: String,
+        #[arg(long, default_value = "http://127.0.0.1:12111")]
+        stripe_sim: String,
+        #[arg(long, default_value = "http://127.0.0.1:3003")]
+        notifications: String,
+    },
+    /// Create the database if needed and apply the migrations.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
+    /// Make sure PostgreSQL answers (starting a private cluster if not) and nats-server is installed.
+    Prepare {
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+        #[arg(long, default_value = ".tracehop")]
+        state_dir: PathBuf,
+    },
+    /// Run only the embedded collector (OTLP in, Jaeger UI out).
+    Collector {
+        #[arg(long, default_value_t = 4317)]
+        otlp_grpc_port: u16,
+        #[arg(long, default_value_t = 4318)]
+        otlp_http_port: u16,
+        #[arg(long, default_value_t = 16686)]
+        ui_port: u16,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Scenario {
+    /// One ordinary checkout.
+    Checkout,
+    /// The first Stripe attempt hangs 11.4 s; the client times out and retries.
+    SlowStripe,
+    /// Every e-mail attempt fails; the notification ends up dead-lettered and `failed`.
+    LostEmail,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracehop_shared::http::client::install_crypto_provider();
+    match Cli::parse().command {
+        Command::Up { no_demo, state_dir } => up(no_demo, state_dir).await,
+        Command::Trace { trace_id, jaeger } => {
+            let trace = TraceView::fetch(&jaeger, &trace_id).await?;
+            print!("{}", trace.waterfall(color()));
+            Ok(())
+        }
+        Command::Demo {
+            scenario,
+            gateway,
+            jaeger,
+            stripe_sim,
+            notifications,
+        } => demo(scenario, &gateway, &jaeger, &stripe_sim, &notifications).await,
+        Command::Migrate { database_url } => {
+            let name = database_name(&database_url);
+            infra::create_database(&database_url, &name).await?;
+            let applied = infra::migrate(&database_url).await?;
+            println!("database {name}: {} migration(s) applied", applied.len());
+            Ok(())
+        }
+        Command::Prepare {
+            database_url,
+            state_dir,
+        } => prepare(&database_url, &state_dir).await,
+        Command::Collector {
+            otlp_grpc_port,
+            otlp_http_port,
+            ui_port,
+        } => {
+            let any = |port| std::net::SocketAddr::from(([0, 0, 0, 0], port));
+            let collector = Collector::start(CollectorAddresses {
+                otlp_grpc: any(otlp_grpc_port),
+                otlp_http: any(otlp_http_port),
+                ui: any(ui_port),
+            })
+            .await?;
+            println!(
+                "collector: OTLP gRPC {}, OTLP HTTP {}, Jaeger UI http://localhost:{}",
+                collector.addresses.otlp_grpc, collector.addresses.otlp_http, ui_port
+            );
+            shutdown_signal().await;
+            Ok(())
+        }
+    }
+}
+
+fn color() -> bool {
+    std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stdout())
+}
+
+fn say(what: &str) {
+    if color() {
+        println!("\x1b[1;34m==>\x1b[0m {what}");
+    } else {
+        println!("==> {what}");
+    }
+}
+
+fn database_name(url: &str) -> String {
+    url.rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .filter(|name| !name.is_empty() && !name.contains('@'))
+        .unwrap_or("tracehop")
+        .to_owned()
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+/// PostgreSQL at `database_url`, or a private cluster under `state_dir` on the same port.
+async fn ensure_postgres(
+    database_url: &str,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Option<PrivatePostgres>> {
+    if infra::postgres_reachable(database_url).await {
+        say(&format!("PostgreSQL: using {}", redact(database_url)));
+        return Ok(None);
+    }
+    let (host, port) = infra::host_port(database_url, 5432);
+    anyhow::ensure!(
+        host == "127.0.0.1" || host == "localhost",
+        "PostgreSQL at {} does not answer, and a private cluster can only be started on this machine",
+        redact(database_url)
+    );
+    anyhow::ensure!(
+        !port_open("127.0.0.1", port),
+        "port {port} is in use but does not answer as PostgreSQL for {}: set DATABASE_URL to a reachable server",
+        redact(database_url)
+    );
+    say(&format!(
+        "PostgreSQL: none at {}; starting a private cluster in {}",
+        redact(database_url),
+        state_dir.join("postgres").display()
+    ));
+    let cluster = PrivatePostgres::start(
+        &std::fs::canonicalize(state_dir)?.join("postgres"),
+        port,
+        &std::fs::canonicalize(state_dir)?.join("logs/postgres.log"),
+    )?;
+    Ok(Some(cluster))
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if url[scheme + 3..at].contains(':') => {
+            let user_end = url[scheme + 3..at]
+                .find(':')
+                .map(|i| scheme + 3 + i)
+                .unwrap_or(at);
+            format!("{}:***{}", &url[..user_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn prepare(database_url: &str, state_dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(state_dir.join("logs"))?;
+    anyhow::ensure!(
+        find_executable("nats-server").is_some(),
+        "nats-server is not installed (Debian: apt-get install nats-server)"
+    );
+    if let Some(cluster) = ensure_postgres(database_url, state_dir).await? {
+        // Leave it running for the test run that follows; `./dev test` and later runs reuse it.
+        cluster.detach();
+    }
+    say("ready: PostgreSQL answers and nats-server is installed");
+    Ok(())
+}
+
+async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
+    std::fs::create_dir_all(state_dir.join("logs"))?;
+    let state_dir = std::fs::canonicalize(&state_dir)?;
+    let ports = Ports::DEFAULT;
+
+    let external_otlp = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let trace_backend = match external_otlp {
+        Some(endpoint) => {
+            say(&format!(
+                "traces: exporting to {endpoint} (OTEL_EXPORTER_OTLP_ENDPOINT)"
+            ));
+            TraceBackend::External {
+                otlp_endpoint: endpoint,
+                jaeger_url: std::env::var("JAEGER_URL").ok(),
+            }
+        }
+        None => TraceBackend::Embedded,
+    };
+    let mut needed = vec![
+        (ports.gateway, "api-gateway"),
+        (ports.users, "user-service"),
+        (ports.billing, "billing-service"),
+        (ports.notifications, "notification-service"),
+        (ports.stripe_sim, "stripe-sim"),
+    ];
+    if matches!(trace_backend, TraceBackend::Embedded) {
+        needed.extend([
+            (ports.otlp_grpc, "OTLP gRPC"),
+            (ports.otlp_http, "OTLP HTTP"),
+            (ports.jaeger_ui, "Jaeger UI"),
+        ]);
+    }
+    let busy: Vec<String> = needed
+        .iter()
+        .filter(|(port, _)| port_open("127.0.0.1", *port))
+        .map(|(port, what)| format!("{port} ({what})"))
+        .collect();
+    anyhow::ensure!(
+        busy.is_empty(),
+        "port(s) already in use: {}.\nStop whatever listens there (`ss -ltnp` shows it; an earlier `./dev up` \
+         still running?) and try again. Nothing was started.",
+        busy.join(", ")
+    );
+
+    let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.to_owned());
+    let (nats_host, nats_port) = infra::host_port(&nats_url, 4222);
+    let nats = if port_open(&nats_host, nats_port) {
+        say(&format!("NATS: using {nats_url}"));
+        NatsChoice::Existing(nats_url)
+    } else {
+        say(&format!(
+            "NATS: none at {nats_url}; starting nats-server -js with its store in {}",
+            state_dir.join("nats").display()
+        ));
+        NatsChoice::Private { port: nats_port }
+    };
+
+    let database_url =
+        std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
+    let postgres = ensure_postgres(&database_url, &state_dir).await?;
+
+    say("starting collector, stripe-sim, users, billing, notifications, gateway");
+    let stack = Stack::start(StackOptions {
+        state_dir: state_dir.clone(),
+        ports,
+        nats,
+        database_server_url: database_url.clone(),
+        database_name: database_name(&database_url),
+        trace_backend,
+        otlp_protocol: std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .unwrap_or_else(|_| "grpc".to_owned()),
+        extra_env: Vec::new(),
+    })
+    .await
+    .context("the stack did not start (everything started so far has been stopped)")?;
+
+    println!();
+    println!(
+        "  api-gateway            http://localhost:{}",
+        ports.gateway
+    );
+    println!("  user-service           http://localhost:{}", ports.users);
+    println!(
+        "  billing-service        http://localhost:{}",
+        ports.billing
+    );
+    println!(
+        "  notification-service   http://localhost:{}",
+        ports.notifications
+    );
+    println!(
+        "  stripe-sim             http://localhost:{}",
+        ports.stripe_sim
+    );
+    if let Some(jaeger) = &stack.jaeger_url {
+        println!(
+            "  Jaeger UI              {}",
+            jaeger.replace("127.0.0.1", "localhost")
+        );
+    }
+    println!(
+        "  logs                   {}",
+        state_dir.join("logs").display()
+    );
+    println!("  sent e-mail            {}", stack.mail_sink.display());
+    println!();
+
+    if !no_demo {
+        if let Err(error) = demo_checkout(&stack.gateway_url(), stack.jaeger_url.as_deref()).await {
+            eprintln!("demo checkout failed: {error:#}");
+        }
+    }
+    say("running; press Ctrl-C to stop");
+    shutdown_signal().await;
+    say("stopping services (they flush their spans), NATS and the collector");
+    drop(stack);
+    drop(postgres);
+    say("stopped");
+    Ok(())
+}
+
+async fn demo_checkout(gateway: &str, jaeger: Option<&str>) -> anyhow::Result<String> {
+    let mut customer = ApiClient::new(gateway);
+    customer
+        .signup_and_login(&unique_email("dani"), "correct horse battery")
+        .await?;
+    let checkout = customer.checkout("49.99", "usd", None).await?;
+    say(&format!(
+        "POST /checkout -> {} {}",
+        checkout.status, checkout.body
+    ));
+    let trace_id = checkout.body["traceId"]
+        .as_str()
+        .map(str::to_owned)
+        .or(checkout.trace_id)
+        .ok_or_else(|| anyhow::anyhow!("no trace id in the answer"))?;
+    show_trace(&trace_id, jaeger, |trace| {
+        trace
+            .spans
+            .iter()
+            .any(|s| s.name == "notification.send_confirmation")
+    })
+    .await;
+    Ok(trace_id)
+}
+
+async fn show_trace(trace_id: &str, jaeger: Option<&str>, ready: impl Fn(&TraceView) -> bool) {
+    println!("trace id: {trace_id}");
+    let Some(jaeger) = jaeger else {
+        return;
+    };
+    println!(
+        "Jaeger UI: {}/trace/{trace_id}",
+        jaeger.replace("127.0.0.1", "localhost")
+    );
+    match TraceView::wait_for(jaeger, trace_id, Duration::from_secs(30), ready).await {
+        Ok(trace) => {
+            // A moment more for the last batch (the notifier's final statements).
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let trace = TraceView::fetch(jaeger, trace_id).await.unwrap_or(trace);
+            print!("{}", trace.waterfall(color()));
+        }
+        Err(error) => eprintln!("could not fetch the trace: {error:#}"),
+    }
+}
+
+async fn demo(
+    scenario: Scenario,
+    gateway: &str,
+    jaeger: &str,
+    stripe_sim: &str,
+    notifications: &str,
+) -> anyhow::Result<()> {
+    let http = tracehop_shared::http::client::plain_client_builder().build()?;
+    match scenario {
+        Scenario::Checkout => {
+            demo_checkout(gateway, Some(jaeger)).await?;
+        }
+        Scenario::SlowStripe => {
+            say(
+                "stripe-sim: the next charge request hangs for 11.4 s (billing gives each attempt 10 s)",
+            );
+            http.post(format!("{stripe_sim}/_admin/faults"))
+                .json(&serde_json::json!({"hangNext": 1, "hangMs": 11_400}))
+                .send()
+                .await?
+                .error_for_status()?;
+            let started = std::time::Instant::now();
+            let trace_id = demo_checkout(gateway, Some(jaeger)).await?;
+            say(&format!(
+                "checkout took {:.1} s; trace {trace_id}: one slow attempt (timeout) and one quick retry under stripe.create_charge",
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        Scenario::LostEmail => {
+            say("notification-service: every e-mail attempt fails for a while");
+            http.post(format!("{notifications}/_admin/faults"))
+                .json(&serde_json::json!({"failNext": 1000}))
+                .send()
+                .await?
+                .error_for_status()?;
+            let mut customer = ApiClient::new(gateway);
+            customer
+                .signup_and_login(&unique_email("dani"), "correct horse battery")
+                .await?;
+            let checkout = customer.checkout("19.99", "usd", None).await?;
+            say(&format!(
+                "POST /checkout -> {} {}",
+                checkout.status, checkout.body
+            ));
+            let order_id = checkout.body["orderId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let trace_id = checkout.body["traceId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            say("waiting for the redeliveries to run out (about 20 s with the default back-off)");
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            loop {
+                let order = customer.order(&order_id).await?;
+                if order.body["notification"] == "failed" || std::time::Instant::now() > deadline {
+                    say(&format!(
+                        "GET /orders/{order_id} -> notification {}",
+                        order.body["notification"]
+                    ));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            http.post(format!("{notifications}/_admin/faults"))
+                .json(&serde_json::json!({"failNext": 0}))
+                .send()
+                .await?;
+            show_trace(&trace_id, Some(jaeger), |trace| {
+                trace
+                    .spans
+                    .iter()
+                    .any(|s| s.name == "publish order.completed.dead")
+            })
+            .await;
+        }
+    }
+    Ok(())
+}

@@ -45,7 +45,9 @@ impl ChildProcess {
 
     /// Whether the process has exited (and with what).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten())
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL.
@@ -170,7 +172,9 @@ pub async fn wait_healthy(
     timeout: Duration,
     process: Option<&mut ChildProcess>,
 ) -> anyhow::Result<()> {
-    let client = tracehop_shared::http::client::plain_client_builder().build().unwrap_or_default();
+    let client = tracehop_shared::http::client::plain_client_builder()
+        .build()
+        .unwrap_or_default();
     let deadline = Instant::now() + timeout;
     let mut process = process;
     loop {

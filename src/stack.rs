@@ -152,7 +152,8 @@ impl Stack {
         };
 
         infra::create_database(&options.database_server_url, &options.database_name).await?;
-        let database_url = infra::with_database(&options.database_server_url, &options.database_name);
+        let database_url =
+            infra::with_database(&options.database_server_url, &options.database_name);
         infra::migrate(&database_url).await?;
 
         let mail_sink = options.state_dir.join("mail.jsonl");
@@ -177,8 +178,14 @@ impl Stack {
     pub fn service_env(&self, name: &str) -> Vec<(String, String)> {
         let ports = self.options.ports;
         let mut env: Vec<(String, String)> = vec![
-            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), self.otlp_endpoint.clone()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), self.options.otlp_protocol.clone()),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                self.otlp_endpoint.clone(),
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL".into(),
+                self.options.otlp_protocol.clone(),
+            ),
             ("OTEL_BSP_SCHEDULE_DELAY".into(), "500".into()),
             ("DATABASE_URL".into(), self.database_url.clone()),
             ("NATS_URL".into(), self.nats_url.clone()),
@@ -187,9 +194,18 @@ impl Stack {
             ("BILLING_PORT".into(), ports.billing.to_string()),
             ("NOTIFICATIONS_PORT".into(), ports.notifications.to_string()),
             ("STRIPE_SIM_PORT".into(), ports.stripe_sim.to_string()),
-            ("USERS_URL".into(), format!("http://127.0.0.1:{}", ports.users)),
-            ("BILLING_URL".into(), format!("http://127.0.0.1:{}", ports.billing)),
-            ("STRIPE_API_BASE".into(), format!("http://127.0.0.1:{}", ports.stripe_sim)),
+            (
+                "USERS_URL".into(),
+                format!("http://127.0.0.1:{}", ports.users),
+            ),
+            (
+                "BILLING_URL".into(),
+                format!("http://127.0.0.1:{}", ports.billing),
+            ),
+            (
+                "STRIPE_API_BASE".into(),
+                format!("http://127.0.0.1:{}", ports.stripe_sim),
+            ),
             ("STRIPE_SECRET_KEY".into(), "sk_test_tracehop".into()),
             ("MAIL_SINK".into(), self.mail_sink.display().to_string()),
         ];
@@ -214,9 +230,18 @@ impl Stack {
     pub async fn start_service(&mut self, name: &str) -> anyhow::Result<()> {
         let mut command = Command::new(workspace_binary(name)?);
         command.envs(self.service_env(name));
-        let log_path = self.options.state_dir.join("logs").join(format!("{name}.log"));
+        let log_path = self
+            .options
+            .state_dir
+            .join("logs")
+            .join(format!("{name}.log"));
         let mut process = ChildProcess::spawn(name, command, &log_path)?;
-        wait_healthy(&self.health_url(name), Duration::from_secs(30), Some(&mut process)).await?;
+        wait_healthy(
+            &self.health_url(name),
+            Duration::from_secs(30),
+            Some(&mut process),
+        )
+        .await?;
         self.services.retain(|existing| existing.name != name);
         self.services.push(process);
         Ok(())
@@ -224,7 +249,9 @@ impl Stack {
 
     /// The process of a service (fault tests kill and restart them).
     pub fn service(&mut self, name: &str) -> Option<&mut ChildProcess> {
-        self.services.iter_mut().find(|process| process.name == name)
+        self.services
+            .iter_mut()
+            .find(|process| process.name == name)
     }
 
     pub fn gateway_url(&self) -> String {

@@ -81,7 +81,10 @@ impl TraceView {
                 span_id: span["spanID"].as_str().unwrap_or_default().to_owned(),
                 parent_id,
                 service,
-                name: span["operationName"].as_str().unwrap_or_default().to_owned(),
+                name: span["operationName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
                 start_us: span["startTime"].as_u64().unwrap_or_default(),
                 duration_us: span["duration"].as_u64().unwrap_or_default(),
                 tags,
@@ -98,7 +101,9 @@ impl TraceView {
     /// Fetches a trace from a Jaeger query API.
     pub async fn fetch(jaeger: &str, trace_id: &str) -> anyhow::Result<Self> {
         let url = format!("{}/api/traces/{trace_id}", jaeger.trim_end_matches('/'));
-        let response = tracehop_shared::http::client::plain_client_builder().build().unwrap_or_default()
+        let response = tracehop_shared::http::client::plain_client_builder()
+            .build()
+            .unwrap_or_default()
             .get(&url)
             .timeout(Duration::from_secs(10))
             .send()
@@ -172,7 +177,12 @@ impl TraceView {
     pub fn roots(&self) -> Vec<&SpanView> {
         self.spans
             .iter()
-            .filter(|span| span.parent_id.as_deref().and_then(|id| self.span(id)).is_none())
+            .filter(|span| {
+                span.parent_id
+                    .as_deref()
+                    .and_then(|id| self.span(id))
+                    .is_none()
+            })
             .collect()
     }
 
@@ -214,7 +224,8 @@ impl TraceView {
         for (depth, span) in rows {
             let offset = span.start_us - start;
             let bar_start = (offset as u128 * BAR_WIDTH as u128 / total as u128) as usize;
-            let bar_len = ((span.duration_us as u128 * BAR_WIDTH as u128).div_ceil(total as u128) as usize)
+            let bar_len = ((span.duration_us as u128 * BAR_WIDTH as u128).div_ceil(total as u128)
+                as usize)
                 .max(1)
                 .min(BAR_WIDTH - bar_start.min(BAR_WIDTH - 1));
             let bar = format!(
@@ -229,7 +240,11 @@ impl TraceView {
                 .collect();
             let (paint, reset) = if color {
                 (
-                    if span.is_error() { "\x1b[31m" } else { service_color(&span.service) },
+                    if span.is_error() {
+                        "\x1b[31m"
+                    } else {
+                        service_color(&span.service)
+                    },
                     "\x1b[0m",
                 )
             } else {
@@ -248,7 +263,12 @@ impl TraceView {
         out
     }
 
-    fn collect_rows<'a>(&'a self, span: &'a SpanView, depth: usize, rows: &mut Vec<(usize, &'a SpanView)>) {
+    fn collect_rows<'a>(
+        &'a self,
+        span: &'a SpanView,
+        depth: usize,
+        rows: &mut Vec<(usize, &'a SpanView)>,
+    ) {
         rows.push((depth, span));
         let mut children = self.children(span);
         children.sort_by_key(|child| child.start_us);

@@ -107,11 +107,7 @@ impl Database {
 
 /// A span for a slow or failed pool checkout. `tracing` spans cannot be back-dated, so the wait itself is
 /// the `db.client.connection.wait_us` attribute.
-fn record_pool_wait(
-    waited: Duration,
-    pool: &DbPool,
-    error: Option<&r2d2::Error>,
-) {
+fn record_pool_wait(waited: Duration, pool: &DbPool, error: Option<&r2d2::Error>) {
     let state = pool.state();
     let span = tracing::info_span!(
         "db.pool.acquire",
@@ -251,11 +247,15 @@ mod tests {
             ("INSERT".into(), Some("transactions".into()))
         );
         assert_eq!(
-            describe(r#"SELECT "users"."id", "users"."email" FROM "users" WHERE ("users"."email" = $1)"#),
+            describe(
+                r#"SELECT "users"."id", "users"."email" FROM "users" WHERE ("users"."email" = $1)"#
+            ),
             ("SELECT".into(), Some("users".into()))
         );
         assert_eq!(
-            describe(r#"UPDATE "notifications" SET "status" = $1 WHERE ("notifications"."order_id" = $2)"#),
+            describe(
+                r#"UPDATE "notifications" SET "status" = $1 WHERE ("notifications"."order_id" = $2)"#
+            ),
             ("UPDATE".into(), Some("notifications".into()))
         );
         assert_eq!(describe("SELECT 1"), ("SELECT".into(), None));
@@ -263,7 +263,10 @@ mod tests {
 
     #[test]
     fn database_name_from_url() {
-        assert_eq!(database_name("postgres://postgres@127.0.0.1:5432/tracehop"), "tracehop");
+        assert_eq!(
+            database_name("postgres://postgres@127.0.0.1:5432/tracehop"),
+            "tracehop"
+        );
         assert_eq!(database_name("postgres://u@h/db?sslmode=disable"), "db");
         assert_eq!(database_name("postgres://u@h"), "postgres");
     }

@@ -17,7 +17,9 @@ use opentelemetry::Context;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::propagation::{NatsHeaderExtractor, NatsHeaderInjector, extract, inject, set_remote_parent};
+use crate::propagation::{
+    NatsHeaderExtractor, NatsHeaderInjector, extract, inject, set_remote_parent,
+};
 
 /// The event billing publishes once a charge is recorded.
 pub const ORDER_COMPLETED: &str = "order.completed";
@@ -66,7 +68,10 @@ pub enum PublishError {
 }
 
 /// Connects to NATS, retrying in the background when the server goes away (async-nats reconnects).
-pub async fn connect(url: &str, client_name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+pub async fn connect(
+    url: &str,
+    client_name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
     async_nats::ConnectOptions::new()
         .name(client_name)
         .retry_on_initial_connect()

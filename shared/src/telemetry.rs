@@ -93,7 +93,9 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
     });
     let text_logs = crate::config::env_or("LOG_FORMAT", "json") == "text";
     let fmt_layer = if text_logs {
-        tracing_subscriber::fmt::layer().with_target(false).boxed_layer()
+        tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .boxed_layer()
     } else {
         tracing_subscriber::fmt::layer()
             .event_format(json_log::JsonWithTraceIds)

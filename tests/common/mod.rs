@@ -42,7 +42,11 @@ impl TestStack {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let options = StackOptions {
             state_dir: state_dir.clone(),
             ports: Ports::free().expect("free ports"),
@@ -58,7 +62,8 @@ impl TestStack {
         let stack = match Stack::start(options).await {
             Ok(stack) => stack,
             Err(error) => {
-                let _ = tracehop::infra::drop_database(&database_server_url(), &database_name).await;
+                let _ =
+                    tracehop::infra::drop_database(&database_server_url(), &database_name).await;
                 panic!("stack did not start: {error:#}");
             }
         };
@@ -96,7 +101,11 @@ impl TestStack {
     }
 
     pub async fn stripe_charges(&self) -> Vec<serde_json::Value> {
-        let body: serde_json::Value = tracehop_shared::http::client::plain_client_builder().build().unwrap().get(format!("{}/_admin/charges", self.stack.stripe_sim_url())).send()
+        let body: serde_json::Value = tracehop_shared::http::client::plain_client_builder()
+            .build()
+            .unwrap()
+            .get(format!("{}/_admin/charges", self.stack.stripe_sim_url()))
+            .send()
             .await
             .expect("stripe-sim")
             .json()
@@ -106,7 +115,9 @@ impl TestStack {
     }
 
     pub async fn stripe_faults(&self, faults: serde_json::Value) {
-        let response = tracehop_shared::http::client::plain_client_builder().build().unwrap_or_default()
+        let response = tracehop_shared::http::client::plain_client_builder()
+            .build()
+            .unwrap_or_default()
             .post(format!("{}/_admin/faults", self.stack.stripe_sim_url()))
             .json(&faults)
             .send()
@@ -143,7 +154,11 @@ pub fn one<'a>(trace: &'a TraceView, name: &str) -> &'a tracehop::trace_view::Sp
         1,
         "expected one span {name:?}, found {}; spans: {:#?}",
         found.len(),
-        trace.spans.iter().map(|s| format!("{} [{}]", s.name, s.service)).collect::<Vec<_>>()
+        trace
+            .spans
+            .iter()
+            .map(|s| format!("{} [{}]", s.name, s.service))
+            .collect::<Vec<_>>()
     );
     found[0]
 }

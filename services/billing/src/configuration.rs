@@ -47,18 +47,27 @@ impl Settings {
         Ok(Self {
             host,
             port,
-            database_url: env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tracehop"),
+            database_url: env_or(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/tracehop",
+            ),
             pool_size: env_parse("DATABASE_POOL_SIZE", 10)?,
             nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),
             nats_stream: env_or("NATS_STREAM", "ORDERS"),
             stripe: StripeSettings {
                 api_base: env_or("STRIPE_API_BASE", "http://127.0.0.1:12111"),
                 secret_key: env_or("STRIPE_SECRET_KEY", "sk_test_tracehop"),
-                attempt_timeout: Duration::from_millis(env_parse("STRIPE_ATTEMPT_TIMEOUT_MS", 10_000)?),
+                attempt_timeout: Duration::from_millis(env_parse(
+                    "STRIPE_ATTEMPT_TIMEOUT_MS",
+                    10_000,
+                )?),
                 max_attempts: env_parse("STRIPE_MAX_ATTEMPTS", 3)?,
                 backoff: Duration::from_millis(env_parse("STRIPE_BACKOFF_MS", 200)?),
                 breaker_threshold: env_parse("STRIPE_BREAKER_THRESHOLD", 5)?,
-                breaker_cooldown: Duration::from_millis(env_parse("STRIPE_BREAKER_COOLDOWN_MS", 15_000)?),
+                breaker_cooldown: Duration::from_millis(env_parse(
+                    "STRIPE_BREAKER_COOLDOWN_MS",
+                    15_000,
+                )?),
             },
             outbox_sweep: Duration::from_millis(env_parse("OUTBOX_SWEEP_MS", 2_000)?),
         })

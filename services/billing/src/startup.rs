@@ -40,7 +40,8 @@ impl Application {
         let stripe = Supervisor::start(move |_| stripe_client);
         let relay_database = database.clone();
         let sweep_every = settings.outbox_sweep;
-        let relay = Supervisor::start(move |_| OutboxRelay::new(relay_database, jetstream, sweep_every));
+        let relay =
+            Supervisor::start(move |_| OutboxRelay::new(relay_database, jetstream, sweep_every));
         let deps = Arc::new(BillingDeps {
             database: database.clone(),
             stripe,
@@ -56,7 +57,10 @@ impl Application {
                 config
                     .app_data(state)
                     .route("/charge", web::post().to(routes::charge::charge))
-                    .route("/orders/{order_id}", web::get().to(routes::orders::get_order));
+                    .route(
+                        "/orders/{order_id}",
+                        web::get().to(routes::orders::get_order),
+                    );
             })
         })
         .listen(listener)?

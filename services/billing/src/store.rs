@@ -251,9 +251,10 @@ pub fn order_view(
         ));
     let row = traced(statements, query, |query| {
         query
-            .first::<(Transaction, Option<(String, i32, Option<String>, Option<DateTime<Utc>>)>)>(
-                connection,
-            )
+            .first::<(
+                Transaction,
+                Option<(String, i32, Option<String>, Option<DateTime<Utc>>)>,
+            )>(connection)
             .optional()
     })?;
     Ok(row.map(|(transaction, notification)| OrderView {

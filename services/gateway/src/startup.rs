@@ -29,7 +29,10 @@ impl Application {
                     .route("/signup", web::post().to(routes::signup::signup))
                     .route("/login", web::post().to(routes::login::login))
                     .route("/checkout", web::post().to(routes::checkout::checkout))
-                    .route("/orders/{order_id}", web::get().to(routes::orders::get_order));
+                    .route(
+                        "/orders/{order_id}",
+                        web::get().to(routes::orders::get_order),
+                    );
             })
         })
         .listen(listener)?

@@ -22,13 +22,21 @@ pub struct SessionUser {
 
 impl Upstreams {
     /// Who does `authorization` (the raw header) belong to? 401 when nobody.
-    pub async fn validate_session(&self, authorization: Option<&str>) -> Result<SessionUser, ApiError> {
+    pub async fn validate_session(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<SessionUser, ApiError> {
         let Some(authorization) = authorization else {
-            return Err(ApiError::unauthorized("missing Authorization: Bearer <token>"));
+            return Err(ApiError::unauthorized(
+                "missing Authorization: Bearer <token>",
+            ));
         };
         let request = self
             .client
-            .request(reqwest::Method::POST, &format!("{}/sessions/validate", self.users_url))
+            .request(
+                reqwest::Method::POST,
+                &format!("{}/sessions/validate", self.users_url),
+            )
             .header(reqwest::header::AUTHORIZATION, authorization);
         let response = self
             .client
@@ -38,10 +46,9 @@ impl Upstreams {
         if !response.status().is_success() {
             return Err(relay_error("user-service", response).await);
         }
-        response
-            .json::<SessionUser>()
-            .await
-            .map_err(|error| ApiError::bad_gateway("bad_upstream_response", format!("user-service: {error}")))
+        response.json::<SessionUser>().await.map_err(|error| {
+            ApiError::bad_gateway("bad_upstream_response", format!("user-service: {error}"))
+        })
     }
 }
 
@@ -57,7 +64,8 @@ pub fn unreachable_service(service: &str, error: &ClientError) -> ApiError {
 /// An upstream error answer, passed on with its status and code (they are already meant for clients);
 /// anything unreadable becomes a 502.
 pub async fn relay_error(service: &str, response: reqwest::Response) -> ApiError {
-    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let status =
+        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     match response.json::<ErrorBody>().await {
         Ok(body) => ApiError::new(status, body.error, body.message),
         Err(_) => ApiError::bad_gateway(

@@ -45,11 +45,16 @@ pub struct MailSettings {
 impl Settings {
     pub fn from_env() -> Result<Self, ConfigError> {
         let (host, port) = listen_address("NOTIFICATIONS", 3003)?;
-        let smtp_url = std::env::var("SMTP_URL").ok().filter(|url| !url.trim().is_empty());
+        let smtp_url = std::env::var("SMTP_URL")
+            .ok()
+            .filter(|url| !url.trim().is_empty());
         Ok(Self {
             host,
             port,
-            database_url: env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tracehop"),
+            database_url: env_or(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/tracehop",
+            ),
             pool_size: env_parse("DATABASE_POOL_SIZE", 8)?,
             nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),
             nats_stream: env_or("NATS_STREAM", "ORDERS"),

@@ -118,7 +118,9 @@ async fn send_confirmation(
         return Err(error.into());
     }
     database
-        .run(move |connection, statements| record_attempt(connection, statements, &event, "sent", None))
+        .run(move |connection, statements| {
+            record_attempt(connection, statements, &event, "sent", None)
+        })
         .await?;
     span.record("notification.duplicate", false);
     span.record("otel.status_code", "OK");

@@ -79,7 +79,12 @@ impl Application {
             max_deliver: settings.max_deliver,
             backoff: settings.backoff,
         };
-        let consumer = tokio::spawn(consumer::run(pull, deps, settings.concurrency, shutdown_signal));
+        let consumer = tokio::spawn(consumer::run(
+            pull,
+            deps,
+            settings.concurrency,
+            shutdown_signal,
+        ));
 
         let (listener, port) = server::bind(&settings.host, settings.port)?;
         let server = actix_web::HttpServer::new(move || {

@@ -40,7 +40,10 @@ impl Settings {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid {name}"))
         };
         let port = match var("STRIPE_SIM_PORT") {
-            Some(port) => port.trim().parse().map_err(|_| invalid("STRIPE_SIM_PORT"))?,
+            Some(port) => port
+                .trim()
+                .parse()
+                .map_err(|_| invalid("STRIPE_SIM_PORT"))?,
             None => 12111,
         };
         let mut faults = Faults::default();
@@ -134,7 +137,11 @@ pub fn build(settings: Settings) -> std::io::Result<Running> {
         actix_web::App::new()
             .app_data(state.clone())
             .app_data(web::FormConfig::default().limit(16 * 1024))
-            .route("/healthz", web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }))
+            .route(
+                "/healthz",
+                web::get()
+                    .to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }),
+            )
             .route("/v1/charges", web::post().to(create_charge))
             .route("/v1/charges/{id}", web::get().to(get_charge))
             .route("/_admin/faults", web::get().to(get_faults))
@@ -189,7 +196,9 @@ async fn apply_faults(state: &State) -> Injected {
         } else if faults.decline_next > 0 {
             faults.decline_next -= 1;
             Injected::Decline
-        } else if faults.fail_rate > 0.0 && rand::rng().random_bool(faults.fail_rate.clamp(0.0, 1.0)) {
+        } else if faults.fail_rate > 0.0
+            && rand::rng().random_bool(faults.fail_rate.clamp(0.0, 1.0))
+        {
             Injected::Fail(status)
         } else {
             Injected::None
@@ -217,14 +226,33 @@ async fn create_charge(
     form: web::Form<Vec<(String, String)>>,
 ) -> HttpResponse {
     if !authorized(&request) {
-        return stripe_error(401, "invalid_request_error", None, "Invalid API Key provided.");
+        return stripe_error(
+            401,
+            "invalid_request_error",
+            None,
+            "Invalid API Key provided.",
+        );
     }
     let params: BTreeMap<String, String> = form.into_inner().into_iter().collect();
-    let Some(amount) = params.get("amount").and_then(|a| a.parse::<i64>().ok()).filter(|a| *a > 0) else {
-        return stripe_error(400, "invalid_request_error", Some("parameter_invalid_integer"), "amount must be a positive integer");
+    let Some(amount) = params
+        .get("amount")
+        .and_then(|a| a.parse::<i64>().ok())
+        .filter(|a| *a > 0)
+    else {
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            Some("parameter_invalid_integer"),
+            "amount must be a positive integer",
+        );
     };
     let Some(currency) = params.get("currency").filter(|c| c.len() == 3).cloned() else {
-        return stripe_error(400, "invalid_request_error", Some("parameter_missing"), "currency must be a three-letter code");
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            Some("parameter_missing"),
+            "currency must be a three-letter code",
+        );
     };
     let idempotency_key = request
         .headers()
@@ -238,7 +266,12 @@ async fn create_charge(
             return stripe_error(status, "api_error", None, "injected failure (stripe-sim)");
         }
         Injected::Decline => {
-            return stripe_error(402, "card_error", Some("card_declined"), "Your card was declined.");
+            return stripe_error(
+                402,
+                "card_error",
+                Some("card_declined"),
+                "Your card was declined.",
+            );
         }
         Injected::None => {}
     }
@@ -306,14 +339,24 @@ async fn get_charge(
     id: web::Path<String>,
 ) -> HttpResponse {
     if !authorized(&request) {
-        return stripe_error(401, "invalid_request_error", None, "Invalid API Key provided.");
+        return stripe_error(
+            401,
+            "invalid_request_error",
+            None,
+            "Invalid API Key provided.",
+        );
     }
     let Ok(ledger) = state.ledger.lock() else {
         return stripe_error(500, "api_error", None, "ledger unavailable");
     };
     match ledger.charges.iter().find(|charge| charge.id == *id) {
         Some(charge) => HttpResponse::Ok().json(charge),
-        None => stripe_error(404, "invalid_request_error", Some("resource_missing"), "No such charge"),
+        None => stripe_error(
+            404,
+            "invalid_request_error",
+            Some("resource_missing"),
+            "No such charge",
+        ),
     }
 }
 

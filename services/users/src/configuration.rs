@@ -22,7 +22,10 @@ impl Settings {
         Ok(Self {
             host,
             port,
-            database_url: env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tracehop"),
+            database_url: env_or(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/tracehop",
+            ),
             pool_size: env_parse("DATABASE_POOL_SIZE", 8)?,
             session_ttl_hours: env_parse("SESSION_TTL_HOURS", 24)?,
         })

@@ -1,7 +1,7 @@
 //! Argon2id password hashing.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
 /// A password as typed, checked for length only (longer is better; we do not impose character classes).
 pub struct Password(String);
@@ -41,7 +41,11 @@ pub fn hash(password: &Password) -> Result<String, HashError> {
 /// Whether `password` matches the stored PHC string (false for a malformed hash).
 pub fn verify(password: &str, stored: &str) -> bool {
     PasswordHash::new(stored)
-        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 

@@ -41,7 +41,13 @@ mod tests {
 
     #[test]
     fn malformed_headers() {
-        for header in ["", "Bearer", "Bearer abc", "Basic dXNlcjpwYXNz", &format!("Token {}", "a".repeat(64))] {
+        for header in [
+            "",
+            "Bearer",
+            "Bearer abc",
+            "Basic dXNlcjpwYXNz",
+            &format!("Token {}", "a".repeat(64)),
+        ] {
             assert_eq!(from_authorization(Some(header)), None, "{header:?}");
         }
         assert_eq!(from_authorization(None), None);

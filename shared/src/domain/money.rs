@@ -160,10 +160,7 @@ mod tests {
         assert_eq!(Amount::parse("007.01", usd()).unwrap().minor_units(), 701);
         let yen = Currency::parse("jpy").unwrap();
         assert_eq!(Amount::parse("500", yen).unwrap().minor_units(), 500);
-        assert_eq!(
-            Amount::parse("500.5", yen),
-            Err(MoneyError::TooPrecise(0))
-        );
+        assert_eq!(Amount::parse("500.5", yen), Err(MoneyError::TooPrecise(0)));
     }
 
     #[test]
@@ -171,13 +168,21 @@ mod tests {
         assert_eq!(Amount::parse("0", usd()), Err(MoneyError::NotPositive));
         assert_eq!(Amount::parse("0.00", usd()), Err(MoneyError::NotPositive));
         assert_eq!(Amount::parse("-5", usd()), Err(MoneyError::NotPositive));
-        assert_eq!(Amount::parse("1.001", usd()), Err(MoneyError::TooPrecise(2)));
-        assert_eq!(Amount::parse("1000000.01", usd()), Err(MoneyError::TooLarge));
+        assert_eq!(
+            Amount::parse("1.001", usd()),
+            Err(MoneyError::TooPrecise(2))
+        );
+        assert_eq!(
+            Amount::parse("1000000.01", usd()),
+            Err(MoneyError::TooLarge)
+        );
         assert_eq!(
             Amount::parse("99999999999999999999999", usd()),
             Err(MoneyError::TooLarge)
         );
-        for junk in ["", "abc", "1e3", "1,5", ".5", "5.", "NaN", "inf", "+5", " 1 2", "١٢"] {
+        for junk in [
+            "", "abc", "1e3", "1,5", ".5", "5.", "NaN", "inf", "+5", " 1 2", "١٢",
+        ] {
             assert_eq!(
                 Amount::parse(junk, usd()),
                 Err(MoneyError::NotANumber),
@@ -188,6 +193,9 @@ mod tests {
 
     #[test]
     fn displays_in_major_units() {
-        assert_eq!(Amount::parse("49.9", usd()).unwrap().to_string(), "49.90 usd");
+        assert_eq!(
+            Amount::parse("49.9", usd()).unwrap().to_string(),
+            "49.90 usd"
+        );
     }
 }

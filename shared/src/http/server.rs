@@ -123,8 +123,9 @@ pub fn json_config() -> web::JsonConfig {
 
 /// Path extractor errors (a malformed id in the URL) as JSON 400s.
 pub fn path_config() -> web::PathConfig {
-    web::PathConfig::default()
-        .error_handler(|error, _request| ApiError::bad_request("invalid_path", error.to_string()).into())
+    web::PathConfig::default().error_handler(|error, _request| {
+        ApiError::bad_request("invalid_path", error.to_string()).into()
+    })
 }
 
 /// Unknown routes answer a JSON 404 like every other error.

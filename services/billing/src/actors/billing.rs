@@ -171,7 +171,9 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
             idempotency_key: format!("tracehop-{}", charge.idempotency_key),
         }))
         .await
-        .map_err(|error| ChargeError::Internal(format!("Stripe client actor unavailable: {error}")));
+        .map_err(|error| {
+            ChargeError::Internal(format!("Stripe client actor unavailable: {error}"))
+        });
     let created = match created {
         Ok(Ok(created)) => created,
         Ok(Err(error)) => {
@@ -197,7 +199,15 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
     // The event keeps the context of this span (billing.charge), so its publish span joins the checkout
     // trace whenever it is relayed, even after a restart.
     let trace_context = SerializedContext::capture(&span.context());
-    save_transaction(deps, order_id, &created.id, &charge.email, event, trace_context).await?;
+    save_transaction(
+        deps,
+        order_id,
+        &created.id,
+        &charge.email,
+        event,
+        trace_context,
+    )
+    .await?;
     deps.relay.do_send(Traced::new(RelayEvent { event_id }));
     Ok(ChargeReceipt {
         order_id,

@@ -102,14 +102,19 @@ async fn sweep(database: Database, jetstream: jetstream::Context) {
     match events {
         Ok(events) => {
             if !events.is_empty() {
-                tracing::info!(count = events.len(), "relaying outbox events that were not published right away");
+                tracing::info!(
+                    count = events.len(),
+                    "relaying outbox events that were not published right away"
+                );
             }
             for event in events {
                 let parent = restore_context(&event);
                 let span = tracing::info_span!("outbox.relay", otel.kind = "internal", messaging.message.id = %event.id, outbox.late = true);
                 set_remote_parent(&span, parent);
                 let parent = span.context();
-                publish_event(&database, &jetstream, event, parent).instrument(span).await;
+                publish_event(&database, &jetstream, event, parent)
+                    .instrument(span)
+                    .await;
             }
         }
         Err(error) => tracing::debug!(error = %error, "outbox sweep skipped"),

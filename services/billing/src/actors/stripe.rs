@@ -129,7 +129,10 @@ impl StripeClient {
         if state == BreakerState::Open {
             return Err(StripeError::CircuitOpen);
         }
-        let url = format!("{}/v1/charges", self.settings.api_base.trim_end_matches('/'));
+        let url = format!(
+            "{}/v1/charges",
+            self.settings.api_base.trim_end_matches('/')
+        );
         let params = [
             ("amount", charge.amount_minor.to_string()),
             ("currency", charge.currency.clone()),
@@ -278,7 +281,10 @@ impl Breaker {
             inner.consecutive_failures += 1;
             if inner.consecutive_failures >= self.threshold {
                 inner.open_until = Some(Instant::now() + self.cooldown);
-                tracing::warn!(failures = inner.consecutive_failures, "Stripe circuit opened");
+                tracing::warn!(
+                    failures = inner.consecutive_failures,
+                    "Stripe circuit opened"
+                );
             }
         }
     }

@@ -24,9 +24,11 @@ impl From<ChargeError> for ApiError {
     fn from(error: ChargeError) -> Self {
         let message = error.to_string();
         match error {
-            ChargeError::IdempotencyKeyReused => {
-                ApiError::new(actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", message)
-            }
+            ChargeError::IdempotencyKeyReused => ApiError::new(
+                actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                message,
+            ),
             ChargeError::InProgress => ApiError::conflict("checkout_in_progress", message),
             ChargeError::Payment(StripeError::Declined(_)) => ApiError::new(
                 actix_web::http::StatusCode::PAYMENT_REQUIRED,
@@ -37,9 +39,10 @@ impl From<ChargeError> for ApiError {
                 ApiError::unavailable("payment_provider_unavailable", message)
             }
             ChargeError::Payment(_) => ApiError::bad_gateway("payment_provider_error", message),
-            ChargeError::Database(DbError::Unavailable(_)) => {
-                ApiError::unavailable("database_unavailable", "the billing database is unavailable")
-            }
+            ChargeError::Database(DbError::Unavailable(_)) => ApiError::unavailable(
+                "database_unavailable",
+                "the billing database is unavailable",
+            ),
             ChargeError::Database(_) | ChargeError::Internal(_) => ApiError::internal(message),
         }
     }

@@ -17,9 +17,10 @@ pub async fn get_order(
         .run(move |connection, statements| store::order_view(connection, statements, order_id))
         .await
         .map_err(|error| match error {
-            DbError::Unavailable(_) => {
-                ApiError::unavailable("database_unavailable", "the billing database is unavailable")
-            }
+            DbError::Unavailable(_) => ApiError::unavailable(
+                "database_unavailable",
+                "the billing database is unavailable",
+            ),
             other => ApiError::internal(other.to_string()),
         })?;
     match order {

@@ -72,7 +72,10 @@ fn idempotency_key(request: &HttpRequest) -> Result<String, CheckoutInputError> 
     match request.headers().get("idempotency-key") {
         None => Ok(uuid::Uuid::new_v4().to_string()),
         Some(value) => {
-            let key = value.to_str().map_err(|_| CheckoutInputError::IdempotencyKey)?.trim();
+            let key = value
+                .to_str()
+                .map_err(|_| CheckoutInputError::IdempotencyKey)?
+                .trim();
             let printable = key.chars().all(|c| c.is_ascii_graphic() || c == ' ');
             if key.is_empty() || key.len() > 255 || !printable {
                 return Err(CheckoutInputError::IdempotencyKey);
@@ -119,7 +122,10 @@ async fn process(
 
     let request = upstreams
         .client
-        .request(reqwest::Method::POST, &format!("{}/charge", upstreams.billing_url))
+        .request(
+            reqwest::Method::POST,
+            &format!("{}/charge", upstreams.billing_url),
+        )
         .json(&serde_json::json!({
             "userId": user.user_id,
             "email": user.email,

@@ -24,7 +24,10 @@ pub async fn login(
 ) -> Result<HttpResponse, ApiError> {
     let request = upstreams
         .client
-        .request(reqwest::Method::POST, &format!("{}/sessions", upstreams.users_url))
+        .request(
+            reqwest::Method::POST,
+            &format!("{}/sessions", upstreams.users_url),
+        )
         .json(&body.into_inner());
     let response = upstreams
         .client

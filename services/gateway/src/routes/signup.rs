@@ -25,10 +25,14 @@ pub async fn signup(
     body: web::Json<SignupRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    Email::parse(&body.email).map_err(|error| ApiError::bad_request("invalid_email", error.to_string()))?;
+    Email::parse(&body.email)
+        .map_err(|error| ApiError::bad_request("invalid_email", error.to_string()))?;
     let request = upstreams
         .client
-        .request(reqwest::Method::POST, &format!("{}/users", upstreams.users_url))
+        .request(
+            reqwest::Method::POST,
+            &format!("{}/users", upstreams.users_url),
+        )
         .json(&body);
     let response = upstreams
         .client

@@ -91,7 +91,9 @@ pub async fn login(
                 sessions::user_id.eq(user_id),
                 sessions::expires_at.eq(expires_at),
             ));
-            Ok(traced(statements, query, |query| query.execute(connection))?)
+            Ok(traced(statements, query, |query| {
+                query.execute(connection)
+            })?)
         })
         .await
         .map_err(LoginError::from)?;

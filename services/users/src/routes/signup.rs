@@ -93,7 +93,9 @@ pub async fn signup(
         .database
         .run(move |connection, statements| {
             let query = diesel::insert_into(users::table).values(user);
-            Ok(traced(statements, query, |query| query.execute(connection))?)
+            Ok(traced(statements, query, |query| {
+                query.execute(connection)
+            })?)
         })
         .await;
     match inserted {
