@@ -82,7 +82,7 @@ pub enum TraceBackend {
 /// How to start a stack.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
-    /// Logs, NATS store, mail sink.
+    /// Logs, NATS store, mail sink folder.
     pub state_dir: PathBuf,
     pub ports: Ports,
     pub nats: NatsChoice,
@@ -156,7 +156,7 @@ impl Stack {
             infra::with_database(&options.database_server_url, &options.database_name);
         infra::migrate(&database_url).await?;
 
-        let mail_sink = options.state_dir.join("mail.jsonl");
+        let mail_sink = options.state_dir.join("mail");
         let mut stack = Self {
             options,
             database_url,

@@ -91,12 +91,15 @@ impl TestStack {
         diesel::PgConnection::establish(&self.stack.database_url).expect("database connection")
     }
 
-    /// Lines of the mail sink.
+    /// The e-mails in the mail sink folder (one file per order).
     pub fn sent_mail(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.stack.mail_sink)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
+        std::fs::read_dir(&self.stack.mail_sink)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+            .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+            .filter_map(|text| serde_json::from_str(&text).ok())
             .collect()
     }
 

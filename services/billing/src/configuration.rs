@@ -20,6 +20,9 @@ pub struct Settings {
     pub stripe: StripeSettings,
     /// `OUTBOX_SWEEP_MS`: how often the relay looks for events that were not published right away.
     pub outbox_sweep: Duration,
+    /// `OUTBOX_RELAY_PAUSED=true`: record events but do not publish them (maintenance of NATS; the crash
+    /// tests use it to hold events in the outbox, then restart billing without it).
+    pub outbox_paused: bool,
 }
 
 /// How billing talks to the payment provider.
@@ -70,6 +73,7 @@ impl Settings {
                 )?),
             },
             outbox_sweep: Duration::from_millis(env_parse("OUTBOX_SWEEP_MS", 2_000)?),
+            outbox_paused: env_parse("OUTBOX_RELAY_PAUSED", false)?,
         })
     }
 }

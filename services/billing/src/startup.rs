@@ -38,10 +38,13 @@ impl Application {
         // only hands over the one built here.
         let stripe_client = StripeClientActor::new(settings.stripe.clone())?;
         let stripe = Supervisor::start(move |_| stripe_client);
-        let relay_database = database.clone();
-        let sweep_every = settings.outbox_sweep;
-        let relay =
-            Supervisor::start(move |_| OutboxRelay::new(relay_database, jetstream, sweep_every));
+        let relay = OutboxRelay::new(
+            database.clone(),
+            jetstream,
+            settings.outbox_sweep,
+            settings.outbox_paused,
+        );
+        let relay = Supervisor::start(move |_| relay);
         let deps = Arc::new(BillingDeps {
             database: database.clone(),
             stripe,

@@ -35,8 +35,8 @@ pub struct Settings {
 pub struct MailSettings {
     /// `SMTP_URL` (e.g. `smtp://127.0.0.1:1025`): send over SMTP when set.
     pub smtp_url: Option<String>,
-    /// `MAIL_SINK` (default `mail.jsonl`): without SMTP, append each e-mail as one JSON line to this file
-    /// (`-` for stdout).
+    /// `MAIL_SINK` (default `mail`): without SMTP, each e-mail is written to `<folder>/<order id>.json`,
+    /// created exclusively so an order can never be mailed twice (`-` for stdout).
     pub sink: String,
     /// `MAIL_FROM` (default `tracehop <no-reply@tracehop.local>`).
     pub from: String,
@@ -65,7 +65,7 @@ impl Settings {
             concurrency: env_parse("NOTIFY_CONCURRENCY", 16)?,
             mail: MailSettings {
                 smtp_url,
-                sink: env_or("MAIL_SINK", "mail.jsonl"),
+                sink: env_or("MAIL_SINK", "mail"),
                 from: env_or("MAIL_FROM", "tracehop <no-reply@tracehop.local>"),
             },
         })

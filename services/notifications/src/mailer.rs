@@ -19,6 +19,14 @@ pub struct Email {
     pub trace_id: String,
 }
 
+/// What a successful send did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Delivered,
+    /// The sink already held this order's e-mail (a retry after a crash): nothing new was delivered.
+    AlreadyDelivered,
+}
+
 /// Why an e-mail was not sent.
 #[derive(Debug, thiserror::Error)]
 pub enum MailError {
@@ -75,7 +83,7 @@ impl Mailer {
     }
 
     #[tracing::instrument(name = "mail.send", skip_all, fields(mail.transport = self.transport_name()), err(Display))]
-    pub async fn send(&self, email: &Email) -> Result<(), MailError> {
+    pub async fn send(&self, email: &Email) -> Result<Sent, MailError> {
         if self.take_injected_failure() {
             return Err(MailError::Injected);
         }
@@ -106,19 +114,29 @@ impl Mailer {
                 line.push(b'\n');
                 if path == "-" {
                     tokio::io::stdout().write_all(&line).await?;
-                } else {
-                    // One write of one line with O_APPEND: concurrent senders never interleave.
-                    let mut file = tokio::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .await?;
-                    file.write_all(&line).await?;
-                    file.flush().await?;
+                    return Ok(Sent::Delivered);
                 }
+                // A maildir-like folder: one file per order, created exclusively. The file system is the
+                // idempotency key, so even a crash between "sent" and "recorded" cannot send twice.
+                let folder = std::path::Path::new(path);
+                tokio::fs::create_dir_all(folder).await?;
+                let final_path = folder.join(format!("{}.json", email.order_id));
+                let partial =
+                    folder.join(format!(".{}.{}.tmp", email.order_id, uuid::Uuid::new_v4()));
+                tokio::fs::write(&partial, &line).await?;
+                // hard_link fails if the target exists: the e-mail was delivered before.
+                let linked = tokio::fs::hard_link(&partial, &final_path).await;
+                let _ = tokio::fs::remove_file(&partial).await;
+                return match linked {
+                    Ok(()) => Ok(Sent::Delivered),
+                    Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Ok(Sent::AlreadyDelivered)
+                    }
+                    Err(error) => Err(error.into()),
+                };
             }
         }
-        Ok(())
+        Ok(Sent::Delivered)
     }
 
     fn transport_name(&self) -> &'static str {

@@ -12,7 +12,7 @@ use tracehop_shared::messaging::OrderCompleted;
 use tracehop_shared::schema::notifications;
 use tracing::Instrument;
 
-use crate::mailer::{Email, MailError, Mailer};
+use crate::mailer::{Email, MailError, Mailer, Sent};
 
 /// Send the confirmation for this order.
 #[derive(Debug, Clone, actix::Message)]
@@ -105,7 +105,11 @@ async fn send_confirmation(
     }
 
     let email = confirmation(&event);
-    if let Err(error) = mailer.send(&email).await {
+    let sent = mailer.send(&email).await;
+    if let Ok(Sent::AlreadyDelivered) = sent {
+        span.record("notification.duplicate", true);
+    }
+    if let Err(error) = sent {
         let message = error.to_string();
         let recorded = database
             .run(move |connection, statements| {
@@ -122,7 +126,6 @@ async fn send_confirmation(
             record_attempt(connection, statements, &event, "sent", None)
         })
         .await?;
-    span.record("notification.duplicate", false);
     span.record("otel.status_code", "OK");
     Ok(Delivery::Sent)
 }

@@ -30,14 +30,24 @@ pub struct OutboxRelay {
     database: Database,
     jetstream: jetstream::Context,
     sweep_every: Duration,
+    paused: bool,
 }
 
 impl OutboxRelay {
-    pub fn new(database: Database, jetstream: jetstream::Context, sweep_every: Duration) -> Self {
+    pub fn new(
+        database: Database,
+        jetstream: jetstream::Context,
+        sweep_every: Duration,
+        paused: bool,
+    ) -> Self {
+        if paused {
+            tracing::warn!("OUTBOX_RELAY_PAUSED: events are recorded but not published");
+        }
         Self {
             database,
             jetstream,
             sweep_every,
+            paused,
         }
     }
 }
@@ -46,6 +56,9 @@ impl Actor for OutboxRelay {
     type Context = Context<Self>;
 
     fn started(&mut self, context: &mut Self::Context) {
+        if self.paused {
+            return;
+        }
         context.run_interval(self.sweep_every, |relay, context| {
             let database = relay.database.clone();
             let jetstream = relay.jetstream.clone();
@@ -65,6 +78,9 @@ impl Handler<Traced<RelayEvent>> for OutboxRelay {
 
     fn handle(&mut self, message: Traced<RelayEvent>, _: &mut Self::Context) -> Self::Result {
         let (RelayEvent { event_id }, span) = message.into_parts::<Self>();
+        if self.paused {
+            return Box::pin(async {});
+        }
         let database = self.database.clone();
         let jetstream = self.jetstream.clone();
         Box::pin(

@@ -1,0 +1,303 @@
+//! No Docker engine runs where the tests run, so docker-compose.yml is checked against the code instead:
+//! every service, port, variable and dependency the code expects is there, and nothing it names is unknown.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_yaml::Value;
+use tracehop::stack::{Ports, SERVICES};
+
+fn compose() -> Value {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-compose.yml"))
+            .expect("docker-compose.yml");
+    let mut value: Value = serde_yaml::from_str(&text).expect("valid YAML");
+    value.apply_merge().expect("merge keys");
+    // Merge keys nested one level down (environment: <<: *otel).
+    if let Some(services) = value.get_mut("services").and_then(Value::as_mapping_mut) {
+        for (_, service) in services.iter_mut() {
+            if let Some(environment) = service.get_mut("environment") {
+                environment.apply_merge().expect("merge keys");
+            }
+        }
+    }
+    value
+}
+
+/// Every Rust source file's text, to check that a variable the compose file sets is read by the code.
+fn source_text() -> String {
+    fn walk(dir: &Path, out: &mut String) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut text = String::new();
+    walk(&root.join("services"), &mut text);
+    walk(&root.join("shared/src"), &mut text);
+    text
+}
+
+fn env_of(service: &Value) -> Vec<(String, String)> {
+    service
+        .get("environment")
+        .and_then(Value::as_mapping)
+        .map(|map| {
+            map.iter()
+                .filter_map(|(k, v)| {
+                    let value = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        _ => return None,
+                    };
+                    Some((k.as_str()?.to_owned(), value))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn env_value(service: &Value, key: &str) -> Option<String> {
+    env_of(service)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+fn ports_of(service: &Value) -> Vec<String> {
+    service
+        .get("ports")
+        .and_then(Value::as_sequence)
+        .map(|ports| {
+            ports
+                .iter()
+                .filter_map(|p| p.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn depends(service: &Value, on: &str) -> Option<String> {
+    service
+        .get("depends_on")
+        .and_then(|d| d.get(on))
+        .and_then(|d| d.get("condition"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+#[test]
+fn compose_names_every_service_with_its_port() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().expect("services");
+    let names: BTreeSet<&str> = services.keys().filter_map(Value::as_str).collect();
+    // Compose services are named after their binaries.
+    for binary in SERVICES {
+        assert!(
+            names.contains(binary),
+            "service {binary} missing from compose"
+        );
+    }
+    for infra in ["jaeger", "nats", "postgres", "migrate", "mailpit"] {
+        assert!(names.contains(infra), "{infra} missing");
+    }
+    let ports = Ports::DEFAULT;
+    let expected = [
+        ("gateway", ports.gateway, "GATEWAY"),
+        ("users", ports.users, "USERS"),
+        ("billing", ports.billing, "BILLING"),
+        ("notifications", ports.notifications, "NOTIFICATIONS"),
+        ("stripe-sim", ports.stripe_sim, "STRIPE_SIM"),
+    ];
+    for (service, port, prefix) in expected {
+        let definition = &compose["services"][service];
+        assert!(
+            ports_of(definition).contains(&format!("{port}:{port}")),
+            "{service} publishes {port}"
+        );
+        assert_eq!(
+            env_value(definition, &format!("{prefix}_PORT")),
+            Some(port.to_string()),
+            "{service} port variable"
+        );
+        assert_eq!(
+            env_value(definition, &format!("{prefix}_HOST")).as_deref(),
+            Some("0.0.0.0"),
+            "{service} must listen beyond loopback in a container"
+        );
+        let health = format!("{:?}", definition["healthcheck"]["test"]);
+        assert!(
+            health.contains(&format!("localhost:{port}/healthz")),
+            "{service} health check: {health}"
+        );
+        assert_eq!(
+            definition["restart"].as_str(),
+            Some("on-failure"),
+            "{service} restarts on failure"
+        );
+    }
+    let jaeger = ports_of(&compose["services"]["jaeger"]);
+    for port in [ports.jaeger_ui, ports.otlp_grpc, ports.otlp_http] {
+        assert!(
+            jaeger.contains(&format!("{port}:{port}")),
+            "jaeger publishes {port}"
+        );
+    }
+    assert!(
+        compose["services"]["jaeger"]["image"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("jaegertracing/jaeger:2"),
+        "Jaeger v2 image (OTLP built in)"
+    );
+}
+
+#[test]
+fn compose_gives_each_service_the_variables_the_code_reads() {
+    let compose = compose();
+    let code = source_text();
+    let required: &[(&str, &[&str])] = &[
+        ("users", &["DATABASE_URL", "OTEL_EXPORTER_OTLP_ENDPOINT"]),
+        (
+            "billing",
+            &[
+                "DATABASE_URL",
+                "NATS_URL",
+                "STRIPE_API_BASE",
+                "STRIPE_SECRET_KEY",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ],
+        ),
+        (
+            "notifications",
+            &["DATABASE_URL", "NATS_URL", "OTEL_EXPORTER_OTLP_ENDPOINT"],
+        ),
+        (
+            "gateway",
+            &["USERS_URL", "BILLING_URL", "OTEL_EXPORTER_OTLP_ENDPOINT"],
+        ),
+        ("migrate", &["DATABASE_URL"]),
+    ];
+    for (service, variables) in required {
+        let definition = &compose["services"][*service];
+        for variable in *variables {
+            assert!(
+                env_value(definition, variable).is_some(),
+                "{service} lacks {variable}"
+            );
+        }
+        for (key, _) in env_of(definition) {
+            // `listen_address("USERS", ..)` reads USERS_HOST and USERS_PORT.
+            let via_listen_address = key
+                .strip_suffix("_HOST")
+                .or_else(|| key.strip_suffix("_PORT"))
+                .is_some_and(|prefix| code.contains(&format!("listen_address(\"{prefix}\"")));
+            assert!(
+                code.contains(&format!("\"{key}\""))
+                    || code.contains(&format!("`{key}`"))
+                    || via_listen_address,
+                "{service} sets {key}, which no code reads"
+            );
+        }
+    }
+    // URLs point at services that exist, on the ports they listen on.
+    let gateway = &compose["services"]["gateway"];
+    assert_eq!(
+        env_value(gateway, "USERS_URL").as_deref(),
+        Some("http://users:3001")
+    );
+    assert_eq!(
+        env_value(gateway, "BILLING_URL").as_deref(),
+        Some("http://billing:3002")
+    );
+    assert_eq!(
+        env_value(&compose["services"]["billing"], "STRIPE_API_BASE").as_deref(),
+        Some("http://stripe-sim:12111")
+    );
+    for service in ["users", "billing", "notifications", "gateway"] {
+        assert_eq!(
+            env_value(&compose["services"][service], "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+            Some("http://jaeger:4317"),
+            "{service} exports to Jaeger over OTLP gRPC"
+        );
+    }
+    let database = env_value(&compose["services"]["billing"], "DATABASE_URL").unwrap_or_default();
+    assert!(database.contains("@postgres:5432/"), "{database}");
+    let smtp = env_value(&compose["services"]["notifications"], "SMTP_URL").unwrap_or_default();
+    assert_eq!(smtp, "smtp://mailpit:1025");
+}
+
+#[test]
+fn compose_starts_things_in_dependency_order() {
+    let compose = compose();
+    let services = &compose["services"];
+    assert_eq!(
+        depends(&services["migrate"], "postgres").as_deref(),
+        Some("service_healthy")
+    );
+    assert_eq!(
+        services["migrate"]["command"],
+        serde_yaml::from_str::<Value>("[stack, migrate]").unwrap()
+    );
+    for service in ["users", "billing", "notifications"] {
+        assert_eq!(
+            depends(&services[service], "migrate").as_deref(),
+            Some("service_completed_successfully"),
+            "{service} waits for the migrations"
+        );
+    }
+    for service in ["billing", "notifications"] {
+        assert_eq!(
+            depends(&services[service], "nats").as_deref(),
+            Some("service_healthy"),
+            "{service} waits for NATS"
+        );
+    }
+    assert_eq!(
+        depends(&services["billing"], "stripe-sim").as_deref(),
+        Some("service_healthy")
+    );
+    for upstream in ["users", "billing"] {
+        assert_eq!(
+            depends(&services["gateway"], upstream).as_deref(),
+            Some("service_healthy"),
+            "gateway waits for {upstream}"
+        );
+    }
+    let nats_command = format!("{:?}", services["nats"]["command"]);
+    assert!(
+        nats_command.contains("-js"),
+        "JetStream enabled: {nats_command}"
+    );
+    assert!(ports_of(&services["nats"]).contains(&"4222:4222".to_owned()));
+    assert!(services["postgres"]["healthcheck"].is_mapping());
+    let volumes = compose["volumes"].as_mapping().expect("volumes");
+    assert!(volumes.contains_key("nats-data") && volumes.contains_key("pg-data"));
+}
+
+#[test]
+fn the_dockerfile_builds_every_binary_compose_runs() {
+    let compose = compose();
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"))
+            .expect("Dockerfile");
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        if service.get("build").is_none() {
+            continue;
+        }
+        let binary = service["command"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name:?} has a command"));
+        assert!(
+            dockerfile.contains(&format!("target/release/{binary}")),
+            "Dockerfile does not build {binary}"
+        );
+        let workspace_binary = binary == "stack" || SERVICES.contains(&binary);
+        assert!(workspace_binary, "{binary} is not a workspace binary");
+    }
+}
