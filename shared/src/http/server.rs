@@ -68,6 +68,8 @@ impl RootSpanBuilder for SemconvRootSpan {
             span.record("otel.status_code", "ERROR");
             span.record("error.type", status.as_str());
         }
+        // One access-log line per request, carrying trace_id/span_id like every other line.
+        span.in_scope(|| tracing::info!(status = status.as_u16(), "request finished"));
     }
 }
 

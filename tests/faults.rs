@@ -1,0 +1,319 @@
+//! Fault tests: real processes, real NATS and PostgreSQL, a burst of checkouts while something breaks, then
+//! the database, the payment provider and the mail sink are compared. Nothing lost, nothing twice.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::TestStack;
+use diesel::{ExpressionMethods, QueryDsl, RunQueryDsl};
+use futures::StreamExt;
+use tracehop::client::{ApiClient, unique_email};
+
+const BURST: usize = 200;
+const CONCURRENCY: usize = 8;
+
+/// Runs `count` checkouts, `CONCURRENCY` at a time; returns (status, order id) per checkout.
+async fn burst(customer: &ApiClient, count: usize) -> Vec<(u16, Option<String>)> {
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let customer = customer.clone();
+            async move {
+                let total = format!("{}.{:02}", 1 + i % 90, i % 100);
+                match customer.checkout(&total, "usd", None).await {
+                    Ok(response) => (
+                        response.status,
+                        response.body["orderId"].as_str().map(str::to_owned),
+                    ),
+                    Err(_) => (0, None),
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await
+}
+
+async fn customer(test: &TestStack) -> ApiClient {
+    let mut customer = ApiClient::new(&test.stack.gateway_url());
+    customer
+        .signup_and_login(&unique_email("burst"), "correct horse battery")
+        .await
+        .expect("signup and login");
+    customer
+}
+
+/// Waits until every charged order's notification is `sent` (or the deadline), then checks the books:
+/// every order answered 200 is charged once at Stripe, recorded once, and mailed exactly once.
+async fn assert_nothing_lost_nothing_twice(
+    test: &TestStack,
+    results: &[(u16, Option<String>)],
+) -> (usize, usize) {
+    use tracehop_shared::schema::{notifications, transactions};
+    let ok: HashSet<String> = results
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .filter_map(|(_, id)| id.clone())
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut db = test.db();
+    loop {
+        let unsent: i64 = notifications::table
+            .filter(notifications::status.ne("sent"))
+            .count()
+            .get_result(&mut db)
+            .unwrap();
+        if unsent == 0 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let charged: Vec<(uuid::Uuid, Option<String>)> = transactions::table
+        .filter(transactions::status.eq("charged"))
+        .select((transactions::id, transactions::charge_id))
+        .load(&mut db)
+        .unwrap();
+    let charged_ids: HashSet<String> = charged.iter().map(|(id, _)| id.to_string()).collect();
+    for id in &ok {
+        assert!(
+            charged_ids.contains(id),
+            "order {id} answered 200 but is not recorded as charged"
+        );
+    }
+    // Stripe: one charge per recorded order, and no charge without a record.
+    let stripe = test.stripe_charges().await;
+    let mut per_order: HashMap<String, usize> = HashMap::new();
+    for charge in &stripe {
+        let order = charge["metadata"]["order_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        *per_order.entry(order).or_default() += 1;
+    }
+    for (order, count) in &per_order {
+        assert_eq!(*count, 1, "order {order} charged {count} times");
+    }
+    let charged_at_stripe: HashSet<&String> = per_order.keys().collect();
+    for id in &charged_ids {
+        assert!(
+            charged_at_stripe.contains(id),
+            "recorded order {id} has no Stripe charge"
+        );
+    }
+    // Mail: exactly one e-mail per charged order, none for anything else.
+    let mail = test.sent_mail();
+    let mut mailed: HashMap<String, usize> = HashMap::new();
+    for email in &mail {
+        *mailed
+            .entry(email["orderId"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let lost: Vec<&String> = charged_ids
+        .iter()
+        .filter(|id| !mailed.contains_key(*id))
+        .collect();
+    let duplicated: Vec<(&String, &usize)> = mailed.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        lost.is_empty(),
+        "{} charged orders never got an e-mail: {lost:?}",
+        lost.len()
+    );
+    assert!(
+        duplicated.is_empty(),
+        "e-mailed more than once: {duplicated:?}"
+    );
+    for id in mailed.keys() {
+        assert!(
+            charged_ids.contains(id),
+            "e-mail for an order that was never charged: {id}"
+        );
+    }
+    let sent: i64 = notifications::table
+        .filter(notifications::status.eq("sent"))
+        .count()
+        .get_result(&mut db)
+        .unwrap();
+    assert_eq!(
+        sent as usize,
+        charged_ids.len(),
+        "every notification row says sent"
+    );
+    println!(
+        "orders answered 200: {}, charged: {}, e-mails: {}, lost: 0, duplicated: 0",
+        ok.len(),
+        charged_ids.len(),
+        mail.len()
+    );
+    (ok.len(), charged_ids.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_notifier_mid_burst_loses_no_email_and_sends_none_twice() {
+    let mut test = TestStack::boot(&[("NOTIFY_ACK_WAIT_MS", "2000")]).await;
+    let customer = customer(&test).await;
+    let running = tokio::spawn({
+        let customer = customer.clone();
+        async move { burst(&customer, BURST).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    test.stack
+        .service("notifications")
+        .expect("notifications")
+        .kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    test.stack
+        .start_service("notifications")
+        .await
+        .expect("restart notifications");
+    let results = running.await.unwrap();
+    assert!(
+        results.iter().all(|(status, _)| *status == 200),
+        "checkouts do not depend on the notifier"
+    );
+    let (ok, _) = assert_nothing_lost_nothing_twice(&test, &results).await;
+    assert_eq!(ok, BURST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_nats_mid_burst_delays_email_but_loses_none() {
+    let mut test = TestStack::boot(&[]).await;
+    let customer = customer(&test).await;
+    let running = tokio::spawn({
+        let customer = customer.clone();
+        async move { burst(&customer, BURST).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let nats = test.stack.nats.as_mut().expect("private NATS");
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.restart().await.expect("restart NATS");
+    let results = running.await.unwrap();
+    // The outbox decouples checkout from NATS: every checkout still succeeds.
+    assert!(
+        results.iter().all(|(status, _)| *status == 200),
+        "{:?}",
+        results.iter().filter(|r| r.0 != 200).collect::<Vec<_>>()
+    );
+    let (ok, _) = assert_nothing_lost_nothing_twice(&test, &results).await;
+    assert_eq!(ok, BURST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_killed_between_commit_and_publish_still_delivers_through_the_outbox() {
+    // Events are committed but held in the outbox (relay paused), then billing is SIGKILLed: exactly the
+    // state of a crash between the database commit and the publish. Restarted normally, it relays them.
+    let mut test = TestStack::boot(&[("OUTBOX_RELAY_PAUSED", "true")]).await;
+    let customer = customer(&test).await;
+    let results = burst(&customer, 50).await;
+    assert!(results.iter().all(|(status, _)| *status == 200));
+    {
+        use tracehop_shared::schema::outbox;
+        let pending: i64 = outbox::table
+            .filter(outbox::published_at.is_null())
+            .count()
+            .get_result(&mut test.db())
+            .unwrap();
+        assert_eq!(pending, 50, "nothing published while paused");
+    }
+    assert!(test.sent_mail().is_empty());
+    test.stack.service("billing").expect("billing").kill();
+    test.stack
+        .options
+        .extra_env
+        .retain(|(key, _)| key != "OUTBOX_RELAY_PAUSED");
+    test.stack
+        .start_service("billing")
+        .await
+        .expect("restart billing");
+    assert_nothing_lost_nothing_twice(&test, &results).await;
+
+    // The late publish still joined its checkout's trace.
+    let order = results[0].1.clone().unwrap();
+    let order = customer.order(&order).await.unwrap();
+    let trace_id = order.body["checkoutTraceId"].as_str().unwrap().to_owned();
+    let trace = test
+        .trace(&trace_id, |t| {
+            !t.named("process order.completed").is_empty()
+        })
+        .await;
+    let relay = common::one(&trace, "outbox.relay");
+    let charge = common::one(&trace, "billing.charge");
+    assert_eq!(
+        trace.parent(relay).map(|p| &p.span_id),
+        Some(&charge.span_id)
+    );
+    let publish = common::one(&trace, "publish order.completed");
+    assert_eq!(
+        trace.parent(publish).map(|p| &p.span_id),
+        Some(&relay.span_id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_stripe_attempt_is_retried_and_charged_once() {
+    let test = TestStack::boot(&[("STRIPE_ATTEMPT_TIMEOUT_MS", "1000")]).await;
+    let customer = customer(&test).await;
+    test.stripe_faults(serde_json::json!({"hangNext": 1, "hangMs": 2500}))
+        .await;
+    let checkout = customer.checkout("30.00", "usd", None).await.unwrap();
+    assert_eq!(checkout.status, 200, "{}", checkout.body);
+    let trace_id = checkout.body["traceId"].as_str().unwrap().to_owned();
+    let trace = test
+        .trace(&trace_id, |t| t.named("POST /v1/charges").len() == 2)
+        .await;
+    let mut attempts = trace.named("POST /v1/charges");
+    attempts.sort_by_key(|a| a.start_us);
+    assert!(attempts[0].is_error(), "first attempt timed out");
+    assert_eq!(attempts[0].tag("error.type").as_deref(), Some("timeout"));
+    assert!(
+        attempts[0].duration_us >= 1_000_000,
+        "the slow attempt is the wide bar"
+    );
+    assert!(!attempts[1].is_error());
+    assert_eq!(
+        attempts[1].tag("http.request.resend_count").as_deref(),
+        Some("1")
+    );
+    let stripe = common::one(&trace, "stripe.create_charge");
+    assert_eq!(stripe.tag("stripe.attempts").as_deref(), Some("2"));
+    // The hung request completes later and finds the idempotency key: still one charge.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(test.stripe_charges().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_checkouts_with_one_idempotency_key_charge_once() {
+    let test = TestStack::boot(&[]).await;
+    let customer = customer(&test).await;
+    let answers: Vec<_> = futures::stream::iter(0..20)
+        .map(|_| {
+            let customer = customer.clone();
+            async move {
+                customer
+                    .checkout("99.99", "usd", Some("same-key-20"))
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(20)
+        .collect()
+        .await;
+    let orders: HashSet<String> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, 200, "{}", a.body);
+            a.body["orderId"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(orders.len(), 1, "one order for one key");
+    assert_eq!(test.stripe_charges().await.len(), 1, "exactly one charge");
+    assert_nothing_lost_nothing_twice(
+        &test,
+        &answers
+            .iter()
+            .map(|a| (a.status, a.body["orderId"].as_str().map(str::to_owned)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+}
