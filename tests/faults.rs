@@ -234,7 +234,13 @@ async fn billing_killed_between_commit_and_publish_still_delivers_through_the_ou
     let trace_id = order.body["checkoutTraceId"].as_str().unwrap().to_owned();
     let trace = test
         .trace(&trace_id, |t| {
-            !t.named("process order.completed").is_empty()
+            [
+                "outbox.relay",
+                "publish order.completed",
+                "process order.completed",
+            ]
+            .iter()
+            .all(|name| !t.named(name).is_empty())
         })
         .await;
     let relay = common::one(&trace, "outbox.relay");
