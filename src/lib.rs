@@ -8,6 +8,7 @@
 //!   database created and migrated with the same `migrations/` that `diesel migration run` applies.
 //! - [`process`]: child processes that are always stopped (SIGTERM, then SIGKILL), logs to files.
 //! - [`stack`]: the whole stack in dependency order, each service awaited on `/healthz`.
+//! - [`dead_letters`]: replaying dead-lettered notifications once their cause is fixed.
 //! - [`client`]: a small API client (signup, login, checkout, order) for demos, tests and load.
 //! - [`trace_view`]: a trace from any Jaeger query API, as a tree and as a terminal waterfall.
 
@@ -15,6 +16,7 @@
 
 pub mod client;
 pub mod collector;
+pub mod dead_letters;
 pub mod infra;
 pub mod process;
 pub mod stack;

@@ -6,6 +6,7 @@
 //! stack demo <scenario>            checkout | slow-stripe | lost-email, against a running stack
 //! stack migrate                    create the database and apply migrations/ (what docker compose runs)
 //! stack prepare                    make sure PostgreSQL and nats-server are available (used by ./dev test)
+//! stack replay-dead-letters        publish dead-lettered notifications again
 //! stack collector                  only the embedded OTLP collector + Jaeger UI
 //! ```
 
@@ -73,6 +74,13 @@ enum Command {
         #[arg(long, default_value = ".tracehop")]
         state_dir: PathBuf,
     },
+    /// Publish dead-lettered notifications again (after fixing what made them fail).
+    ReplayDeadLetters {
+        #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
+        nats_url: String,
+        #[arg(long, env = "NATS_STREAM", default_value = "ORDERS")]
+        stream: String,
+    },
     /// Run only the embedded collector (OTLP in, Jaeger UI out).
     Collector {
         #[arg(long, default_value_t = 4317)]
@@ -122,6 +130,14 @@ async fn main() -> anyhow::Result<()> {
             database_url,
             state_dir,
         } => prepare(&database_url, &state_dir).await,
+        Command::ReplayDeadLetters { nats_url, stream } => {
+            let report = tracehop::dead_letters::replay(&nats_url, &stream).await?;
+            println!(
+                "replayed {} dead letter(s); left {} malformed one(s) alone",
+                report.replayed, report.skipped
+            );
+            Ok(())
+        }
         Command::Collector {
             otlp_grpc_port,
             otlp_http_port,

@@ -147,7 +147,13 @@ pub async fn ensure_consumer(
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: settings.ack_wait,
                 max_deliver: settings.max_deliver,
-                backoff: settings.backoff.clone(),
+                // JetStream refuses more back-off steps than redeliveries.
+                backoff: settings
+                    .backoff
+                    .iter()
+                    .copied()
+                    .take(usize::try_from(settings.max_deliver.saturating_sub(1)).unwrap_or(0))
+                    .collect(),
                 max_ack_pending: 256,
                 ..Default::default()
             },

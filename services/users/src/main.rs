@@ -13,7 +13,10 @@ async fn main() -> anyhow::Result<()> {
     }
     .await;
     if let Err(error) = &outcome {
-        tracing::error!(error = %error, "user-service stopped with an error");
+        tracing::error!(
+            error = format!("{error:#}"),
+            "user-service stopped with an error"
+        );
     }
     telemetry.shutdown().await;
     outcome

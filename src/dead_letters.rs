@@ -1,0 +1,90 @@
+//! Replaying dead letters once their cause is fixed.
+//!
+//! The notifier moves a message to `order.completed.dead` after its last delivery (or when it cannot be
+//! parsed). [`replay`] publishes each one back to `order.completed` with its original trace headers, so the
+//! new delivery joins the same checkout trace, then deletes it from the dead-letter subject. Messages that
+//! were dead-lettered because they are malformed are left alone (replaying them would only fail again).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use tracehop_shared::messaging::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub replayed: usize,
+    /// Malformed messages, left on the dead-letter subject.
+    pub skipped: usize,
+}
+
+/// Replays every dead letter in `stream` at `nats_url`.
+pub async fn replay(nats_url: &str, stream: &str) -> anyhow::Result<ReplayReport> {
+    let client = async_nats::connect(nats_url)
+        .await
+        .with_context(|| format!("connecting to {nats_url}"))?;
+    let jetstream = jetstream::new(client);
+    let stream = jetstream
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("no JetStream stream {stream}"))?;
+    let reader = stream
+        .create_consumer(consumer::pull::Config {
+            filter_subject: ORDER_COMPLETED_DEAD_LETTER.to_owned(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await?;
+    let mut report = ReplayReport::default();
+    let mut messages = reader
+        .fetch()
+        .max_messages(10_000)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|error| anyhow::anyhow!("reading dead letters: {error}"))?;
+        let sequence = message
+            .info()
+            .map_err(|error| anyhow::anyhow!("{error}"))?
+            .stream_sequence;
+        let headers = message.headers.clone().unwrap_or_default();
+        let reason = headers
+            .get("Tracehop-Dead-Letter-Reason")
+            .map(|value| value.as_str().to_owned())
+            .unwrap_or_default();
+        if reason.starts_with("malformed") || headers.get("traceparent").is_none() {
+            report.skipped += 1;
+            message
+                .ack()
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            continue;
+        }
+        let mut replayed = async_nats::HeaderMap::new();
+        for name in ["traceparent", "tracestate", "baggage"] {
+            if let Some(value) = headers.get(name) {
+                replayed.insert(name, value.as_str());
+            }
+        }
+        let original = headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|value| value.as_str().trim_end_matches("-dead").to_owned())
+            .unwrap_or_else(|| format!("seq-{sequence}"));
+        // A fresh id: the original one is still inside JetStream's duplicate window.
+        replayed.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("{original}-replay-{}", uuid::Uuid::new_v4().simple()).as_str(),
+        );
+        jetstream
+            .publish_with_headers(ORDER_COMPLETED, replayed, message.payload.clone())
+            .await?
+            .await?;
+        stream.delete_message(sequence).await?;
+        report.replayed += 1;
+    }
+    Ok(report)
+}
