@@ -323,3 +323,41 @@ async fn twenty_concurrent_checkouts_with_one_idempotency_key_charge_once() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_actor_fails_one_request_and_is_restarted() {
+    let test = TestStack::boot(&[("BILLING_FAULT_PANIC_AMOUNT_MINOR", "1337")]).await;
+    let customer = customer(&test).await;
+    let failed = customer.checkout("13.37", "usd", None).await.unwrap();
+    assert_eq!(failed.status, 500, "{}", failed.body);
+    let trace_id = failed.body["traceId"].as_str().expect("traceId").to_owned();
+    assert_eq!(failed.trace_id.as_deref(), Some(trace_id.as_str()));
+
+    // The service keeps serving, through the restarted actor.
+    for total in ["13.38", "13.39"] {
+        let ok = customer.checkout(total, "usd", None).await.unwrap();
+        assert_eq!(ok.status, 200, "{}", ok.body);
+    }
+    // The panic is on the actor's span in the failed checkout's trace, and the restart is logged with it.
+    let trace = test
+        .trace(&trace_id, |t| {
+            t.named("BillingActor handle Charge")
+                .first()
+                .is_some_and(|s| s.is_error())
+        })
+        .await;
+    let actor = common::one(&trace, "BillingActor handle Charge");
+    assert!(actor.is_error(), "{:?}", actor.tags);
+    let log = std::fs::read_to_string(test.state_dir.join("logs/billing.log")).unwrap();
+    let restart = log
+        .lines()
+        .find(|line| line.contains("supervisor restarts it"))
+        .expect("restart logged");
+    assert!(restart.contains("injected panic"), "{restart}");
+    assert!(log.lines().any(|line| line.contains("actor restarting")));
+    assert!(
+        log.lines()
+            .any(|line| line.contains("actor handler panicked") && line.contains(&trace_id)),
+        "the panic is logged with the trace id"
+    );
+}

@@ -81,6 +81,53 @@ impl<M> Traced<M> {
     }
 }
 
+/// Runs a handler's future and turns a panic into `Err(message)`, recorded as an error on the current
+/// (handler) span: one bad message must not take the actor's thread, and the whole service, down with it.
+/// The caller answers the in-flight request with an error and sends the actor a [`Restart`].
+pub async fn catch_panic<F: std::future::Future>(future: F) -> Result<F::Output, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .map_err(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic with a non-text payload".to_owned());
+            tracing::error!(panic = %message, "actor handler panicked");
+            message
+        })
+}
+
+/// Asks an actor to stop after a failure; under an actix `Supervisor` that means a restart with fresh state.
+/// Implement it with [`restart_on_request!`](crate::restart_on_request).
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "()")]
+pub struct Restart {
+    pub reason: String,
+}
+
+/// Implements `Handler<Restart>` for a supervised actor: log (with the trace id of the failed message's
+/// span, if any), then stop the context so the supervisor restarts it.
+#[macro_export]
+macro_rules! restart_on_request {
+    ($actor:ty) => {
+        impl ::actix::Handler<$crate::actor::Restart> for $actor {
+            type Result = ();
+
+            fn handle(&mut self, message: $crate::actor::Restart, context: &mut Self::Context) {
+                ::tracing::error!(
+                    actor = $crate::actor::short_type_name::<$actor>(),
+                    reason = %message.reason,
+                    "actor failed; stopping it so its supervisor restarts it"
+                );
+                ::actix::ActorContext::stop(context);
+            }
+        }
+    };
+}
+
 /// `tracehop_billing::actors::BillingActor` -> `BillingActor` (generic arguments dropped).
 pub fn short_type_name<T: ?Sized>() -> &'static str {
     let full = std::any::type_name::<T>();

@@ -23,6 +23,9 @@ pub struct Settings {
     /// `OUTBOX_RELAY_PAUSED=true`: record events but do not publish them (maintenance of NATS; the crash
     /// tests use it to hold events in the outbox, then restart billing without it).
     pub outbox_paused: bool,
+    /// `BILLING_FAULT_PANIC_AMOUNT_MINOR`: a test hook; charging exactly this many minor units panics inside
+    /// the BillingActor (the supervision test). Unset in normal operation.
+    pub panic_on_amount: Option<i64>,
 }
 
 /// How billing talks to the payment provider.
@@ -74,6 +77,12 @@ impl Settings {
             },
             outbox_sweep: Duration::from_millis(env_parse("OUTBOX_SWEEP_MS", 2_000)?),
             outbox_paused: env_parse("OUTBOX_RELAY_PAUSED", false)?,
+            panic_on_amount: match std::env::var("BILLING_FAULT_PANIC_AMOUNT_MINOR") {
+                Ok(value) if !value.trim().is_empty() => {
+                    Some(env_parse("BILLING_FAULT_PANIC_AMOUNT_MINOR", 0)?)
+                }
+                _ => None,
+            },
         })
     }
 }

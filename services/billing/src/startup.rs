@@ -49,6 +49,7 @@ impl Application {
             database: database.clone(),
             stripe,
             relay,
+            panic_on_amount: settings.panic_on_amount,
         });
         let billing = Supervisor::start(move |_| BillingActor::new(deps));
 

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use actix::{Actor, Context, Handler, ResponseFuture, Supervised};
+use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use chrono::Utc;
 use diesel::prelude::*;
-use tracehop_shared::actor::Traced;
+use tracehop_shared::actor::{Restart, Traced, catch_panic};
 use tracehop_shared::db::{Database, DbError, traced};
 use tracehop_shared::domain::{Amount, Currency};
 use tracehop_shared::messaging::OrderCompleted;
@@ -36,6 +36,8 @@ pub enum NotifyError {
     Mail(#[from] MailError),
     #[error("database: {0}")]
     Database(#[from] DbError),
+    #[error("notifier failed: {0}")]
+    Panicked(String),
 }
 
 pub struct NotifierActor {
@@ -62,13 +64,33 @@ impl Supervised for NotifierActor {
 impl Handler<Traced<SendConfirmation>> for NotifierActor {
     type Result = ResponseFuture<Result<Delivery, NotifyError>>;
 
-    fn handle(&mut self, message: Traced<SendConfirmation>, _: &mut Self::Context) -> Self::Result {
+    fn handle(
+        &mut self,
+        message: Traced<SendConfirmation>,
+        context: &mut Self::Context,
+    ) -> Self::Result {
         let (SendConfirmation { event }, span) = message.into_parts::<Self>();
         let database = self.database.clone();
         let mailer = self.mailer.clone();
-        Box::pin(async move { send_confirmation(&database, &mailer, event).await }.instrument(span))
+        let me = context.address();
+        Box::pin(
+            async move {
+                match catch_panic(send_confirmation(&database, &mailer, event)).await {
+                    Ok(outcome) => outcome,
+                    Err(panic) => {
+                        me.do_send(Restart {
+                            reason: panic.clone(),
+                        });
+                        Err(NotifyError::Panicked(panic))
+                    }
+                }
+            }
+            .instrument(span),
+        )
     }
 }
+
+tracehop_shared::restart_on_request!(NotifierActor);
 
 #[tracing::instrument(
     name = "notification.send_confirmation",

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Addr, Context, Handler, ResponseFuture, Supervised};
+use actix::{Actor, Addr, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use sha2::{Digest, Sha256};
-use tracehop_shared::actor::Traced;
+use tracehop_shared::actor::{Restart, Traced, catch_panic};
 use tracehop_shared::db::{Database, DbError};
 use tracehop_shared::messaging::{ORDER_COMPLETED, OrderCompleted};
 use tracehop_shared::propagation::SerializedContext;
@@ -61,6 +61,9 @@ pub struct BillingDeps {
     pub database: Database,
     pub stripe: Addr<StripeClientActor>,
     pub relay: Addr<OutboxRelay>,
+    /// Fault injection for the supervision test (`BILLING_FAULT_PANIC_AMOUNT_MINOR`): charging exactly this
+    /// amount panics inside the actor.
+    pub panic_on_amount: Option<i64>,
 }
 
 pub struct BillingActor {
@@ -86,12 +89,30 @@ impl Supervised for BillingActor {
 impl Handler<Traced<Charge>> for BillingActor {
     type Result = ResponseFuture<Result<ChargeReceipt, ChargeError>>;
 
-    fn handle(&mut self, message: Traced<Charge>, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, message: Traced<Charge>, context: &mut Self::Context) -> Self::Result {
         let (charge, span) = message.into_parts::<Self>();
         let deps = self.deps.clone();
-        Box::pin(async move { charge_card(&deps, charge).await }.instrument(span))
+        let me = context.address();
+        Box::pin(
+            async move {
+                match catch_panic(charge_card(&deps, charge)).await {
+                    Ok(outcome) => outcome,
+                    Err(panic) => {
+                        me.do_send(Restart {
+                            reason: panic.clone(),
+                        });
+                        Err(ChargeError::Internal(format!(
+                            "billing actor failed: {panic}"
+                        )))
+                    }
+                }
+            }
+            .instrument(span),
+        )
     }
 }
+
+tracehop_shared::restart_on_request!(BillingActor);
 
 /// SHA-256 of what the request asked for; the same key with another fingerprint is refused.
 fn fingerprint(charge: &Charge) -> String {
@@ -116,6 +137,12 @@ fn fingerprint(charge: &Charge) -> String {
 )]
 async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt, ChargeError> {
     let span = tracing::Span::current();
+    if deps.panic_on_amount == Some(charge.amount_minor) {
+        panic!(
+            "injected panic (BILLING_FAULT_PANIC_AMOUNT_MINOR={})",
+            charge.amount_minor
+        );
+    }
     let request_fingerprint = fingerprint(&charge);
     let order_id = uuid::Uuid::new_v4();
     let pending = PendingTransaction {

@@ -10,9 +10,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Context, Handler, ResponseFuture, Supervised};
+use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use rand::Rng;
-use tracehop_shared::actor::Traced;
+use tracehop_shared::actor::{Restart, Traced, catch_panic};
 use tracehop_shared::http::TracedClient;
 use tracehop_shared::http::client::ClientError;
 use tracing::Instrument;
@@ -86,12 +86,35 @@ impl Supervised for StripeClientActor {
 impl Handler<Traced<CreateCharge>> for StripeClientActor {
     type Result = ResponseFuture<Result<StripeCharge, StripeError>>;
 
-    fn handle(&mut self, message: Traced<CreateCharge>, _: &mut Self::Context) -> Self::Result {
+    fn handle(
+        &mut self,
+        message: Traced<CreateCharge>,
+        context: &mut Self::Context,
+    ) -> Self::Result {
         let (charge, span) = message.into_parts::<Self>();
         let client = self.client.clone();
-        Box::pin(async move { client.create_charge(charge).await }.instrument(span))
+        let me = context.address();
+        Box::pin(
+            async move {
+                match catch_panic(client.create_charge(charge)).await {
+                    Ok(outcome) => outcome,
+                    Err(panic) => {
+                        me.do_send(Restart {
+                            reason: panic.clone(),
+                        });
+                        Err(StripeError::Unavailable {
+                            attempts: 0,
+                            last_error: format!("Stripe client actor failed: {panic}"),
+                        })
+                    }
+                }
+            }
+            .instrument(span),
+        )
     }
 }
+
+tracehop_shared::restart_on_request!(StripeClientActor);
 
 struct StripeClient {
     http: TracedClient,
