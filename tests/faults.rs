@@ -4,6 +4,8 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::TestStack;
@@ -16,10 +18,21 @@ const CONCURRENCY: usize = 8;
 
 /// Runs `count` checkouts, `CONCURRENCY` at a time; returns (status, order id) per checkout.
 async fn burst(customer: &ApiClient, count: usize) -> Vec<(u16, Option<String>)> {
+    burst_counting(customer, count, Arc::default()).await
+}
+
+/// Like [`burst`], counting finished checkouts in `done` so a test can strike mid-burst.
+async fn burst_counting(
+    customer: &ApiClient,
+    count: usize,
+    done: Arc<AtomicUsize>,
+) -> Vec<(u16, Option<String>)> {
     futures::stream::iter(0..count)
         .map(|i| {
             let customer = customer.clone();
+            let done = done.clone();
             async move {
+                let _count_when_finished = Finished(done);
                 let total = format!("{}.{:02}", 1 + i % 90, i % 100);
                 match customer.checkout(&total, "usd", None).await {
                     Ok(response) => (
@@ -33,6 +46,34 @@ async fn burst(customer: &ApiClient, count: usize) -> Vec<(u16, Option<String>)>
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await
+}
+
+struct Finished(Arc<AtomicUsize>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Starts a burst in the background and returns once `threshold` checkouts have finished.
+async fn burst_until(
+    customer: &ApiClient,
+    threshold: usize,
+) -> (
+    tokio::task::JoinHandle<Vec<(u16, Option<String>)>>,
+    Arc<AtomicUsize>,
+) {
+    let done: Arc<AtomicUsize> = Arc::default();
+    let running = tokio::spawn({
+        let customer = customer.clone();
+        let done = done.clone();
+        async move { burst_counting(&customer, BURST, done).await }
+    });
+    while done.load(Ordering::SeqCst) < threshold {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (running, done)
 }
 
 async fn customer(test: &TestStack) -> ApiClient {
@@ -152,15 +193,17 @@ async fn assert_nothing_lost_nothing_twice(
 async fn killing_the_notifier_mid_burst_loses_no_email_and_sends_none_twice() {
     let mut test = TestStack::boot(&[("NOTIFY_ACK_WAIT_MS", "2000")]).await;
     let customer = customer(&test).await;
-    let running = tokio::spawn({
-        let customer = customer.clone();
-        async move { burst(&customer, BURST).await }
-    });
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (running, done) = burst_until(&customer, 40).await;
     test.stack
         .service("notifications")
         .expect("notifications")
         .kill();
+    let at_kill = done.load(Ordering::SeqCst);
+    assert!(
+        at_kill < BURST,
+        "the kill must land mid-burst ({at_kill} done)"
+    );
+    println!("notifier SIGKILLed after {at_kill} of {BURST} checkouts");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     test.stack
         .start_service("notifications")
@@ -179,13 +222,12 @@ async fn killing_the_notifier_mid_burst_loses_no_email_and_sends_none_twice() {
 async fn stopping_nats_mid_burst_delays_email_but_loses_none() {
     let mut test = TestStack::boot(&[]).await;
     let customer = customer(&test).await;
-    let running = tokio::spawn({
-        let customer = customer.clone();
-        async move { burst(&customer, BURST).await }
-    });
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (running, done) = burst_until(&customer, 40).await;
     let nats = test.stack.nats.as_mut().expect("private NATS");
     nats.stop();
+    let at_stop = done.load(Ordering::SeqCst);
+    assert!(at_stop < BURST, "NATS must stop mid-burst ({at_stop} done)");
+    println!("NATS stopped after {at_stop} of {BURST} checkouts");
     tokio::time::sleep(Duration::from_secs(2)).await;
     nats.restart().await.expect("restart NATS");
     let results = running.await.unwrap();
