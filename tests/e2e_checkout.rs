@@ -576,3 +576,34 @@ async fn an_idempotency_key_charges_once_and_refuses_a_different_body() {
     assert_eq!(other.body["error"], "idempotency_key_reused");
     assert_eq!(test.stripe_charges().await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_also_arrive_over_otlp_http_protobuf() {
+    // OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: the blocking reqwest exporter on the batch processor's
+    // thread, into the collector's port 4318 equivalent.
+    let test = TestStack::boot_with(&[], "http/protobuf").await;
+    assert!(
+        test.stack.otlp_endpoint.ends_with(
+            &test
+                .stack
+                .collector
+                .as_ref()
+                .unwrap()
+                .addresses
+                .otlp_http
+                .port()
+                .to_string()
+        )
+    );
+    let mut customer = ApiClient::new(&test.stack.gateway_url());
+    customer
+        .signup_and_login(&unique_email("dani"), "correct horse battery")
+        .await
+        .unwrap();
+    let checkout = customer.checkout("1.00", "gbp", None).await.unwrap();
+    assert_eq!(checkout.status, 200, "{}", checkout.body);
+    let trace_id = checkout.body["traceId"].as_str().unwrap().to_owned();
+    let trace = test.trace(&trace_id, has_everything).await;
+    assert_eq!(trace.services().len(), 4, "{:?}", trace.services());
+    assert_eq!(trace.roots().len(), 1);
+}

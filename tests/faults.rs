@@ -403,3 +403,42 @@ async fn a_panicking_actor_fails_one_request_and_is_restarted() {
         "the panic is logged with the trace id"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_trace_collector_down_checkouts_succeed_and_lost_spans_are_counted() {
+    let dead_port = tracehop::process::free_port().unwrap();
+    let mut test = TestStack::boot_custom(
+        &[],
+        "grpc",
+        tracehop::stack::TraceBackend::External {
+            otlp_endpoint: format!("http://127.0.0.1:{dead_port}"),
+            jaeger_url: None,
+        },
+    )
+    .await;
+    let customer = customer(&test).await;
+    let results = burst(&customer, BURST).await;
+    assert!(
+        results.iter().all(|(status, _)| *status == 200),
+        "tracing never fails a request"
+    );
+    assert_nothing_lost_nothing_twice(&test, &results).await;
+    // Stopping the gateway flushes its telemetry; its last log line counts what could not be exported.
+    let gateway = test.stack.service("gateway").unwrap();
+    gateway.stop(Duration::from_secs(15));
+    let log = std::fs::read_to_string(test.state_dir.join("logs/gateway.log")).unwrap();
+    let flushed = log
+        .lines()
+        .find(|line| line.contains("telemetry flushed"))
+        .expect("shutdown line");
+    let failed: serde_json::Value = serde_json::from_str(flushed).unwrap();
+    let failed = failed["fields"]["spans_failed"].as_u64().unwrap();
+    assert!(
+        failed >= BURST as u64,
+        "every gateway span was counted as lost: {flushed}"
+    );
+    assert!(
+        log.contains("span export failed"),
+        "the first failure is reported right away"
+    );
+}

@@ -18,6 +18,8 @@
 //! Export runs on the batch processor's own thread: an unreachable collector costs a full queue and dropped
 //! spans (counted and logged at shutdown), never a slower or failed request.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapCompositePropagator;
@@ -32,7 +34,10 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+mod counting;
 mod json_log;
+
+pub use counting::ExportCounts;
 
 /// Why telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,7 @@ pub enum TelemetryError {
 #[must_use = "dropping the guard without shutdown loses the last spans"]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    counts: Arc<ExportCounts>,
 }
 
 impl TelemetryGuard {
@@ -64,11 +70,22 @@ impl TelemetryGuard {
             })
             .await;
             match outcome {
-                Ok(Ok(())) => tracing::info!("telemetry flushed"),
+                Ok(Ok(())) => {}
                 Ok(Err(error)) => eprintln!("telemetry shutdown: {error}"),
                 Err(error) => eprintln!("telemetry shutdown task failed: {error}"),
             }
+            // (Spans dropped because the queue was full are reported by the SDK itself at shutdown.)
+            tracing::info!(
+                spans_exported = self.counts.exported.load(Ordering::Relaxed),
+                spans_failed = self.counts.failed.load(Ordering::Relaxed),
+                "telemetry flushed"
+            );
         }
+    }
+
+    /// Spans exported and spans lost to export failures so far.
+    pub fn counts(&self) -> &ExportCounts {
+        &self.counts
     }
 
     /// Whether spans are exported (false when `OTEL_SDK_DISABLED=true`).
@@ -108,11 +125,19 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
             .with(fmt_layer)
             .try_init()?;
         tracing::info!("OTEL_SDK_DISABLED=true: spans are not exported");
-        return Ok(TelemetryGuard { provider: None });
+        return Ok(TelemetryGuard {
+            provider: None,
+            counts: Arc::default(),
+        });
     }
 
+    let counts = Arc::new(ExportCounts::default());
+    let exporter = counting::CountingExporter {
+        inner: span_exporter()?,
+        counts: counts.clone(),
+    };
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(span_exporter()?)
+        .with_batch_exporter(exporter)
         .with_resource(resource(default_service_name))
         .build();
     let tracer = provider.tracer("tracehop");
@@ -131,6 +156,7 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
         .try_init()?;
     Ok(TelemetryGuard {
         provider: Some(provider),
+        counts,
     })
 }
 

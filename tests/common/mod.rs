@@ -28,6 +28,14 @@ impl TestStack {
     }
 
     pub async fn boot_with(extra_env: &[(&str, &str)], otlp_protocol: &str) -> TestStack {
+        Self::boot_custom(extra_env, otlp_protocol, TraceBackend::Embedded).await
+    }
+
+    pub async fn boot_custom(
+        extra_env: &[(&str, &str)],
+        otlp_protocol: &str,
+        trace_backend: TraceBackend,
+    ) -> TestStack {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let database_name = format!("tracehop_test_{}", &id[..12]);
         let state_dir = std::env::temp_dir().join(format!("tracehop-test-{}", &id[..12]));
@@ -55,7 +63,7 @@ impl TestStack {
             },
             database_server_url: database_server_url(),
             database_name: database_name.clone(),
-            trace_backend: TraceBackend::Embedded,
+            trace_backend,
             otlp_protocol: otlp_protocol.to_owned(),
             extra_env: env,
         };
