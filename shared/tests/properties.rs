@@ -1,0 +1,119 @@
+//! Property tests of everything parsed from outside: money, currencies, e-mail addresses, W3C
+//! `traceparent`/`tracestate`/`baggage` in HTTP and NATS headers, SQL naming. Whatever arrives, the answer
+//! is a value or an error, never a panic; and what is valid round-trips exactly.
+
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use proptest::prelude::*;
+use tracehop_shared::domain::{Amount, Currency, Email};
+use tracehop_shared::propagation::{HttpHeaderExtractor, NatsHeaderExtractor, extract};
+
+fn install_propagators() {
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry::propagation::TextMapCompositePropagator::new(vec![
+            Box::new(TraceContextPropagator::new()),
+            Box::new(BaggagePropagator::new()),
+        ]),
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn any_text_is_a_total_or_an_error(text in "\\PC{0,40}") {
+        let _ = Amount::parse(&text, Currency::parse("usd").unwrap());
+        let _ = Amount::parse(&text, Currency::parse("jpy").unwrap());
+    }
+
+    #[test]
+    fn valid_totals_round_trip(whole in 0_i64..1_000_000, cents in 0_i64..100) {
+        prop_assume!(whole * 100 + cents > 0);
+        let text = format!("{whole}.{cents:02}");
+        let amount = Amount::parse(&text, Currency::parse("usd").unwrap()).unwrap();
+        prop_assert_eq!(amount.minor_units(), whole * 100 + cents);
+        prop_assert_eq!(amount.decimal(), text);
+    }
+
+    #[test]
+    fn numeric_looking_junk_never_panics(text in "[-+0-9.eE,_ ]{0,30}") {
+        let _ = Amount::parse(&text, Currency::parse("eur").unwrap());
+    }
+
+    #[test]
+    fn any_text_is_a_currency_or_an_error(text in "\\PC{0,8}") {
+        if let Ok(currency) = Currency::parse(&text) {
+            prop_assert_eq!(currency.code().len(), 3);
+        }
+    }
+
+    #[test]
+    fn accepted_emails_are_sane(text in "\\PC{0,300}") {
+        if let Ok(email) = Email::parse(&text) {
+            prop_assert_eq!(email.as_str().matches('@').count(), 1);
+            prop_assert!(email.as_str().len() <= 254);
+            prop_assert!(!email.as_str().chars().any(char::is_whitespace));
+        }
+    }
+
+    #[test]
+    fn any_trace_headers_extract_without_panicking(
+        traceparent in "\\PC{0,80}",
+        tracestate in "\\PC{0,600}",
+        baggage in "\\PC{0,600}",
+    ) {
+        install_propagators();
+        let mut nats = async_nats::HeaderMap::new();
+        nats.insert("traceparent", traceparent.as_str());
+        nats.insert("tracestate", tracestate.as_str());
+        nats.insert("baggage", baggage.as_str());
+        let _ = extract(&NatsHeaderExtractor(&nats));
+        let mut http = reqwest::header::HeaderMap::new();
+        for (name, value) in [("traceparent", &traceparent), ("tracestate", &tracestate), ("baggage", &baggage)] {
+            if let Ok(value) = reqwest::header::HeaderValue::from_str(value) {
+                http.insert(name, value);
+            }
+        }
+        let _ = extract(&HttpHeaderExtractor(&http));
+    }
+
+    #[test]
+    fn valid_traceparents_are_honoured(trace in "[0-9a-f]{32}", span in "[0-9a-f]{16}", sampled in any::<bool>()) {
+        prop_assume!(trace != "0".repeat(32) && span != "0".repeat(16));
+        install_propagators();
+        let mut nats = async_nats::HeaderMap::new();
+        let flags = if sampled { "01" } else { "00" };
+        nats.insert("traceparent", format!("00-{trace}-{span}-{flags}").as_str());
+        let context = extract(&NatsHeaderExtractor(&nats));
+        let span_context = context.span().span_context().clone();
+        prop_assert!(span_context.is_valid());
+        prop_assert_eq!(span_context.trace_id().to_string(), trace);
+        prop_assert_eq!(span_context.span_id().to_string(), span);
+        prop_assert_eq!(span_context.is_sampled(), sampled);
+    }
+
+    #[test]
+    fn any_sql_is_described_without_panicking(sql in "\\PC{0,200}") {
+        let (operation, _table) = tracehop_shared::db::describe(&sql);
+        prop_assert!(!operation.is_empty());
+    }
+
+    #[test]
+    fn order_events_parse_or_fail_cleanly(payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = serde_json::from_slice::<tracehop_shared::messaging::OrderCompleted>(&payload);
+    }
+}
+
+#[test]
+fn overlong_trace_headers_are_ignored() {
+    install_propagators();
+    let mut nats = async_nats::HeaderMap::new();
+    nats.insert(
+        "traceparent",
+        format!("00-{}-{}-01", "a".repeat(32), "b".repeat(16)).as_str(),
+    );
+    nats.insert("tracestate", "k=v,".repeat(10_000).as_str());
+    let context = extract(&NatsHeaderExtractor(&nats));
+    // A tracestate beyond the spec's 32 members is dropped, not a reason to fail.
+    assert!(context.span().span_context().is_valid());
+}

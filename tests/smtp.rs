@@ -1,0 +1,115 @@
+//! E-mail over real SMTP: with `SMTP_URL` set, the notifier speaks SMTP (lettre) to a small SMTP server run
+//! by this test (the test double for a mail provider we cannot reach), which records what it accepted.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::TestStack;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tracehop::client::{ApiClient, unique_email};
+
+type Inbox = Arc<Mutex<Vec<String>>>;
+
+/// A minimal SMTP server (RFC 5321 happy path): greets, accepts EHLO/MAIL/RCPT/DATA, records each message.
+async fn smtp_server() -> (u16, Inbox) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let inbox: Inbox = Arc::default();
+    let recorder = inbox.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write.write_all(b"220 test-smtp ESMTP\r\n").await.ok();
+                let mut in_data = false;
+                let mut message = String::new();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if in_data {
+                        if line == "." {
+                            in_data = false;
+                            recorder.lock().unwrap().push(std::mem::take(&mut message));
+                            write.write_all(b"250 2.0.0 queued\r\n").await.ok();
+                        } else {
+                            message.push_str(&line);
+                            message.push('\n');
+                        }
+                        continue;
+                    }
+                    let verb = line
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" => b"250-test-smtp\r\n250 8BITMIME\r\n",
+                        "HELO" | "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 OK\r\n",
+                        "DATA" => {
+                            in_data = true;
+                            b"354 end with <CRLF>.<CRLF>\r\n"
+                        }
+                        "QUIT" => {
+                            write.write_all(b"221 2.0.0 bye\r\n").await.ok();
+                            break;
+                        }
+                        _ => b"502 5.5.2 not implemented\r\n",
+                    };
+                    write.write_all(reply).await.ok();
+                }
+            });
+        }
+    });
+    (port, inbox)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmations_go_out_over_smtp_when_smtp_url_is_set() {
+    let (port, inbox) = smtp_server().await;
+    let smtp_url = format!("smtp://127.0.0.1:{port}");
+    let test = TestStack::boot(&[("SMTP_URL", smtp_url.as_str())]).await;
+    let mut customer = ApiClient::new(&test.stack.gateway_url());
+    let email = unique_email("dani");
+    customer
+        .signup_and_login(&email, "correct horse battery")
+        .await
+        .unwrap();
+    let checkout = customer.checkout("42.00", "usd", None).await.unwrap();
+    assert_eq!(checkout.status, 200);
+    let order_id = checkout.body["orderId"].as_str().unwrap().to_owned();
+    let trace_id = checkout.body["traceId"].as_str().unwrap().to_owned();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let order = customer.order(&order_id).await.unwrap();
+        if order.body["notification"] == "sent" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not sent: {}",
+            order.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let messages = inbox.lock().unwrap().clone();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let message = &messages[0];
+    assert!(message.contains("Subject: Order confirmed"), "{message}");
+    assert!(message.contains(&format!("To: {email}")), "{message}");
+    assert!(message.contains(&order_id), "{message}");
+    assert!(message.contains("42.00 usd"), "{message}");
+    assert!(
+        test.sent_mail().is_empty(),
+        "nothing in the local sink when SMTP is used"
+    );
+
+    let trace = test
+        .trace(&trace_id, |t| !t.named("mail.send").is_empty())
+        .await;
+    let send = common::one(&trace, "mail.send");
+    assert_eq!(send.tag("mail.transport").as_deref(), Some("smtp"));
+    assert!(!send.is_error());
+}
