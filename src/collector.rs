@@ -57,8 +57,8 @@ impl Collector {
             ui: ui_listener.local_addr()?,
         };
         let state = State::new(Config {
-            max_length: 10_000,
-            max_memory_usage: 512 << 20,
+            max_length: 50_000,
+            max_memory_usage: 1 << 30,
         });
 
         let grpc_service = TraceServiceServer::new(Enriching::new(state.clone()))

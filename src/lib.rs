@@ -10,14 +10,18 @@
 //! - [`stack`]: the whole stack in dependency order, each service awaited on `/healthz`.
 //! - [`dead_letters`]: replaying dead-lettered notifications once their cause is fixed.
 //! - [`client`]: a small API client (signup, login, checkout, order) for demos, tests and load.
+//! - [`bench`]: the benchmark session behind BENCHMARKS.md.
+//! - [`load`]: the load generator (open and closed loop, HDR histograms).
 //! - [`trace_view`]: a trace from any Jaeger query API, as a tree and as a terminal waterfall.
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod client;
 pub mod collector;
 pub mod dead_letters;
 pub mod infra;
+pub mod load;
 pub mod process;
 pub mod stack;
 pub mod trace_view;

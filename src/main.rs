@@ -6,6 +6,8 @@
 //! stack demo <scenario>            checkout | slow-stripe | lost-email, against a running stack
 //! stack migrate                    create the database and apply migrations/ (what docker compose runs)
 //! stack prepare                    make sure PostgreSQL and nats-server are available (used by ./dev test)
+//! stack load                       drive a running gateway (open/closed loop, HDR percentiles)
+//! stack bench                      the benchmarks of BENCHMARKS.md (prints JSON)
 //! stack replay-dead-letters        publish dead-lettered notifications again
 //! stack collector                  only the embedded OTLP collector + Jaeger UI
 //! ```
@@ -74,6 +76,46 @@ enum Command {
         #[arg(long, default_value = ".tracehop")]
         state_dir: PathBuf,
     },
+    /// Drive a running gateway with real users (open or closed loop) and report latency percentiles.
+    Load {
+        #[arg(long, default_value = "http://127.0.0.1:3000")]
+        gateway: String,
+        /// Open loop at this many requests per second (omit for a closed loop).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Closed loop: concurrent clients. Open loop: the most requests in flight.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 30)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 5)]
+        warmup_s: u64,
+        #[arg(long, default_value_t = 50)]
+        users: usize,
+        /// Share of order look-ups among the requests.
+        #[arg(long, default_value_t = 0.2)]
+        lookup_share: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the benchmarks of BENCHMARKS.md on fresh stacks of release binaries; prints JSON.
+    Bench {
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 20)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 5)]
+        warmup_s: u64,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        #[arg(long, default_value_t = 60)]
+        completeness_s: u64,
+        #[arg(long, default_value = ".tracehop/bench")]
+        state_dir: PathBuf,
+    },
     /// Publish dead-lettered notifications again (after fixing what made them fail).
     ReplayDeadLetters {
         #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
@@ -130,6 +172,59 @@ async fn main() -> anyhow::Result<()> {
             database_url,
             state_dir,
         } => prepare(&database_url, &state_dir).await,
+        Command::Load {
+            gateway,
+            rate,
+            concurrency,
+            duration_s,
+            warmup_s,
+            users,
+            lookup_share,
+            json,
+        } => {
+            let options = tracehop::load::LoadOptions {
+                gateway: gateway.clone(),
+                rate,
+                concurrency,
+                duration: Duration::from_secs(duration_s),
+                warmup: Duration::from_secs(warmup_s),
+                users,
+                lookup_share,
+                progress: true,
+            };
+            say(&format!("signing up {users} users"));
+            let pool = tracehop::load::user_pool(&gateway, users).await?;
+            let report = tracehop::load::run(&options, pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        Command::Bench {
+            database_url,
+            concurrency,
+            duration_s,
+            warmup_s,
+            rounds,
+            completeness_s,
+            state_dir,
+        } => {
+            std::fs::create_dir_all(&state_dir)?;
+            let results = tracehop::bench::run(tracehop::bench::BenchOptions {
+                database_server_url: database_url,
+                state_dir: std::fs::canonicalize(&state_dir)?,
+                concurrency,
+                duration: Duration::from_secs(duration_s),
+                warmup: Duration::from_secs(warmup_s),
+                rounds,
+                completeness_duration: Duration::from_secs(completeness_s),
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&results)?);
+            Ok(())
+        }
         Command::ReplayDeadLetters { nats_url, stream } => {
             let report = tracehop::dead_letters::replay(&nats_url, &stream).await?;
             println!(

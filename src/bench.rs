@@ -1,0 +1,425 @@
+//! `stack bench`: the benchmarks of BENCHMARKS.md, reproducible by one command (`./dev bench`).
+//!
+//! Each configuration gets a fresh stack of release binaries (own NATS, own database, embedded collector),
+//! so runs do not disturb each other; traced and untraced runs alternate within one session.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::load::{self, LoadOptions, LoadReport};
+use crate::process::free_port;
+use crate::stack::{NatsChoice, Ports, SERVICES, Stack, StackOptions, TraceBackend};
+use crate::trace_view::TraceView;
+
+/// Knobs of a benchmark session.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub database_server_url: String,
+    pub state_dir: std::path::PathBuf,
+    /// Closed-loop clients for the overhead runs.
+    pub concurrency: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub rounds: usize,
+    pub completeness_duration: Duration,
+}
+
+/// CPU time (user + system) and resident memory of a process, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessSample {
+    pub cpu_ticks: u64,
+    pub rss_kib: u64,
+}
+
+fn sample(pid: u32) -> ProcessSample {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `)` of the command name: state is field 3, utime 14, stime 15.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    ProcessSample {
+        cpu_ticks: ticks(11) + ticks(12),
+        rss_kib,
+    }
+}
+
+fn samples(stack: &mut Stack) -> BTreeMap<String, ProcessSample> {
+    SERVICES
+        .iter()
+        .filter_map(|name| {
+            let pid = stack.service(name)?.pid()?;
+            Some(((*name).to_owned(), sample(pid)))
+        })
+        .collect()
+}
+
+async fn start(options: &BenchOptions, traced: bool, label: &str) -> anyhow::Result<Stack> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut extra_env = vec![("RUST_LOG".to_owned(), "warn".to_owned())];
+    if !traced {
+        extra_env.push(("OTEL_SDK_DISABLED".to_owned(), "true".to_owned()));
+    }
+    Stack::start(StackOptions {
+        state_dir: options.state_dir.join(format!("{label}-{}", &id[..8])),
+        ports: Ports::free()?,
+        nats: NatsChoice::Private { port: free_port()? },
+        database_server_url: options.database_server_url.clone(),
+        database_name: format!("tracehop_bench_{}", &id[..12]),
+        trace_backend: TraceBackend::Embedded,
+        otlp_protocol: "grpc".to_owned(),
+        extra_env,
+    })
+    .await
+}
+
+async fn finish(mut stack: Stack, options: &BenchOptions) {
+    let database = stack.options.database_name.clone();
+    stack.stop();
+    let _ = crate::infra::drop_database(&options.database_server_url, &database).await;
+}
+
+/// One measured run: load report, CPU ticks per successful checkout per service, RSS at rest and at load.
+pub struct RunResult {
+    pub report: LoadReport,
+    pub cpu_ms_per_checkout: BTreeMap<String, f64>,
+    pub rss_rest_mib: BTreeMap<String, f64>,
+    pub rss_load_mib: BTreeMap<String, f64>,
+}
+
+async fn measured_run(stack: &mut Stack, load_options: &LoadOptions) -> anyhow::Result<RunResult> {
+    let users = load::user_pool(&stack.gateway_url(), 50).await?;
+    let rest = samples(stack);
+    let report = load::run(load_options, users).await?;
+    let loaded = samples(stack);
+    // Clock ticks are 1/100 s on Linux.
+    let checkouts = report.checkout.count.max(1) as f64;
+    let cpu_ms_per_checkout = loaded
+        .iter()
+        .map(|(name, after)| {
+            let before = rest.get(name).copied().unwrap_or_default();
+            (
+                name.clone(),
+                (after.cpu_ticks - before.cpu_ticks) as f64 * 10.0 / checkouts,
+            )
+        })
+        .collect();
+    let mib = |map: &BTreeMap<String, ProcessSample>| {
+        map.iter()
+            .map(|(name, s)| (name.clone(), s.rss_kib as f64 / 1024.0))
+            .collect()
+    };
+    Ok(RunResult {
+        report,
+        cpu_ms_per_checkout,
+        rss_rest_mib: mib(&rest),
+        rss_load_mib: mib(&loaded),
+    })
+}
+
+/// Span names every complete checkout trace has.
+pub const EXPECTED_SPANS: [&str; 14] = [
+    "POST /checkout",
+    "checkout.process",
+    "session.validate",
+    "BillingActor handle Charge",
+    "billing.charge",
+    "StripeClientActor handle CreateCharge",
+    "stripe.create_charge",
+    "POST /v1/charges",
+    "db.save_transaction",
+    "publish order.completed",
+    "process order.completed",
+    "NotifierActor handle SendConfirmation",
+    "notification.send_confirmation",
+    "INSERT notifications",
+];
+
+/// Whether a trace is whole: every expected span, one root, every parent present.
+pub fn is_complete(trace: &TraceView) -> bool {
+    EXPECTED_SPANS
+        .iter()
+        .all(|name| !trace.named(name).is_empty())
+        && trace.roots().len() == 1
+        && trace
+            .spans
+            .iter()
+            .filter(|s| s.parent_id.is_some())
+            .all(|s| trace.parent(s).is_some())
+}
+
+/// Where one checkout's time went, in milliseconds, from its trace.
+pub fn time_split(trace: &TraceView) -> Option<BTreeMap<&'static str, f64>> {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let total = |name: &str| trace.named(name).iter().map(|s| s.duration_us).sum::<u64>();
+    let root = trace.named("POST /checkout").first().copied()?;
+    let users = trace
+        .named("POST /sessions/validate")
+        .into_iter()
+        .find(|s| s.service == "api-gateway")?
+        .duration_us;
+    let billing_call = trace
+        .named("POST /charge")
+        .into_iter()
+        .find(|s| s.service == "api-gateway")?
+        .duration_us;
+    let stripe = total("POST /v1/charges");
+    let billing_db: u64 = trace
+        .spans
+        .iter()
+        .filter(|s| s.service == "billing-service" && s.tag("db.system.name").is_some())
+        .map(|s| s.duration_us)
+        .sum();
+    let publish = trace.named("publish order.completed").first().copied()?;
+    let process = trace.named("process order.completed").first().copied()?;
+    let billing_own = billing_call
+        .saturating_sub(stripe)
+        .saturating_sub(billing_db);
+    Some(BTreeMap::from([
+        (
+            "gateway (own)",
+            ms(root.duration_us.saturating_sub(users + billing_call)),
+        ),
+        ("users (incl. its DB)", ms(users)),
+        ("billing (own, incl. actor hops)", ms(billing_own)),
+        ("Stripe (HTTP)", ms(stripe)),
+        ("billing DB statements", ms(billing_db)),
+        (
+            "NATS (publish start -> process start)",
+            ms(process.start_us.saturating_sub(publish.start_us)),
+        ),
+        ("notification (process span)", ms(process.duration_us)),
+        ("checkout as the customer sees it", ms(root.duration_us)),
+    ]))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[((values.len() as f64 - 1.0) * q).round() as usize]
+}
+
+async fn fetch_traces(jaeger: &str, ids: &[String]) -> Vec<Option<TraceView>> {
+    futures::stream::iter(ids.iter().cloned())
+        .map(|id| async move { TraceView::fetch(jaeger, &id).await.ok() })
+        .buffered(16)
+        .collect()
+        .await
+}
+
+fn split_medians(traces: &[Option<TraceView>]) -> BTreeMap<String, f64> {
+    let mut columns: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for trace in traces.iter().flatten() {
+        if let Some(split) = time_split(trace) {
+            for (name, value) in split {
+                columns.entry(name).or_default().push(value);
+            }
+        }
+    }
+    columns
+        .into_iter()
+        .map(|(name, mut values)| (name.to_owned(), median(&mut values)))
+        .collect()
+}
+
+/// Runs every benchmark and returns the results as JSON.
+pub async fn run(options: BenchOptions) -> anyhow::Result<serde_json::Value> {
+    let closed = |duration, warmup| LoadOptions {
+        gateway: String::new(),
+        rate: None,
+        concurrency: options.concurrency,
+        duration,
+        warmup,
+        users: 50,
+        lookup_share: 0.2,
+        progress: true,
+    };
+
+    // 1 and 4: tracing overhead and resources, traced and untraced alternating.
+    let mut overhead = Vec::new();
+    for round in 0..options.rounds {
+        for traced in [true, false] {
+            let label = if traced { "traced" } else { "untraced" };
+            eprintln!("== overhead round {} ({label})", round + 1);
+            let mut stack = start(&options, traced, label).await?;
+            let mut load_options = closed(options.duration, options.warmup);
+            load_options.gateway = stack.gateway_url();
+            let result = measured_run(&mut stack, &load_options).await;
+            finish(stack, &options).await;
+            let result = result?;
+            eprintln!("{}", result.report.table());
+            overhead.push(json!({
+                "round": round + 1,
+                "traced": traced,
+                "report": result.report,
+                "cpu_ms_per_checkout": result.cpu_ms_per_checkout,
+                "rss_rest_mib": result.rss_rest_mib,
+                "rss_load_mib": result.rss_load_mib,
+            }));
+        }
+    }
+    let max_rate = overhead
+        .iter()
+        .filter(|run| run["traced"] == true)
+        .filter_map(|run| run["report"]["throughput_rps"].as_f64())
+        .fold(0.0_f64, f64::max);
+
+    // 2, 3 and 5: completeness at 80% of the sustained rate, hop costs and the time split from the traces.
+    eprintln!(
+        "== completeness at {:.0} req/s (80% of {max_rate:.0})",
+        max_rate * 0.8
+    );
+    let mut stack = start(&options, true, "completeness").await?;
+    let jaeger = stack.jaeger_url.clone().unwrap_or_default();
+    let gateway = stack.gateway_url();
+    // At rest: 30 checkouts one after the other.
+    let rest_users = load::user_pool(&gateway, 1).await?;
+    let mut rest_ids = Vec::new();
+    for _ in 0..30 {
+        let response = rest_users[0].checkout("12.34", "usd", None).await?;
+        if let Some(trace) = response.body["traceId"].as_str() {
+            rest_ids.push(trace.to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let users = load::user_pool(&gateway, 50).await?;
+    let report = load::run(
+        &LoadOptions {
+            gateway: gateway.clone(),
+            rate: Some((max_rate * 0.8).max(1.0)),
+            concurrency: 256,
+            duration: options.completeness_duration,
+            warmup: Duration::ZERO,
+            users: 50,
+            lookup_share: 0.0,
+            progress: true,
+        },
+        users,
+    )
+    .await?;
+    // Give the batch processors time to export the last spans.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let started = Instant::now();
+    let load_traces = fetch_traces(&jaeger, &report.checkout_traces).await;
+    let rest_traces = fetch_traces(&jaeger, &rest_ids).await;
+    eprintln!(
+        "fetched {} traces in {:.1} s",
+        load_traces.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let complete = load_traces
+        .iter()
+        .flatten()
+        .filter(|t| is_complete(t))
+        .count();
+    let mut nats_hop: Vec<f64> = Vec::new();
+    let mut mailbox_wait: Vec<f64> = Vec::new();
+    for trace in load_traces.iter().flatten() {
+        if let (Some(publish), Some(process)) = (
+            trace.named("publish order.completed").first(),
+            trace.named("process order.completed").first(),
+        ) {
+            nats_hop.push(process.start_us.saturating_sub(publish.start_us) as f64 / 1000.0);
+        }
+        for span in &trace.spans {
+            if let Some(wait) = span
+                .tag("actor.mailbox.wait_us")
+                .and_then(|w| w.parse::<f64>().ok())
+            {
+                mailbox_wait.push(wait / 1000.0);
+            }
+        }
+    }
+    let nats_url = stack.nats_url.clone();
+    let database = stack.options.database_name.clone();
+    let logs = stack.options.state_dir.join("logs");
+    stack.stop();
+    let _ = crate::infra::drop_database(&options.database_server_url, &database).await;
+    let mut failed_spans = 0;
+    let mut queue_drops = 0;
+    for service in SERVICES {
+        let log = std::fs::read_to_string(logs.join(format!("{service}.log"))).unwrap_or_default();
+        for line in log.lines() {
+            if line.contains("telemetry flushed") {
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(line) {
+                    failed_spans += value["fields"]["spans_failed"].as_u64().unwrap_or(0);
+                }
+            }
+            if line.contains("dropped") && line.contains("queue") {
+                queue_drops += 1;
+            }
+        }
+    }
+    let _ = nats_url;
+    let bare = bare_nats_latency(&options).await.unwrap_or_default();
+
+    Ok(json!({
+        "overhead": overhead,
+        "completeness": {
+            "rate_rps": max_rate * 0.8,
+            "report": report,
+            "traces": report.checkout_traces.len(),
+            "complete": complete,
+            "export_failed_spans": failed_spans,
+            "queue_drop_warnings": queue_drops,
+        },
+        "hops": {
+            "nats_publish_to_process_ms": {"p50": percentile(&mut nats_hop, 0.5), "p99": percentile(&mut nats_hop, 0.99)},
+            "bare_nats_core_pubsub_ms": bare,
+            "actor_mailbox_wait_ms": {"p50": percentile(&mut mailbox_wait, 0.5), "p99": percentile(&mut mailbox_wait, 0.99)},
+        },
+        "time_split_ms": {
+            "at_rest_median": split_medians(&rest_traces),
+            "at_load_median": split_medians(&load_traces),
+        },
+    }))
+}
+
+/// Publish -> receive latency of bare core NATS (no JetStream, no tracing) on a private server.
+async fn bare_nats_latency(options: &BenchOptions) -> anyhow::Result<serde_json::Value> {
+    let port = free_port()?;
+    let dir = options.state_dir.join("bare-nats");
+    let mut server =
+        crate::infra::PrivateNats::start(port, &dir.join("store"), &dir.join("nats.log")).await?;
+    let client = async_nats::connect(&server.url).await?;
+    let mut subscriber = client.subscribe("bench.bare").await?;
+    client.flush().await?;
+    let mut latencies = Vec::new();
+    for _ in 0..2000 {
+        let sent = Instant::now();
+        client.publish("bench.bare", "x".into()).await?;
+        client.flush().await?;
+        if subscriber.next().await.is_some() {
+            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    server.stop();
+    Ok(json!({"p50": percentile(&mut latencies, 0.5), "p99": percentile(&mut latencies, 0.99)}))
+}
