@@ -227,11 +227,23 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
 }
 
 async fn fetch_traces(jaeger: &str, ids: &[String]) -> Vec<Option<TraceView>> {
-    futures::stream::iter(ids.iter().cloned())
-        .map(|id| async move { TraceView::fetch(jaeger, &id).await.ok() })
+    let traces: Vec<Result<TraceView, String>> = futures::stream::iter(ids.iter().cloned())
+        .map(|id| async move {
+            TraceView::fetch(jaeger, &id)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
         .buffered(16)
         .collect()
-        .await
+        .await;
+    if let Some(Err(error)) = traces.iter().find(|t| t.is_err()) {
+        eprintln!(
+            "{} of {} traces could not be fetched, e.g.: {error}",
+            traces.iter().filter(|t| t.is_err()).count(),
+            traces.len()
+        );
+    }
+    traces.into_iter().map(Result::ok).collect()
 }
 
 fn split_medians(traces: &[Option<TraceView>]) -> BTreeMap<String, f64> {

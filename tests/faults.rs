@@ -442,3 +442,97 @@ async fn with_the_trace_collector_down_checkouts_succeed_and_lost_spans_are_coun
         "the first failure is reported right away"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_answers_503_quickly_and_leaves_no_charge_without_a_record() {
+    // A private PostgreSQL this test can stop and start.
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let dir = std::env::temp_dir().join(format!("tracehop-pg-{}", &id[..8]));
+    let port = tracehop::process::free_port().unwrap();
+    let start_postgres = || {
+        tracehop::infra::PrivatePostgres::start(
+            &dir.join("data"),
+            port,
+            &dir.join("logs/postgres.log"),
+        )
+        .expect("private PostgreSQL")
+    };
+    let mut postgres = Some(start_postgres());
+    let server = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let test = TestStack::boot_on(
+        &[
+            ("RECONCILE_AFTER_MS", "4000"),
+            ("RECONCILE_EVERY_MS", "500"),
+        ],
+        "grpc",
+        tracehop::stack::TraceBackend::Embedded,
+        server,
+    )
+    .await;
+    let customer = customer(&test).await;
+    let (running, done) = burst_until(&customer, 40).await;
+    drop(postgres.take()); // pg_ctl stop -m fast
+    let at_stop = done.load(Ordering::SeqCst);
+    assert!(
+        at_stop < BURST,
+        "the database must stop mid-burst ({at_stop} done)"
+    );
+    let during_outage = std::time::Instant::now();
+    let probe = customer.checkout("7.00", "usd", None).await.unwrap();
+    let waited = during_outage.elapsed();
+    assert!(
+        matches!(probe.status, 502 | 503),
+        "{}: {}",
+        probe.status,
+        probe.body
+    );
+    assert_eq!(
+        probe.body["traceId"].as_str().map(str::len),
+        Some(32),
+        "{}",
+        probe.body
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    postgres = Some(start_postgres());
+    let results = running.await.unwrap();
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|(status, _)| *status != 200)
+        .collect();
+    for (status, _) in &failed {
+        assert!(
+            matches!(status, 502 | 503),
+            "a dependency outage is a 502/503, not {status}"
+        );
+    }
+    println!(
+        "PostgreSQL stopped after {at_stop} of {BURST} checkouts; {} answered 503/502; a checkout during the outage answered in {:.1} s",
+        failed.len(),
+        waited.as_secs_f64()
+    );
+    // Give the reconciler time to settle charges made just before the outage.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    {
+        use tracehop_shared::schema::transactions;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let pending: i64 = transactions::table
+                .filter(transactions::status.eq("pending"))
+                .count()
+                .get_result(&mut test.db())
+                .unwrap();
+            if pending == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pending} charges still of unknown outcome"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    assert_nothing_lost_nothing_twice(&test, &results).await;
+    drop(test);
+    drop(postgres);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -30,6 +30,8 @@ pub struct Database {
 pub enum DbError {
     #[error("database unavailable: {0}")]
     Unavailable(#[from] r2d2::Error),
+    #[error("database connection lost: {0}")]
+    ConnectionLost(String),
     #[error("query failed: {0}")]
     Query(#[from] diesel::result::Error),
     #[error("database task failed: {0}")]
@@ -37,6 +39,33 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// Whether the database itself is unreachable (answer 503), as opposed to a query that failed.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::ConnectionLost(_))
+    }
+
+    /// A query error that really means the server went away (shut down, restarted, network).
+    fn from_query(error: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind, Error};
+        let lost = match &error {
+            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _)
+            | Error::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => true,
+            Error::DatabaseError(_, info) => {
+                let message = info.message();
+                message.contains("terminating connection")
+                    || message.contains("server closed the connection")
+                    || message.contains("the database system is shutting down")
+                    || message.contains("the database system is starting up")
+            }
+            _ => false,
+        };
+        if lost {
+            Self::ConnectionLost(error.to_string())
+        } else {
+            Self::Query(error)
+        }
+    }
+
     /// Whether this is a unique-constraint violation (a duplicate insert).
     pub fn is_unique_violation(&self) -> bool {
         matches!(
@@ -88,7 +117,10 @@ impl Database {
                 record_pool_wait(waited, &pool, connection.as_ref().err());
             }
             let mut connection = connection?;
-            work(&mut connection, &statements)
+            match work(&mut connection, &statements) {
+                Err(DbError::Query(error)) => Err(DbError::from_query(error)),
+                other => other,
+            }
         })
         .await
         .map_err(|error| DbError::Task(error.to_string()))?

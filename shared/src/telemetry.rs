@@ -12,7 +12,7 @@
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling (default `parentbased_always_on`) |
 //! | `OTEL_SDK_DISABLED` | `true` turns tracing export off; logs stay |
 //! | `OTEL_BSP_*` | batch span processor queue, batch size, delay, timeout |
-//! | `RUST_LOG` | log filter (default `info`) |
+//! | `RUST_LOG` | log filter (default `info`); spans are not affected by it |
 //! | `LOG_FORMAT` | `json` (default) or `text` |
 //!
 //! Export runs on the batch processor's own thread: an unreachable collector costs a full queue and dropped
@@ -30,9 +30,9 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 mod counting;
 mod json_log;
@@ -105,25 +105,26 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
         Box::new(BaggagePropagator::new()),
     ]));
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+    // RUST_LOG filters the *logs* only. Spans are never switched off by a quieter log level: the trace must
+    // not depend on how chatty the logs are (a `RUST_LOG=warn` once meant no traces at all).
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,h2=warn,hyper=warn,tonic=warn,tower=warn,opentelemetry=warn")
     });
     let text_logs = crate::config::env_or("LOG_FORMAT", "json") == "text";
     let fmt_layer = if text_logs {
         tracing_subscriber::fmt::layer()
             .with_target(false)
-            .boxed_layer()
+            .with_filter(log_filter)
+            .boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .event_format(json_log::JsonWithTraceIds)
-            .boxed_layer()
+            .with_filter(log_filter)
+            .boxed()
     };
 
     if sdk_disabled() {
-        tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt_layer)
-            .try_init()?;
+        tracing_subscriber::registry().with(fmt_layer).try_init()?;
         tracing::info!("OTEL_SDK_DISABLED=true: spans are not exported");
         return Ok(TelemetryGuard {
             provider: None,
@@ -143,21 +144,41 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
     let tracer = provider.tracer("tracehop");
     global::set_tracer_provider(provider.clone());
 
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_error_records_to_exceptions(true)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(span_worthy));
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt_layer)
-        .with(
-            tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                .with_error_records_to_exceptions(true)
-                .with_tracked_inactivity(false)
-                .with_threads(false),
-        )
+        .with(otel_layer)
         .try_init()?;
     Ok(TelemetryGuard {
         provider: Some(provider),
         counts,
     })
+}
+
+/// What becomes part of a trace: our spans (INFO and above) and, on them, events of WARN and above
+/// (errors become exceptions); never the transport crates' internals or the exporter's own chatter.
+fn span_worthy(metadata: &tracing::Metadata<'_>) -> bool {
+    const QUIET: [&str; 6] = ["h2", "hyper", "tonic", "tower", "opentelemetry", "reqwest"];
+    let target = metadata.target();
+    if QUIET.iter().any(|quiet| {
+        target.starts_with(quiet)
+            && target[quiet.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| c == ':' || c == '_')
+    }) {
+        return false;
+    }
+    if metadata.is_span() {
+        *metadata.level() <= tracing::Level::INFO
+    } else {
+        *metadata.level() <= tracing::Level::WARN
+    }
 }
 
 fn sdk_disabled() -> bool {
@@ -203,18 +224,4 @@ pub fn current_trace_id() -> String {
         .span_context()
         .trace_id()
         .to_string()
-}
-
-trait BoxedLayer<S> {
-    fn boxed_layer(self) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync + 'static>;
-}
-
-impl<S, L> BoxedLayer<S> for L
-where
-    L: tracing_subscriber::Layer<S> + Send + Sync + 'static,
-    S: tracing::Subscriber,
-{
-    fn boxed_layer(self) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync + 'static> {
-        Box::new(self)
-    }
 }

@@ -36,6 +36,22 @@ impl TestStack {
         otlp_protocol: &str,
         trace_backend: TraceBackend,
     ) -> TestStack {
+        Self::boot_on(
+            extra_env,
+            otlp_protocol,
+            trace_backend,
+            database_server_url(),
+        )
+        .await
+    }
+
+    /// Boots against a given PostgreSQL server (the database-outage test brings its own).
+    pub async fn boot_on(
+        extra_env: &[(&str, &str)],
+        otlp_protocol: &str,
+        trace_backend: TraceBackend,
+        database_server: String,
+    ) -> TestStack {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let database_name = format!("tracehop_test_{}", &id[..12]);
         let state_dir = std::env::temp_dir().join(format!("tracehop-test-{}", &id[..12]));
@@ -61,7 +77,7 @@ impl TestStack {
             nats: NatsChoice::Private {
                 port: free_port().expect("free port"),
             },
-            database_server_url: database_server_url(),
+            database_server_url: database_server.clone(),
             database_name: database_name.clone(),
             trace_backend,
             otlp_protocol: otlp_protocol.to_owned(),
@@ -143,7 +159,8 @@ impl Drop for TestStack {
         self.stack.stop();
         // Best effort, synchronous (Drop cannot await): remove this test's database and files.
         use diesel::{Connection, RunQueryDsl};
-        let admin = tracehop::infra::with_database(&database_server_url(), "postgres");
+        let admin =
+            tracehop::infra::with_database(&self.stack.options.database_server_url, "postgres");
         if let Ok(mut connection) = diesel::PgConnection::establish(&admin) {
             let _ = diesel::sql_query(format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",

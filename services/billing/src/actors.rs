@@ -3,8 +3,10 @@
 
 pub mod billing;
 pub mod outbox;
+pub mod reconcile;
 pub mod stripe;
 
 pub use billing::{BillingActor, Charge, ChargeError, ChargeReceipt};
 pub use outbox::{OutboxRelay, RelayEvent};
+pub use reconcile::Reconciler;
 pub use stripe::{CreateCharge, StripeCharge, StripeClientActor, StripeError};

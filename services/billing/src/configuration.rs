@@ -23,6 +23,11 @@ pub struct Settings {
     /// `OUTBOX_RELAY_PAUSED=true`: record events but do not publish them (maintenance of NATS; the crash
     /// tests use it to hold events in the outbox, then restart billing without it).
     pub outbox_paused: bool,
+    /// `RECONCILE_EVERY_MS` (default 10000): how often charges of unknown outcome are looked for.
+    pub reconcile_every: Duration,
+    /// `RECONCILE_AFTER_MS` (default 120000): how old a `pending` charge must be to count as lost track of;
+    /// above the whole Stripe retry budget.
+    pub reconcile_after: Duration,
     /// `BILLING_FAULT_PANIC_AMOUNT_MINOR`: a test hook; charging exactly this many minor units panics inside
     /// the BillingActor (the supervision test). Unset in normal operation.
     pub panic_on_amount: Option<i64>,
@@ -77,6 +82,8 @@ impl Settings {
             },
             outbox_sweep: Duration::from_millis(env_parse("OUTBOX_SWEEP_MS", 2_000)?),
             outbox_paused: env_parse("OUTBOX_RELAY_PAUSED", false)?,
+            reconcile_every: Duration::from_millis(env_parse("RECONCILE_EVERY_MS", 10_000)?),
+            reconcile_after: Duration::from_millis(env_parse("RECONCILE_AFTER_MS", 120_000)?),
             panic_on_amount: match std::env::var("BILLING_FAULT_PANIC_AMOUNT_MINOR") {
                 Ok(value) if !value.trim().is_empty() => {
                     Some(env_parse("BILLING_FAULT_PANIC_AMOUNT_MINOR", 0)?)

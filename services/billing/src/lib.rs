@@ -10,6 +10,9 @@
 //! 4. pokes the [`actors::OutboxRelay`], which publishes the event to JetStream (span
 //!    `publish order.completed`, a child of `billing.charge` even when relayed late) and marks it sent.
 //!
+//! A [`actors::Reconciler`] settles charges whose outcome billing lost track of (database gone after Stripe
+//! answered): it asks Stripe by order id and records or releases them.
+//!
 //! `GET /orders/{id}` reads an order with its notification status (the gateway checks ownership).
 //! All actors carry span context in [`tracehop_shared::actor::Traced`] envelopes and are supervised.
 

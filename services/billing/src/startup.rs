@@ -10,7 +10,7 @@ use tracehop_shared::http::server;
 use tracehop_shared::messaging::{self, StreamSettings};
 
 use crate::actors::billing::BillingDeps;
-use crate::actors::{BillingActor, OutboxRelay, StripeClientActor};
+use crate::actors::{BillingActor, OutboxRelay, Reconciler, StripeClientActor};
 use crate::configuration::Settings;
 use crate::routes;
 
@@ -45,6 +45,14 @@ impl Application {
             settings.outbox_paused,
         );
         let relay = Supervisor::start(move |_| relay);
+        let reconciler = Reconciler::new(
+            database.clone(),
+            stripe.clone(),
+            relay.clone(),
+            settings.reconcile_every,
+            settings.reconcile_after,
+        );
+        Supervisor::start(move |_| reconciler);
         let deps = Arc::new(BillingDeps {
             database: database.clone(),
             stripe,

@@ -86,6 +86,22 @@ pub fn transaction(
     })?)
 }
 
+/// `pending` transactions created before `cutoff`: charges whose outcome billing lost track of. Untraced
+/// (a periodic poll, see [`unpublished_events`]).
+pub fn stale_pending(
+    connection: &mut DbConnection,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Transaction>, DbError> {
+    Ok(transactions::table
+        .filter(transactions::status.eq("pending"))
+        .filter(transactions::created_at.lt(cutoff))
+        .order(transactions::created_at.asc())
+        .limit(limit)
+        .select(Transaction::as_select())
+        .load(connection)?)
+}
+
 /// Gives the key back after a charge that certainly did not happen (declined, or never reached Stripe), so
 /// the client may retry with the same key.
 pub fn release(

@@ -7,7 +7,7 @@
 //! - `POST /v1/charges` (form-encoded `amount`, `currency`, `customer`, `description`, `metadata[...]`),
 //!   `Authorization: Bearer sk_test_...`, `Idempotency-Key` replay (same key and parameters -> the same
 //!   charge with `Idempotent-Replayed: true`; same key, other parameters -> 400 `idempotency_error`).
-//! - `GET /v1/charges/{id}`.
+//! - `GET /v1/charges/{id}`, and `GET /v1/charges/search?query=metadata['order_id']:'...'` (reconciliation).
 //! - Faults, from the environment at start (`STRIPE_SIM_LATENCY_MS`, `STRIPE_SIM_FAIL_RATE`) or at any time
 //!   through `POST /_admin/faults` with `{"latencyMs", "failRate", "failNext", "failStatus", "hangNext",
 //!   "hangMs", "declineNext"}`; `DELETE /_admin/faults` resets; `GET /_admin/charges` lists every charge
@@ -143,6 +143,7 @@ pub fn build(settings: Settings) -> std::io::Result<Running> {
                     .to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }),
             )
             .route("/v1/charges", web::post().to(create_charge))
+            .route("/v1/charges/search", web::get().to(search_charges))
             .route("/v1/charges/{id}", web::get().to(get_charge))
             .route("/_admin/faults", web::get().to(get_faults))
             .route("/_admin/faults", web::post().to(set_faults))
@@ -358,6 +359,54 @@ async fn get_charge(
             "No such charge",
         ),
     }
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    query: String,
+}
+
+/// `GET /v1/charges/search?query=metadata['order_id']:'<id>'`: the one search form billing uses to
+/// reconcile (Stripe's search query language, reduced to a metadata equality).
+async fn search_charges(
+    state: web::Data<State>,
+    request: HttpRequest,
+    query: web::Query<SearchQuery>,
+) -> HttpResponse {
+    if !authorized(&request) {
+        return stripe_error(
+            401,
+            "invalid_request_error",
+            None,
+            "Invalid API Key provided.",
+        );
+    }
+    let parsed = query
+        .query
+        .strip_prefix("metadata['")
+        .and_then(|rest| rest.split_once("']:'"))
+        .and_then(|(key, value)| {
+            value
+                .strip_suffix('\'')
+                .map(|value| (key.to_owned(), value.to_owned()))
+        });
+    let Some((key, value)) = parsed else {
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            Some("parameter_invalid"),
+            "unsupported search query",
+        );
+    };
+    let Ok(ledger) = state.ledger.lock() else {
+        return stripe_error(500, "api_error", None, "ledger unavailable");
+    };
+    let found: Vec<&Charge> = ledger
+        .charges
+        .iter()
+        .filter(|charge| charge.metadata.get(&key) == Some(&value))
+        .collect();
+    HttpResponse::Ok().json(serde_json::json!({"object": "search_result", "data": found}))
 }
 
 async fn get_faults(state: web::Data<State>) -> HttpResponse {

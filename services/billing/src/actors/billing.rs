@@ -213,8 +213,9 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
         }
     };
 
-    let event = OrderCompleted {
-        event_id: uuid::Uuid::new_v4(),
+    // The event keeps the context of this span (billing.charge), so its publish span joins the checkout
+    // trace whenever it is relayed, even after a restart.
+    let facts = ChargedOrder {
         order_id,
         user_id: charge.user_id,
         email: charge.email.clone(),
@@ -222,20 +223,13 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
         currency: charge.currency.clone(),
         charge_id: created.id.clone(),
     };
-    let event_id = event.event_id;
-    // The event keeps the context of this span (billing.charge), so its publish span joins the checkout
-    // trace whenever it is relayed, even after a restart.
-    let trace_context = SerializedContext::capture(&span.context());
-    save_transaction(
-        deps,
-        order_id,
-        &created.id,
-        &charge.email,
-        event,
-        trace_context,
+    record_charge(
+        &deps.database,
+        &deps.relay,
+        facts,
+        SerializedContext::capture(&span.context()),
     )
     .await?;
-    deps.relay.do_send(Traced::new(RelayEvent { event_id }));
     Ok(ChargeReceipt {
         order_id,
         charge_id: created.id,
@@ -256,9 +250,51 @@ async fn release(deps: &BillingDeps, order_id: uuid::Uuid) {
     }
 }
 
+/// A charge Stripe made, about to be recorded.
+#[derive(Debug, Clone)]
+pub struct ChargedOrder {
+    pub order_id: uuid::Uuid,
+    pub user_id: uuid::Uuid,
+    pub email: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub charge_id: String,
+}
+
+/// Records a charge (transaction, outbox event, pending notification: one database transaction) and pokes
+/// the relay. `trace_context` is stored with the event: its publish span will be that context's child.
+pub async fn record_charge(
+    database: &Database,
+    relay: &Addr<OutboxRelay>,
+    order: ChargedOrder,
+    trace_context: SerializedContext,
+) -> Result<(), ChargeError> {
+    let event = OrderCompleted {
+        event_id: uuid::Uuid::new_v4(),
+        order_id: order.order_id,
+        user_id: order.user_id,
+        email: order.email.clone(),
+        amount_minor: order.amount_minor,
+        currency: order.currency.clone(),
+        charge_id: order.charge_id.clone(),
+    };
+    let event_id = event.event_id;
+    save_transaction(
+        database,
+        order.order_id,
+        &order.charge_id,
+        &order.email,
+        event,
+        trace_context,
+    )
+    .await?;
+    relay.do_send(Traced::new(RelayEvent { event_id }));
+    Ok(())
+}
+
 #[tracing::instrument(name = "db.save_transaction", skip_all, fields(order.id = %order_id, stripe.charge_id = %charge_id), err(Display))]
 async fn save_transaction(
-    deps: &BillingDeps,
+    database: &Database,
     order_id: uuid::Uuid,
     charge_id: &str,
     email: &str,
@@ -277,7 +313,7 @@ async fn save_transaction(
     };
     let charge_id = charge_id.to_owned();
     let email = email.to_owned();
-    deps.database
+    database
         .run(move |connection, statements| {
             store::save_charged(
                 connection,

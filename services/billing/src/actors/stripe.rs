@@ -31,6 +31,13 @@ pub struct CreateCharge {
     pub idempotency_key: String,
 }
 
+/// Look up the charge made for an order, if any (reconciliation after an unknown outcome).
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "Result<Option<StripeCharge>, StripeError>")]
+pub struct FindCharge {
+    pub order_id: uuid::Uuid,
+}
+
 /// The parts of Stripe's charge object billing keeps.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct StripeCharge {
@@ -115,6 +122,16 @@ impl Handler<Traced<CreateCharge>> for StripeClientActor {
 }
 
 tracehop_shared::restart_on_request!(StripeClientActor);
+
+impl Handler<Traced<FindCharge>> for StripeClientActor {
+    type Result = ResponseFuture<Result<Option<StripeCharge>, StripeError>>;
+
+    fn handle(&mut self, message: Traced<FindCharge>, _: &mut Self::Context) -> Self::Result {
+        let (FindCharge { order_id }, span) = message.into_parts::<Self>();
+        let client = self.client.clone();
+        Box::pin(async move { client.find_charge(order_id).await }.instrument(span))
+    }
+}
 
 struct StripeClient {
     http: TracedClient,
@@ -203,6 +220,56 @@ impl StripeClient {
             attempts: max_attempts,
             last_error,
         })
+    }
+
+    /// Searches the charges by `metadata[order_id]`.
+    #[tracing::instrument(
+        name = "stripe.find_charge",
+        skip_all,
+        fields(order.id = %order_id, stripe.charge_id = tracing::field::Empty),
+        err(Display)
+    )]
+    async fn find_charge(&self, order_id: uuid::Uuid) -> Result<Option<StripeCharge>, StripeError> {
+        let url = format!(
+            "{}/v1/charges/search",
+            self.settings.api_base.trim_end_matches('/')
+        );
+        let request = self
+            .http
+            .request(reqwest::Method::GET, &url)
+            .bearer_auth(&self.settings.secret_key)
+            .timeout(self.settings.attempt_timeout)
+            .query(&[("query", format!("metadata['order_id']:'{order_id}'"))]);
+        let unavailable = |error: String| StripeError::Unavailable {
+            attempts: 1,
+            last_error: error,
+        };
+        let response = self
+            .http
+            .send("/v1/charges/search", request)
+            .await
+            .map_err(|error| unavailable(error.to_string()))?;
+        if !response.status().is_success() {
+            return Err(unavailable(format!(
+                "search answered {}",
+                response.status()
+            )));
+        }
+        #[derive(serde::Deserialize)]
+        struct SearchResult {
+            data: Vec<StripeCharge>,
+        }
+        let found = response
+            .json::<SearchResult>()
+            .await
+            .map_err(|error| unavailable(error.to_string()))?
+            .data
+            .into_iter()
+            .next();
+        if let Some(charge) = &found {
+            tracing::Span::current().record("stripe.charge_id", charge.id.as_str());
+        }
+        Ok(found)
     }
 
     /// `backoff * 2^(attempt-2)` plus up to 50% jitter, so synchronized clients spread out.

@@ -2,7 +2,6 @@
 
 use actix_web::{HttpResponse, web};
 use tracehop_shared::actor::Traced;
-use tracehop_shared::db::DbError;
 use tracehop_shared::domain::{Amount, Currency, Email};
 use tracehop_shared::http::ApiError;
 
@@ -39,7 +38,7 @@ impl From<ChargeError> for ApiError {
                 ApiError::unavailable("payment_provider_unavailable", message)
             }
             ChargeError::Payment(_) => ApiError::bad_gateway("payment_provider_error", message),
-            ChargeError::Database(DbError::Unavailable(_)) => ApiError::unavailable(
+            ChargeError::Database(error) if error.is_unavailable() => ApiError::unavailable(
                 "database_unavailable",
                 "the billing database is unavailable",
             ),

@@ -1,7 +1,6 @@
 //! `GET /orders/{orderId}`: an order and its notification status.
 
 use actix_web::{HttpResponse, web};
-use tracehop_shared::db::DbError;
 use tracehop_shared::http::ApiError;
 
 use super::State;
@@ -17,7 +16,7 @@ pub async fn get_order(
         .run(move |connection, statements| store::order_view(connection, statements, order_id))
         .await
         .map_err(|error| match error {
-            DbError::Unavailable(_) => ApiError::unavailable(
+            error if error.is_unavailable() => ApiError::unavailable(
                 "database_unavailable",
                 "the billing database is unavailable",
             ),

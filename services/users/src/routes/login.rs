@@ -36,7 +36,7 @@ impl From<LoginError> for ApiError {
     fn from(error: LoginError) -> Self {
         match error {
             LoginError::BadCredentials => ApiError::unauthorized(error.to_string()),
-            LoginError::Database(DbError::Unavailable(_)) => {
+            LoginError::Database(error) if error.is_unavailable() => {
                 ApiError::unavailable("database_unavailable", "the user database is unavailable")
             }
             LoginError::Database(other) => ApiError::internal(other.to_string()),
@@ -67,6 +67,11 @@ pub async fn login(
         .await
         .map_err(LoginError::from)?;
 
+    let _hashing = state
+        .hashing
+        .acquire()
+        .await
+        .map_err(|error| ApiError::internal(error.to_string()))?;
     let span = tracing::Span::current();
     let stored = found
         .as_ref()

@@ -42,7 +42,7 @@ impl From<SignupError> for ApiError {
         match error {
             SignupError::Invalid(message) => ApiError::bad_request("invalid_request", message),
             SignupError::EmailTaken => ApiError::conflict("email_taken", error.to_string()),
-            SignupError::Database(DbError::Unavailable(_)) => {
+            SignupError::Database(error) if error.is_unavailable() => {
                 ApiError::unavailable("database_unavailable", "the user database is unavailable")
             }
             other => ApiError::internal(other.to_string()),
@@ -76,6 +76,11 @@ pub async fn signup(
     }
     let password =
         Password::parse(password).map_err(|error| SignupError::Invalid(error.to_string()))?;
+    let _hashing = state
+        .hashing
+        .acquire()
+        .await
+        .map_err(|error| ApiError::internal(error.to_string()))?;
     let span = tracing::Span::current();
     let password_hash = web::block(move || span.in_scope(|| password::hash(&password)))
         .await

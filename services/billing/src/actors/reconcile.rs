@@ -1,0 +1,153 @@
+//! `Reconciler`: settles charges whose outcome is unknown.
+//!
+//! A `pending` transaction older than the whole Stripe retry budget means billing lost track of a charge:
+//! the database went away after Stripe answered, or billing died mid-charge. The reconciler asks Stripe
+//! whether a charge exists for the order (search by `metadata[order_id]`): if it does, the charge is
+//! recorded like any other (transaction, outbox event, notification), so there is never a charge without a
+//! record; if it does not, the idempotency key is released. Each settlement is a `billing.reconcile` trace
+//! carrying the original checkout's trace id as `checkout.trace_id` (only its id is stored, so it cannot
+//! be the parent).
+
+use std::time::Duration;
+
+use actix::{Actor, Addr, AsyncContext, Context, Supervised};
+use tracehop_shared::actor::Traced;
+use tracehop_shared::db::Database;
+use tracehop_shared::propagation::SerializedContext;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::billing::{ChargedOrder, record_charge};
+use super::outbox::OutboxRelay;
+use super::stripe::{FindCharge, StripeClientActor};
+use crate::store::{self, Transaction};
+
+pub struct Reconciler {
+    database: Database,
+    stripe: Addr<StripeClientActor>,
+    relay: Addr<OutboxRelay>,
+    every: Duration,
+    after: Duration,
+}
+
+impl Reconciler {
+    pub fn new(
+        database: Database,
+        stripe: Addr<StripeClientActor>,
+        relay: Addr<OutboxRelay>,
+        every: Duration,
+        after: Duration,
+    ) -> Self {
+        Self {
+            database,
+            stripe,
+            relay,
+            every,
+            after,
+        }
+    }
+}
+
+impl Actor for Reconciler {
+    type Context = Context<Self>;
+
+    fn started(&mut self, context: &mut Self::Context) {
+        context.run_interval(self.every, |reconciler, context| {
+            let database = reconciler.database.clone();
+            let stripe = reconciler.stripe.clone();
+            let relay = reconciler.relay.clone();
+            let after = reconciler.after;
+            context.spawn(actix::fut::wrap_future(reconcile_stale(
+                database, stripe, relay, after,
+            )));
+        });
+    }
+}
+
+impl Supervised for Reconciler {}
+
+async fn reconcile_stale(
+    database: Database,
+    stripe: Addr<StripeClientActor>,
+    relay: Addr<OutboxRelay>,
+    after: Duration,
+) {
+    let cutoff = chrono::Utc::now()
+        - chrono::Duration::from_std(after).unwrap_or_else(|_| chrono::Duration::minutes(5));
+    // Untraced, like the outbox sweep: the poll itself is not part of any request.
+    let stale = database
+        .run(move |connection, _| store::stale_pending(connection, cutoff, 50))
+        .await;
+    let Ok(stale) = stale else {
+        return;
+    };
+    for transaction in stale {
+        let span = tracing::info_span!(
+            "billing.reconcile",
+            otel.kind = "internal",
+            order.id = %transaction.id,
+            checkout.trace_id = %transaction.trace_id,
+            reconcile.outcome = tracing::field::Empty,
+        );
+        reconcile_one(&database, &stripe, &relay, transaction)
+            .instrument(span)
+            .await;
+    }
+}
+
+async fn reconcile_one(
+    database: &Database,
+    stripe: &Addr<StripeClientActor>,
+    relay: &Addr<OutboxRelay>,
+    transaction: Transaction,
+) {
+    let span = tracing::Span::current();
+    let order_id = transaction.id;
+    let found = stripe.send(Traced::new(FindCharge { order_id })).await;
+    let outcome = match found {
+        Ok(Ok(Some(charge))) => {
+            let order = ChargedOrder {
+                order_id,
+                user_id: transaction.user_id,
+                email: transaction.email.clone(),
+                amount_minor: transaction.amount_minor,
+                currency: transaction.currency.clone(),
+                charge_id: charge.id,
+            };
+            match record_charge(
+                database,
+                relay,
+                order,
+                SerializedContext::capture(&span.context()),
+            )
+            .await
+            {
+                Ok(()) => "recorded",
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not record the reconciled charge; next round");
+                    "retry"
+                }
+            }
+        }
+        Ok(Ok(None)) => {
+            let released = database
+                .run(move |connection, statements| store::release(connection, statements, order_id))
+                .await;
+            if released.is_ok() {
+                "released"
+            } else {
+                "retry"
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(error = %error, "Stripe search failed; next round");
+            "retry"
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "Stripe client unavailable; next round");
+            "retry"
+        }
+    };
+    span.record("reconcile.outcome", outcome);
+    tracing::info!(%order_id, outcome, "reconciled a charge of unknown outcome");
+}
