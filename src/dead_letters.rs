@@ -3,7 +3,8 @@
 //! The notifier moves a message to `order.completed.dead` after its last delivery (or when it cannot be
 //! parsed). [`replay`] publishes each one back to `order.completed` with its original trace headers, so the
 //! new delivery joins the same checkout trace, then deletes it from the dead-letter subject. Messages that
-//! were dead-lettered because they are malformed are left alone (replaying them would only fail again).
+//! were dead-lettered as malformed (reason `malformed message: ...`) are left alone: replaying them would
+//! only fail again.
 
 use std::time::Duration;
 
@@ -56,7 +57,7 @@ pub async fn replay(nats_url: &str, stream: &str) -> anyhow::Result<ReplayReport
             .get("Tracehop-Dead-Letter-Reason")
             .map(|value| value.as_str().to_owned())
             .unwrap_or_default();
-        if reason.starts_with("malformed") || headers.get("traceparent").is_none() {
+        if reason.starts_with("malformed") {
             report.skipped += 1;
             message
                 .ack()

@@ -162,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
             notifications,
         } => demo(scenario, &gateway, &jaeger, &stripe_sim, &notifications).await,
         Command::Migrate { database_url } => {
-            let name = database_name(&database_url);
+            let name = tracehop_shared::db::database_name(&database_url);
             infra::create_database(&database_url, &name).await?;
             let applied = infra::migrate(&database_url).await?;
             println!("database {name}: {} migration(s) applied", applied.len());
@@ -265,15 +265,6 @@ fn say(what: &str) {
     } else {
         println!("==> {what}");
     }
-}
-
-fn database_name(url: &str) -> String {
-    url.rsplit('/')
-        .next()
-        .and_then(|tail| tail.split('?').next())
-        .filter(|name| !name.is_empty() && !name.contains('@'))
-        .unwrap_or("tracehop")
-        .to_owned()
 }
 
 /// Ctrl-C or SIGTERM.
@@ -421,7 +412,7 @@ async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
         ports,
         nats,
         database_server_url: database_url.clone(),
-        database_name: database_name(&database_url),
+        database_name: tracehop_shared::db::database_name(&database_url),
         trace_backend,
         otlp_protocol: std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
             .unwrap_or_else(|_| "grpc".to_owned()),

@@ -155,7 +155,7 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Whether something accepts TCP connections on `127.0.0.1:port`.
+/// Whether something accepts TCP connections on `host:port`.
 pub fn port_open(host: &str, port: u16) -> bool {
     use std::net::ToSocketAddrs;
     let Ok(mut addresses) = (host, port).to_socket_addrs() else {

@@ -13,7 +13,7 @@ use crate::collector::{Collector, CollectorAddresses};
 use crate::infra::{self, PrivateNats};
 use crate::process::{ChildProcess, wait_healthy, workspace_binary};
 
-/// The services, in start order: (binary, service name, health path).
+/// The services' binaries, in start order.
 pub const SERVICES: [&str; 5] = ["stripe-sim", "users", "billing", "notifications", "gateway"];
 
 /// Ports of everything the stack listens on.

@@ -156,7 +156,11 @@ impl TraceView {
     /// Whether `ancestor` is on the parent chain of `span`.
     pub fn is_ancestor(&self, ancestor: &SpanView, span: &SpanView) -> bool {
         let mut current = self.parent(span);
-        while let Some(candidate) = current {
+        // At most one step per span: a malformed trace with a parent cycle cannot loop forever.
+        for _ in 0..self.spans.len() {
+            let Some(candidate) = current else {
+                return false;
+            };
             if candidate.span_id == ancestor.span_id {
                 return true;
             }
@@ -269,6 +273,10 @@ impl TraceView {
         depth: usize,
         rows: &mut Vec<(usize, &'a SpanView)>,
     ) {
+        // A span already drawn means a parent cycle in malformed input: stop there.
+        if depth > 256 || rows.iter().any(|(_, drawn)| drawn.span_id == span.span_id) {
+            return;
+        }
         rows.push((depth, span));
         let mut children = self.children(span);
         children.sort_by_key(|child| child.start_us);

@@ -80,7 +80,7 @@ impl DbError {
 
 impl Database {
     /// Builds a pool of `max_size` connections. Does not fail when PostgreSQL is down (connections are opened
-    /// lazily) so a service can start, report itself unhealthy and recover.
+    /// lazily): a service starts, answers 503 while the database is away, and recovers by itself.
     pub fn connect(url: &str, max_size: u32) -> Result<Self, DbError> {
         let manager = ConnectionManager::<PgConnection>::new(url);
         let pool = Pool::builder()
@@ -124,16 +124,6 @@ impl Database {
         })
         .await
         .map_err(|error| DbError::Task(error.to_string()))?
-    }
-
-    /// Checks that a connection can be made and answers (used by readiness checks).
-    pub async fn ping(&self) -> Result<(), DbError> {
-        use diesel::RunQueryDsl;
-        self.run(|connection, _| {
-            diesel::sql_query("SELECT 1").execute(connection)?;
-            Ok(())
-        })
-        .await
     }
 }
 
@@ -259,7 +249,7 @@ pub fn describe(sql: &str) -> (String, Option<String>) {
 }
 
 /// The database name in a `postgres://` URL (the part after the last `/`, before any `?`).
-fn database_name(url: &str) -> String {
+pub fn database_name(url: &str) -> String {
     url.rsplit('/')
         .next()
         .and_then(|tail| tail.split('?').next())

@@ -60,6 +60,11 @@ impl Default for StreamSettings {
     }
 }
 
+/// The stream could not be created or read.
+#[derive(Debug, thiserror::Error)]
+#[error("JetStream stream set-up failed: {0}")]
+pub struct SetupError(String);
+
 /// Why a publish was not acknowledged.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -80,11 +85,11 @@ pub async fn connect(
         .await
 }
 
-/// Creates (or updates) the order stream: file storage, `order.completed` and its dead-letter subject.
+/// Creates the order stream, or updates an existing one to these settings: file storage, `order.completed` and its dead-letter subject.
 pub async fn ensure_stream(
     context: &jetstream::Context,
     settings: &StreamSettings,
-) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+) -> Result<stream::Stream, SetupError> {
     let config = stream::Config {
         name: settings.stream.clone(),
         subjects: vec![
@@ -96,25 +101,27 @@ pub async fn ensure_stream(
         max_age: settings.max_age,
         ..Default::default()
     };
-    match context.get_or_create_stream(config.clone()).await {
-        Ok(stream) => Ok(stream),
-        Err(error) => {
-            tracing::warn!(%error, "get_or_create_stream failed, trying create_stream");
-            context.create_stream(config).await
-        }
-    }
+    // Create, or bring an existing stream to these settings (a reused store gets today's configuration).
+    context
+        .create_or_update_stream(config)
+        .await
+        .map_err(|error| SetupError(error.to_string()))?;
+    context
+        .get_stream(&settings.stream)
+        .await
+        .map_err(|error| SetupError(error.to_string()))
 }
 
 /// Settings of the notifier's durable consumer.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub durable_name: String,
-    /// How long JetStream waits for an ack before redelivering: above the slowest e-mail send.
+    /// How long JetStream waits for an ack before redelivering: above the slowest e-mail send. (No server
+    /// back-off list is set: NATS would use its first step *instead of* this ack wait. Redelivery delays come
+    /// from the consumer's negative acks.)
     pub ack_wait: Duration,
-    /// Deliveries before the message is dead-lettered by the consumer.
+    /// Deliveries the server allows; the notifier dead-letters one earlier (see notification-service).
     pub max_deliver: i64,
-    /// Redelivery delays after a negative ack or an ack timeout.
-    pub backoff: Vec<Duration>,
 }
 
 impl Default for ConsumerSettings {
@@ -122,42 +129,26 @@ impl Default for ConsumerSettings {
         Self {
             durable_name: "notifications".to_owned(),
             ack_wait: Duration::from_secs(30),
-            max_deliver: 5,
-            backoff: vec![
-                Duration::from_secs(1),
-                Duration::from_secs(2),
-                Duration::from_secs(5),
-                Duration::from_secs(10),
-            ],
+            max_deliver: 6,
         }
     }
 }
 
-/// Creates (or reuses) the durable pull consumer of [`ORDER_COMPLETED`].
+/// Creates the durable pull consumer of [`ORDER_COMPLETED`], or updates an existing one to these settings.
 pub async fn ensure_consumer(
     stream: &stream::Stream,
     settings: &ConsumerSettings,
 ) -> Result<consumer::PullConsumer, jetstream::stream::ConsumerError> {
     stream
-        .get_or_create_consumer(
-            &settings.durable_name,
-            consumer::pull::Config {
-                durable_name: Some(settings.durable_name.clone()),
-                filter_subject: ORDER_COMPLETED.to_owned(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: settings.ack_wait,
-                max_deliver: settings.max_deliver,
-                // JetStream refuses more back-off steps than redeliveries.
-                backoff: settings
-                    .backoff
-                    .iter()
-                    .copied()
-                    .take(usize::try_from(settings.max_deliver.saturating_sub(1)).unwrap_or(0))
-                    .collect(),
-                max_ack_pending: 256,
-                ..Default::default()
-            },
-        )
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(settings.durable_name.clone()),
+            filter_subject: ORDER_COMPLETED.to_owned(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: settings.ack_wait,
+            max_deliver: settings.max_deliver,
+            max_ack_pending: 256,
+            ..Default::default()
+        })
         .await
 }
 
@@ -213,6 +204,15 @@ pub async fn publish(
     Ok(outcome?)
 }
 
+/// The `Nats-Msg-Id` of a message, if it has one.
+pub fn message_id(message: &jetstream::Message) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|value| value.as_str().to_owned())
+}
+
 /// The CONSUMER span for one delivery of `message`, child of the producer span found in its headers.
 pub fn process_span(message: &jetstream::Message) -> tracing::Span {
     let subject = message.subject.as_str();
@@ -220,12 +220,7 @@ pub fn process_span(message: &jetstream::Message) -> tracing::Span {
         .info()
         .map(|info| (info.delivered, info.stream_sequence))
         .unwrap_or((0, 0));
-    let message_id = message
-        .headers
-        .as_ref()
-        .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
-        .map(|value| value.as_str().to_owned())
-        .unwrap_or_default();
+    let message_id = message_id(message).unwrap_or_default();
     let span = tracing::info_span!(
         "messaging.process",
         otel.name = %format!("process {subject}"),

@@ -160,24 +160,38 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
     })
 }
 
-/// What becomes part of a trace: our spans (INFO and above) and, on them, events of WARN and above
-/// (errors become exceptions); never the transport crates' internals or the exporter's own chatter.
+/// What becomes part of a trace: tracehop's own spans (INFO and above; third-party crates' spans, such as
+/// the NATS client's per-message spans, cost more than they tell), and on them events of WARN and above
+/// (errors become exceptions), except the transport crates' and the exporter's own.
 fn span_worthy(metadata: &tracing::Metadata<'_>) -> bool {
-    const QUIET: [&str; 6] = ["h2", "hyper", "tonic", "tower", "opentelemetry", "reqwest"];
-    let target = metadata.target();
-    if QUIET.iter().any(|quiet| {
-        target.starts_with(quiet)
-            && target[quiet.len()..]
-                .chars()
-                .next()
-                .is_none_or(|c| c == ':' || c == '_')
-    }) {
-        return false;
-    }
+    let from = |crates: &[&str]| {
+        let target = metadata.target();
+        crates.iter().any(|name| {
+            target
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+    };
     if metadata.is_span() {
-        *metadata.level() <= tracing::Level::INFO
+        from(&[
+            "tracehop_shared",
+            "gateway",
+            "users",
+            "billing",
+            "notifications",
+            "tracecontext",
+        ]) && *metadata.level() <= tracing::Level::INFO
     } else {
-        *metadata.level() <= tracing::Level::WARN
+        !from(&[
+            "h2",
+            "hyper",
+            "hyper_util",
+            "tonic",
+            "tower",
+            "opentelemetry",
+            "opentelemetry_sdk",
+            "opentelemetry_otlp",
+        ]) && *metadata.level() <= tracing::Level::WARN
     }
 }
 

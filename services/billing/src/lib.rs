@@ -8,7 +8,8 @@
 //! 3. records the charge, the `order.completed` outbox event and a `pending` notification in one database
 //!    transaction (span `db.save_transaction`),
 //! 4. pokes the [`actors::OutboxRelay`], which publishes the event to JetStream (span
-//!    `publish order.completed`, a child of `billing.charge` even when relayed late) and marks it sent.
+//!    `publish order.completed`, under `OutboxRelay handle RelayEvent`, or under an `outbox.relay` span
+//!    when relayed late; either way inside the `billing.charge` of its checkout) and marks it sent.
 //!
 //! A [`actors::Reconciler`] settles charges whose outcome billing lost track of (database gone after Stripe
 //! answered): it asks Stripe by order id and records or releases them.

@@ -47,6 +47,8 @@ pub enum Claim {
     Claimed,
     /// Someone already used the key.
     Existing(Transaction),
+    /// Someone held the key and released it between our insert and our read: try again.
+    Vanished,
 }
 
 /// Inserts a `pending` row unless the idempotency key is taken; the unique index makes concurrent claims of
@@ -56,20 +58,22 @@ pub fn claim(
     statements: &Statements,
     pending: PendingTransaction,
 ) -> Result<Claim, DbError> {
-    let key = pending.idempotency_key.clone();
+    // The order id is derived from (user, key), so the primary key is the claim.
+    let order_id = pending.id;
     let query = diesel::insert_into(transactions::table)
         .values(pending)
-        .on_conflict(transactions::idempotency_key)
-        .do_nothing();
+        .on_conflict_do_nothing();
     let inserted = traced(statements, query, |query| query.execute(connection))?;
     if inserted == 1 {
         return Ok(Claim::Claimed);
     }
     let query = transactions::table
-        .filter(transactions::idempotency_key.eq(key))
+        .find(order_id)
         .select(Transaction::as_select());
-    let existing = traced(statements, query, |query| query.first(connection))?;
-    Ok(Claim::Existing(existing))
+    let existing = traced(statements, query, |query| {
+        query.first(connection).optional()
+    })?;
+    Ok(existing.map_or(Claim::Vanished, Claim::Existing))
 }
 
 /// Reads one transaction by id.

@@ -84,18 +84,16 @@ async fn handle(deps: &ConsumerDeps, message: jetstream::Message) {
     let span = messaging::process_span(&message);
     async {
         let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-        let has_context = message
-            .headers
-            .as_ref()
-            .is_some_and(|headers| headers.get("traceparent").is_some());
-        if !has_context {
-            dead_letter(deps, &message, "message has no trace context headers").await;
+        // Our producer always sets headers (at least Nats-Msg-Id; traceparent unless OTEL_SDK_DISABLED):
+        // a message without any did not come from billing.
+        if message.headers.is_none() {
+            dead_letter(deps, &message, "malformed message: no headers").await;
             return;
         }
         let event: OrderCompleted = match serde_json::from_slice(&message.payload) {
             Ok(event) => event,
             Err(error) => {
-                dead_letter(deps, &message, &format!("malformed payload: {error}")).await;
+                dead_letter(deps, &message, &format!("malformed message: {error}")).await;
                 return;
             }
         };
@@ -155,17 +153,12 @@ async fn dead_letter(deps: &ConsumerDeps, message: &jetstream::Message, reason: 
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Tracehop-Dead-Letter-Reason", reason);
     headers.insert("Tracehop-Original-Subject", message.subject.as_str());
-    let original_id = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-        .map(|value| value.as_str().to_owned())
-        .unwrap_or_else(|| {
-            message
-                .info()
-                .map(|info| format!("seq-{}", info.stream_sequence))
-                .unwrap_or_default()
-        });
+    let original_id = messaging::message_id(message).unwrap_or_else(|| {
+        message
+            .info()
+            .map(|info| format!("seq-{}", info.stream_sequence))
+            .unwrap_or_default()
+    });
     let published = messaging::publish(
         &deps.jetstream,
         ORDER_COMPLETED_DEAD_LETTER,

@@ -189,15 +189,31 @@ fn record_attempt(
             notifications::sent_at.eq(sent_at),
         ))
         .on_conflict(notifications::order_id)
-        .do_update()
-        .set((
-            notifications::status.eq(status),
-            notifications::attempts.eq(notifications::attempts + 1),
-            notifications::last_error.eq(error),
-            notifications::sent_at.eq(sent_at),
-            notifications::updated_at.eq(diesel::dsl::now),
-        ));
-    traced(statements, query, |query| query.execute(connection))?;
+        .do_nothing();
+    if traced(statements, query, |query| query.execute(connection))? == 1 {
+        return Ok(());
+    }
+    // A failed attempt never turns a `sent` notification back (a concurrent delivery may have sent it).
+    let changes = (
+        notifications::status.eq(status),
+        notifications::attempts.eq(notifications::attempts + 1),
+        notifications::last_error.eq(error),
+        notifications::sent_at.eq(sent_at),
+        notifications::updated_at.eq(diesel::dsl::now),
+    );
+    let this_order = notifications::order_id.eq(event.order_id);
+    if status == "sent" {
+        let query = diesel::update(notifications::table.filter(this_order)).set(changes);
+        traced(statements, query, |query| query.execute(connection))?;
+    } else {
+        let query = diesel::update(
+            notifications::table
+                .filter(this_order)
+                .filter(notifications::status.ne("sent")),
+        )
+        .set(changes);
+        traced(statements, query, |query| query.execute(connection))?;
+    }
     Ok(())
 }
 

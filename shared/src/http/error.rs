@@ -66,8 +66,27 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
     }
 
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    /// A failure on our side. The detail goes to the log (with the trace id); the client gets a generic
+    /// message, never internal error text.
+    pub fn internal(detail: impl fmt::Display) -> Self {
+        tracing::error!(detail = %detail, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; quote the trace id to support",
+        )
+    }
+
+    /// A database failure: 503 when the database is unreachable (retry later), otherwise internal.
+    pub fn from_db(error: &crate::db::DbError, what: &str) -> Self {
+        if error.is_unavailable() {
+            Self::unavailable(
+                "database_unavailable",
+                format!("the {what} database is unavailable; retry later"),
+            )
+        } else {
+            Self::internal(error)
+        }
     }
 
     pub fn trace_id(&self) -> &str {

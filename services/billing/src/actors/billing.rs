@@ -16,6 +16,10 @@ use super::outbox::{OutboxRelay, RelayEvent};
 use super::stripe::{CreateCharge, StripeClientActor, StripeError};
 use crate::store::{self, Claim, OutboxEvent, PendingTransaction};
 
+/// Namespace of the UUIDv5 order ids.
+const ORDER_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x7a1c_e40b_5f7e_4b8e_9a55_3c1d_0e2f_6b90);
+
 /// How long a request waits for another request holding the same idempotency key to finish.
 const CLAIM_WAIT: Duration = Duration::from_secs(30);
 
@@ -144,7 +148,12 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
         );
     }
     let request_fingerprint = fingerprint(&charge);
-    let order_id = uuid::Uuid::new_v4();
+    // The order id is derived from (user, idempotency key): a retry after a released attempt asks Stripe
+    // with the same parameters and the same Stripe key, so Stripe replays instead of refusing.
+    let order_id = uuid::Uuid::new_v5(
+        &ORDER_ID_NAMESPACE,
+        format!("{}:{}", charge.user_id, charge.idempotency_key).as_bytes(),
+    );
     let pending = PendingTransaction {
         id: order_id,
         user_id: charge.user_id,
@@ -180,10 +189,10 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
                     replayed: true,
                 });
             }
-            Claim::Existing(_) if Instant::now() < deadline => {
+            Claim::Vanished | Claim::Existing(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Claim::Existing(_) => return Err(ChargeError::InProgress),
+            Claim::Vanished | Claim::Existing(_) => return Err(ChargeError::InProgress),
         }
     }
     span.record("order.id", tracing::field::display(order_id));
@@ -195,7 +204,7 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
             user_id: charge.user_id,
             amount_minor: charge.amount_minor,
             currency: charge.currency.clone(),
-            idempotency_key: format!("tracehop-{}", charge.idempotency_key),
+            idempotency_key: format!("tracehop-{order_id}"),
         }))
         .await
         .map_err(|error| {
@@ -204,7 +213,9 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
     let created = match created {
         Ok(Ok(created)) => created,
         Ok(Err(error)) => {
-            release(deps, order_id).await;
+            if error.certainly_not_charged() {
+                release(deps, order_id).await;
+            }
             return Err(error.into());
         }
         Err(error) => {
@@ -238,8 +249,7 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
     })
 }
 
-/// Gives the idempotency key back after a failed charge (Stripe's own key makes a later retry safe even if
-/// the failed attempt did reach it).
+/// Gives the idempotency key back after a charge that certainly did not happen, so the customer may retry.
 async fn release(deps: &BillingDeps, order_id: uuid::Uuid) {
     let outcome = deps
         .database

@@ -5,6 +5,8 @@
 //! so when both paths publish the same event JetStream keeps one (duplicate window: see
 //! [`tracehop_shared::messaging::StreamSettings`]).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
@@ -31,6 +33,8 @@ pub struct OutboxRelay {
     jetstream: jetstream::Context,
     sweep_every: Duration,
     paused: bool,
+    /// Set while a sweep runs: a sweep stuck on a NATS outage must not be joined by the next one.
+    sweeping: Arc<AtomicBool>,
 }
 
 impl OutboxRelay {
@@ -48,6 +52,7 @@ impl OutboxRelay {
             jetstream,
             sweep_every,
             paused,
+            sweeping: Arc::default(),
         }
     }
 }
@@ -60,9 +65,16 @@ impl Actor for OutboxRelay {
             return;
         }
         context.run_interval(self.sweep_every, |relay, context| {
+            if relay.sweeping.swap(true, Ordering::AcqRel) {
+                return;
+            }
             let database = relay.database.clone();
             let jetstream = relay.jetstream.clone();
-            context.spawn(actix::fut::wrap_future(sweep(database, jetstream)));
+            let sweeping = relay.sweeping.clone();
+            context.spawn(actix::fut::wrap_future(async move {
+                sweep(database, jetstream).await;
+                sweeping.store(false, Ordering::Release);
+            }));
         });
     }
 }

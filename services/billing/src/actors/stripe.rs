@@ -60,6 +60,17 @@ pub enum StripeError {
     CircuitOpen,
 }
 
+impl StripeError {
+    /// Whether Stripe certainly made no charge. After timeouts or 5xx (`Unavailable`) it may have: such a
+    /// charge stays `pending` until the reconciler asks Stripe.
+    pub fn certainly_not_charged(&self) -> bool {
+        matches!(
+            self,
+            Self::Declined(_) | Self::Rejected { .. } | Self::CircuitOpen
+        )
+    }
+}
+
 /// Talks to Stripe; cheap to clone into handler futures.
 pub struct StripeClientActor {
     client: Arc<StripeClient>,

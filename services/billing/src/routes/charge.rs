@@ -38,11 +38,8 @@ impl From<ChargeError> for ApiError {
                 ApiError::unavailable("payment_provider_unavailable", message)
             }
             ChargeError::Payment(_) => ApiError::bad_gateway("payment_provider_error", message),
-            ChargeError::Database(error) if error.is_unavailable() => ApiError::unavailable(
-                "database_unavailable",
-                "the billing database is unavailable",
-            ),
-            ChargeError::Database(_) | ChargeError::Internal(_) => ApiError::internal(message),
+            ChargeError::Database(error) => ApiError::from_db(&error, "billing"),
+            ChargeError::Internal(_) => ApiError::internal(message),
         }
     }
 }

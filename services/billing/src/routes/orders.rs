@@ -15,13 +15,7 @@ pub async fn get_order(
         .database
         .run(move |connection, statements| store::order_view(connection, statements, order_id))
         .await
-        .map_err(|error| match error {
-            error if error.is_unavailable() => ApiError::unavailable(
-                "database_unavailable",
-                "the billing database is unavailable",
-            ),
-            other => ApiError::internal(other.to_string()),
-        })?;
+        .map_err(|error| ApiError::from_db(&error, "billing"))?;
     match order {
         Some(order) => Ok(HttpResponse::Ok().json(order)),
         None => Err(ApiError::not_found("order_not_found", "no such order")),

@@ -36,10 +36,7 @@ impl From<LoginError> for ApiError {
     fn from(error: LoginError) -> Self {
         match error {
             LoginError::BadCredentials => ApiError::unauthorized(error.to_string()),
-            LoginError::Database(error) if error.is_unavailable() => {
-                ApiError::unavailable("database_unavailable", "the user database is unavailable")
-            }
-            LoginError::Database(other) => ApiError::internal(other.to_string()),
+            LoginError::Database(error) => ApiError::from_db(&error, "user"),
         }
     }
 }
@@ -73,13 +70,16 @@ pub async fn login(
         .await
         .map_err(|error| ApiError::internal(error.to_string()))?;
     let span = tracing::Span::current();
-    let stored = found
-        .as_ref()
-        .map(|(_, hash)| hash.clone())
-        .unwrap_or_else(|| password::dummy_hash().to_owned());
-    let matches = web::block(move || span.in_scope(|| password::verify(&password, &stored)))
-        .await
-        .map_err(|error| ApiError::internal(error.to_string()))?;
+    let stored = found.as_ref().map(|(_, hash)| hash.clone());
+    // (The dummy hash is computed once, lazily: on the blocking pool too.)
+    let matches = web::block(move || {
+        span.in_scope(|| {
+            let stored = stored.as_deref().unwrap_or_else(|| password::dummy_hash());
+            password::verify(&password, stored)
+        })
+    })
+    .await
+    .map_err(|error| ApiError::internal(error.to_string()))?;
     let user_id = match (found, matches) {
         (Some((user_id, _)), true) => user_id,
         _ => return Err(LoginError::BadCredentials.into()),

@@ -42,10 +42,8 @@ impl From<SignupError> for ApiError {
         match error {
             SignupError::Invalid(message) => ApiError::bad_request("invalid_request", message),
             SignupError::EmailTaken => ApiError::conflict("email_taken", error.to_string()),
-            SignupError::Database(error) if error.is_unavailable() => {
-                ApiError::unavailable("database_unavailable", "the user database is unavailable")
-            }
-            other => ApiError::internal(other.to_string()),
+            SignupError::Database(error) => ApiError::from_db(&error, "user"),
+            SignupError::Hash(error) => ApiError::internal(error),
         }
     }
 }

@@ -35,10 +35,7 @@ impl From<ValidateError> for ApiError {
             ValidateError::Malformed | ValidateError::Unknown => {
                 ApiError::unauthorized(error.to_string())
             }
-            ValidateError::Database(error) if error.is_unavailable() => {
-                ApiError::unavailable("database_unavailable", "the user database is unavailable")
-            }
-            ValidateError::Database(other) => ApiError::internal(other.to_string()),
+            ValidateError::Database(error) => ApiError::from_db(&error, "user"),
         }
     }
 }
