@@ -239,11 +239,14 @@ async fn main() -> anyhow::Result<()> {
             ui_port,
         } => {
             let any = |port| std::net::SocketAddr::from(([0, 0, 0, 0], port));
-            let collector = Collector::start(CollectorAddresses {
-                otlp_grpc: any(otlp_grpc_port),
-                otlp_http: any(otlp_http_port),
-                ui: any(ui_port),
-            })
+            let collector = Collector::start(
+                CollectorAddresses {
+                    otlp_grpc: any(otlp_grpc_port),
+                    otlp_http: any(otlp_http_port),
+                    ui: any(ui_port),
+                },
+                true,
+            )
             .await?;
             println!(
                 "collector: OTLP gRPC {}, OTLP HTTP {}, Jaeger UI http://localhost:{}",

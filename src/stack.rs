@@ -72,6 +72,8 @@ pub enum NatsChoice {
 pub enum TraceBackend {
     /// The in-process collector (Jaeger UI on `Ports::jaeger_ui`).
     Embedded,
+    /// The in-process collector receiving and counting spans without storing them (benchmarks).
+    Counting,
     /// Someone else's: an OTLP endpoint, and the Jaeger query URL if there is one.
     External {
         otlp_endpoint: String,
@@ -115,13 +117,17 @@ impl Stack {
     pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(options.state_dir.join("logs"))?;
         let (collector, otlp_endpoint, jaeger_url) = match &options.trace_backend {
-            TraceBackend::Embedded => {
+            TraceBackend::Embedded | TraceBackend::Counting => {
                 let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
-                let collector = Collector::start(CollectorAddresses {
-                    otlp_grpc: local(options.ports.otlp_grpc),
-                    otlp_http: local(options.ports.otlp_http),
-                    ui: local(options.ports.jaeger_ui),
-                })
+                let store = matches!(options.trace_backend, TraceBackend::Embedded);
+                let collector = Collector::start(
+                    CollectorAddresses {
+                        otlp_grpc: local(options.ports.otlp_grpc),
+                        otlp_http: local(options.ports.otlp_http),
+                        ui: local(options.ports.jaeger_ui),
+                    },
+                    store,
+                )
                 .await?;
                 let endpoint = if options.otlp_protocol == "http/protobuf" {
                     format!("http://{}", collector.addresses.otlp_http)
@@ -187,6 +193,9 @@ impl Stack {
                 self.options.otlp_protocol.clone(),
             ),
             ("OTEL_BSP_SCHEDULE_DELAY".into(), "500".into()),
+            // Sized so that nothing is dropped at full load on the benchmark machine (BENCHMARKS.md).
+            ("OTEL_BSP_MAX_QUEUE_SIZE".into(), "32768".into()),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE".into(), "2048".into()),
             ("DATABASE_URL".into(), self.database_url.clone()),
             ("NATS_URL".into(), self.nats_url.clone()),
             ("GATEWAY_PORT".into(), ports.gateway.to_string()),

@@ -247,7 +247,7 @@ async fn billing_killed_between_commit_and_publish_still_delivers_through_the_ou
     // state of a crash between the database commit and the publish. Restarted normally, it relays them.
     let mut test = TestStack::boot(&[("OUTBOX_RELAY_PAUSED", "true")]).await;
     let customer = customer(&test).await;
-    let results = burst(&customer, 50).await;
+    let results = burst(&customer, BURST).await;
     assert!(results.iter().all(|(status, _)| *status == 200));
     {
         use tracehop_shared::schema::outbox;
@@ -256,7 +256,7 @@ async fn billing_killed_between_commit_and_publish_still_delivers_through_the_ou
             .count()
             .get_result(&mut test.db())
             .unwrap();
-        assert_eq!(pending, 50, "nothing published while paused");
+        assert_eq!(pending, BURST as i64, "nothing published while paused");
     }
     assert!(test.sent_mail().is_empty());
     test.stack.service("billing").expect("billing").kill();
@@ -300,9 +300,9 @@ async fn billing_killed_between_commit_and_publish_still_delivers_through_the_ou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_first_stripe_attempt_is_retried_and_charged_once() {
-    let test = TestStack::boot(&[("STRIPE_ATTEMPT_TIMEOUT_MS", "1000")]).await;
+    let test = TestStack::boot(&[("STRIPE_ATTEMPT_TIMEOUT_MS", "2000")]).await;
     let customer = customer(&test).await;
-    test.stripe_faults(serde_json::json!({"hangNext": 1, "hangMs": 2500}))
+    test.stripe_faults(serde_json::json!({"hangNext": 1, "hangMs": 4000}))
         .await;
     let checkout = customer.checkout("30.00", "usd", None).await.unwrap();
     assert_eq!(checkout.status, 200, "{}", checkout.body);
@@ -315,7 +315,7 @@ async fn a_slow_first_stripe_attempt_is_retried_and_charged_once() {
     assert!(attempts[0].is_error(), "first attempt timed out");
     assert_eq!(attempts[0].tag("error.type").as_deref(), Some("timeout"));
     assert!(
-        attempts[0].duration_us >= 1_000_000,
+        attempts[0].duration_us >= 2_000_000,
         "the slow attempt is the wide bar"
     );
     assert!(!attempts[1].is_error());
@@ -326,7 +326,7 @@ async fn a_slow_first_stripe_attempt_is_retried_and_charged_once() {
     let stripe = common::one(&trace, "stripe.create_charge");
     assert_eq!(stripe.tag("stripe.attempts").as_deref(), Some("2"));
     // The hung request completes later and finds the idempotency key: still one charge.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(test.stripe_charges().await.len(), 1);
 }
 
