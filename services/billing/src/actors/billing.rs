@@ -189,10 +189,38 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
                     replayed: true,
                 });
             }
-            Claim::Vanished | Claim::Existing(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Claim::Vanished | Claim::Existing(_) => {
+                // Another request holds the key: wait for its outcome with reads only (no repeated
+                // inserts), backing off to 500 ms, then claim again if it released the key.
+                let mut pause = Duration::from_millis(50);
+                loop {
+                    if Instant::now() >= deadline {
+                        return Err(ChargeError::InProgress);
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                    let holder = deps
+                        .database
+                        .run(move |connection, statements| {
+                            store::transaction(connection, statements, order_id)
+                        })
+                        .await?;
+                    match holder {
+                        None => break,
+                        Some(existing) if existing.status == "charged" => {
+                            span.record("order.id", tracing::field::display(existing.id));
+                            span.record("billing.idempotent_replay", true);
+                            return Ok(ChargeReceipt {
+                                order_id: existing.id,
+                                charge_id: existing.charge_id.unwrap_or_default(),
+                                status: "completed".into(),
+                                replayed: true,
+                            });
+                        }
+                        Some(_) => {}
+                    }
+                }
             }
-            Claim::Vanished | Claim::Existing(_) => return Err(ChargeError::InProgress),
         }
     }
     span.record("order.id", tracing::field::display(order_id));

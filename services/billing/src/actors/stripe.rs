@@ -117,6 +117,8 @@ impl Handler<Traced<CreateCharge>> for StripeClientActor {
                 match catch_panic(client.create_charge(charge)).await {
                     Ok(outcome) => outcome,
                     Err(panic) => {
+                        // Count it, so a half-open trial that panicked does not hold the circuit open.
+                        client.breaker.on_failure();
                         me.do_send(Restart {
                             reason: panic.clone(),
                         });
@@ -349,6 +351,8 @@ struct Breaker {
 struct BreakerInner {
     consecutive_failures: u32,
     open_until: Option<Instant>,
+    /// Half-open: one trial call is out; everyone else still fails fast until it answers.
+    trial_in_flight: bool,
 }
 
 impl Breaker {
@@ -361,12 +365,16 @@ impl Breaker {
     }
 
     fn admit(&self) -> BreakerState {
-        let Ok(inner) = self.inner.lock() else {
+        let Ok(mut inner) = self.inner.lock() else {
             return BreakerState::Closed;
         };
         match inner.open_until {
             Some(until) if Instant::now() < until => BreakerState::Open,
-            Some(_) => BreakerState::HalfOpen,
+            Some(_) if inner.trial_in_flight => BreakerState::Open,
+            Some(_) => {
+                inner.trial_in_flight = true;
+                BreakerState::HalfOpen
+            }
             None => BreakerState::Closed,
         }
     }
@@ -380,6 +388,7 @@ impl Breaker {
     fn on_failure(&self) {
         if let Ok(mut inner) = self.inner.lock() {
             inner.consecutive_failures += 1;
+            inner.trial_in_flight = false;
             if inner.consecutive_failures >= self.threshold {
                 inner.open_until = Some(Instant::now() + self.cooldown);
                 tracing::warn!(
@@ -403,6 +412,19 @@ mod tests {
         assert_eq!(breaker.admit(), BreakerState::Closed);
         breaker.on_failure();
         assert_eq!(breaker.admit(), BreakerState::Open);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(breaker.admit(), BreakerState::HalfOpen);
+        assert_eq!(
+            breaker.admit(),
+            BreakerState::Open,
+            "one trial call at a time"
+        );
+        breaker.on_failure();
+        assert_eq!(
+            breaker.admit(),
+            BreakerState::Open,
+            "a failed trial reopens"
+        );
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(breaker.admit(), BreakerState::HalfOpen);
         breaker.on_success();
