@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod configuration;
+pub mod hashing;
 pub mod password;
 pub mod routes;
 pub mod startup;

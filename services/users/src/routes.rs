@@ -10,7 +10,6 @@ use tracehop_shared::db::Database;
 pub struct State {
     pub database: Database,
     pub session_ttl: chrono::Duration,
-    /// Argon2 takes ~19 MiB and a core per hash: at most one hash per core at a time, so a signup burst
-    /// queues instead of growing memory by the blocking pool's size (and starving everything else).
-    pub hashing: tokio::sync::Semaphore,
+    /// Where Argon2 runs: one thread per core (see [`crate::hashing`]).
+    pub hashing: crate::hashing::HashingPool,
 }

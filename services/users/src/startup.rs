@@ -20,9 +20,9 @@ impl Application {
         let state = web::Data::new(routes::State {
             database,
             session_ttl: chrono::Duration::hours(settings.session_ttl_hours),
-            hashing: tokio::sync::Semaphore::new(
+            hashing: crate::hashing::HashingPool::new(
                 std::thread::available_parallelism().map_or(2, |cores| cores.get()),
-            ),
+            )?,
         });
         let server = actix_web::HttpServer::new(move || {
             let state = state.clone();

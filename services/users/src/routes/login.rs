@@ -64,22 +64,16 @@ pub async fn login(
         .await
         .map_err(LoginError::from)?;
 
-    let _hashing = state
-        .hashing
-        .acquire()
-        .await
-        .map_err(|error| ApiError::internal(error.to_string()))?;
-    let span = tracing::Span::current();
     let stored = found.as_ref().map(|(_, hash)| hash.clone());
-    // (The dummy hash is computed once, lazily: on the blocking pool too.)
-    let matches = web::block(move || {
-        span.in_scope(|| {
+    // (The dummy hash is computed once, lazily: on the hashing pool too.)
+    let matches = state
+        .hashing
+        .run(move || {
             let stored = stored.as_deref().unwrap_or_else(|| password::dummy_hash());
             password::verify(&password, stored)
         })
-    })
-    .await
-    .map_err(|error| ApiError::internal(error.to_string()))?;
+        .await
+        .map_err(ApiError::internal)?;
     let user_id = match (found, matches) {
         (Some((user_id, _)), true) => user_id,
         _ => return Err(LoginError::BadCredentials.into()),

@@ -74,15 +74,11 @@ pub async fn signup(
     }
     let password =
         Password::parse(password).map_err(|error| SignupError::Invalid(error.to_string()))?;
-    let _hashing = state
+    let password_hash = state
         .hashing
-        .acquire()
+        .run(move || password::hash(&password))
         .await
-        .map_err(|error| ApiError::internal(error.to_string()))?;
-    let span = tracing::Span::current();
-    let password_hash = web::block(move || span.in_scope(|| password::hash(&password)))
-        .await
-        .map_err(|error| ApiError::internal(error.to_string()))?
+        .map_err(ApiError::internal)?
         .map_err(SignupError::from)?;
 
     let user = NewUser {
