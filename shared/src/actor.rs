@@ -100,6 +100,28 @@ pub async fn catch_panic<F: std::future::Future>(future: F) -> Result<F::Output,
         })
 }
 
+/// The handler side of supervision: runs `future`; if it panics, asks the actor `me` to restart (see
+/// [`Restart`]) and answers the in-flight message with `on_panic(message)`.
+pub async fn reply_or_restart<A, T>(
+    me: actix::Addr<A>,
+    future: impl std::future::Future<Output = T>,
+    on_panic: impl FnOnce(String) -> T,
+) -> T
+where
+    A: actix::Actor + actix::Handler<Restart>,
+    A::Context: actix::dev::ToEnvelope<A, Restart>,
+{
+    match catch_panic(future).await {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            me.do_send(Restart {
+                reason: panic.clone(),
+            });
+            on_panic(panic)
+        }
+    }
+}
+
 /// Asks an actor to stop after a failure; under an actix `Supervisor` that means a restart with fresh state.
 /// Implement it with [`restart_on_request!`](crate::restart_on_request).
 #[derive(Debug, Clone, actix::Message)]

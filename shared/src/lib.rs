@@ -13,6 +13,7 @@
 //! - [`actor`]: [`actor::Traced`], the envelope that carries span context through an actix mailbox.
 //! - [`db`]: diesel over r2d2 on the blocking pool, one CLIENT span per statement.
 //! - [`schema`]: the diesel tables of `migrations/`.
+//! - [`service`]: the shape of every service's `main` (telemetry, serve, log the error, flush).
 //! - [`domain`]: money in minor units, currency codes and e-mail addresses, parsed at the edge.
 
 pub mod actor;
@@ -23,4 +24,5 @@ pub mod http;
 pub mod messaging;
 pub mod propagation;
 pub mod schema;
+pub mod service;
 pub mod telemetry;

@@ -10,7 +10,7 @@
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | collector address |
 //! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` (default) or `http/protobuf` |
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling (default `parentbased_always_on`) |
-//! | `OTEL_SDK_DISABLED` | `true` turns tracing export off; logs stay |
+//! | `OTEL_SDK_DISABLED` | `true`: no spans at all (so no context propagation either); logs stay |
 //! | `OTEL_BSP_*` | batch span processor queue, batch size, delay, timeout |
 //! | `RUST_LOG` | log filter (default `info`); spans are not affected by it |
 //! | `LOG_FORMAT` | `json` (default) or `text` |

@@ -5,19 +5,9 @@ use billing::startup::Application;
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
-    let telemetry = tracehop_shared::telemetry::init("billing-service")?;
-    let outcome = async {
-        let settings = Settings::from_env()?;
-        let application = Application::build(settings).await?;
+    tracehop_shared::service::run("billing-service", || async {
+        let application = Application::build(Settings::from_env()?).await?;
         application.run_until_stopped().await
-    }
-    .await;
-    if let Err(error) = &outcome {
-        tracing::error!(
-            error = format!("{error:#}"),
-            "billing-service stopped with an error"
-        );
-    }
-    telemetry.shutdown().await;
-    outcome
+    })
+    .await
 }

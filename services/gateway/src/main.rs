@@ -5,19 +5,9 @@ use gateway::startup::Application;
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
-    let telemetry = tracehop_shared::telemetry::init("api-gateway")?;
-    let outcome = async {
-        let settings = Settings::from_env()?;
-        let application = Application::build(settings).await?;
+    tracehop_shared::service::run("api-gateway", || async {
+        let application = Application::build(Settings::from_env()?).await?;
         application.run_until_stopped().await
-    }
-    .await;
-    if let Err(error) = &outcome {
-        tracing::error!(
-            error = format!("{error:#}"),
-            "api-gateway stopped with an error"
-        );
-    }
-    telemetry.shutdown().await;
-    outcome
+    })
+    .await
 }

@@ -38,22 +38,34 @@ impl Upstreams {
                 &format!("{}/sessions/validate", self.users_url),
             )
             .header(reqwest::header::AUTHORIZATION, authorization);
+        self.call("user-service", "/sessions/validate", request)
+            .await
+    }
+
+    /// Calls an internal service and reads its JSON answer. Unreachable: 503. An error answer: passed on
+    /// with its status and code. An unreadable answer: 502.
+    pub async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        service: &'static str,
+        url_template: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ApiError> {
         let response = self
             .client
-            .send("/sessions/validate", request)
+            .send(url_template, request)
             .await
-            .map_err(|error| unreachable_service("user-service", &error))?;
+            .map_err(|error| unreachable_service(service, &error))?;
         if !response.status().is_success() {
-            return Err(relay_error("user-service", response).await);
+            return Err(relay_error(service, response).await);
         }
-        response.json::<SessionUser>().await.map_err(|error| {
-            ApiError::bad_gateway("bad_upstream_response", format!("user-service: {error}"))
+        response.json::<T>().await.map_err(|error| {
+            ApiError::bad_gateway("bad_upstream_response", format!("{service}: {error}"))
         })
     }
 }
 
 /// A service that could not be reached: 503, with which one.
-pub fn unreachable_service(service: &str, error: &ClientError) -> ApiError {
+fn unreachable_service(service: &str, error: &ClientError) -> ApiError {
     tracing::error!(service, error = %error, "upstream unreachable");
     ApiError::unavailable(
         "upstream_unavailable",
@@ -63,7 +75,7 @@ pub fn unreachable_service(service: &str, error: &ClientError) -> ApiError {
 
 /// An upstream error answer, passed on with its status and code (they are already meant for clients);
 /// anything unreadable becomes a 502.
-pub async fn relay_error(service: &str, response: reqwest::Response) -> ApiError {
+async fn relay_error(service: &str, response: reqwest::Response) -> ApiError {
     let status =
         StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     match response.json::<ErrorBody>().await {

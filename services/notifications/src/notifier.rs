@@ -5,7 +5,7 @@ use std::sync::Arc;
 use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use chrono::Utc;
 use diesel::prelude::*;
-use tracehop_shared::actor::{Restart, Traced, catch_panic};
+use tracehop_shared::actor::{Traced, reply_or_restart};
 use tracehop_shared::db::{Database, DbError, traced};
 use tracehop_shared::domain::{Amount, Currency};
 use tracehop_shared::messaging::OrderCompleted;
@@ -75,15 +75,10 @@ impl Handler<Traced<SendConfirmation>> for NotifierActor {
         let me = context.address();
         Box::pin(
             async move {
-                match catch_panic(send_confirmation(&database, &mailer, event)).await {
-                    Ok(outcome) => outcome,
-                    Err(panic) => {
-                        me.do_send(Restart {
-                            reason: panic.clone(),
-                        });
-                        Err(NotifyError::Panicked(panic))
-                    }
-                }
+                reply_or_restart(me, send_confirmation(&database, &mailer, event), |panic| {
+                    Err(NotifyError::Panicked(panic))
+                })
+                .await
             }
             .instrument(span),
         )

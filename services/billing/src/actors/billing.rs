@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use sha2::{Digest, Sha256};
-use tracehop_shared::actor::{Restart, Traced, catch_panic};
+use tracehop_shared::actor::{Traced, reply_or_restart};
 use tracehop_shared::db::{Database, DbError};
 use tracehop_shared::messaging::{ORDER_COMPLETED, OrderCompleted};
 use tracehop_shared::propagation::SerializedContext;
@@ -99,17 +99,12 @@ impl Handler<Traced<Charge>> for BillingActor {
         let me = context.address();
         Box::pin(
             async move {
-                match catch_panic(charge_card(&deps, charge)).await {
-                    Ok(outcome) => outcome,
-                    Err(panic) => {
-                        me.do_send(Restart {
-                            reason: panic.clone(),
-                        });
-                        Err(ChargeError::Internal(format!(
-                            "billing actor failed: {panic}"
-                        )))
-                    }
-                }
+                reply_or_restart(me, charge_card(&deps, charge), |panic| {
+                    Err(ChargeError::Internal(format!(
+                        "billing actor failed: {panic}"
+                    )))
+                })
+                .await
             }
             .instrument(span),
         )
@@ -180,14 +175,7 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
                 return Err(ChargeError::IdempotencyKeyReused);
             }
             Claim::Existing(existing) if existing.status == "charged" => {
-                span.record("order.id", tracing::field::display(existing.id));
-                span.record("billing.idempotent_replay", true);
-                return Ok(ChargeReceipt {
-                    order_id: existing.id,
-                    charge_id: existing.charge_id.unwrap_or_default(),
-                    status: "completed".into(),
-                    replayed: true,
-                });
+                return Ok(replayed(&span, existing));
             }
             Claim::Vanished | Claim::Existing(_) => {
                 // Another request holds the key: wait for its outcome with reads only (no repeated
@@ -208,14 +196,7 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
                     match holder {
                         None => break,
                         Some(existing) if existing.status == "charged" => {
-                            span.record("order.id", tracing::field::display(existing.id));
-                            span.record("billing.idempotent_replay", true);
-                            return Ok(ChargeReceipt {
-                                order_id: existing.id,
-                                charge_id: existing.charge_id.unwrap_or_default(),
-                                status: "completed".into(),
-                                replayed: true,
-                            });
+                            return Ok(replayed(&span, existing));
                         }
                         Some(_) => {}
                     }
@@ -275,6 +256,18 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
         status: "completed".into(),
         replayed: false,
     })
+}
+
+/// The answer to a repeated key: the order the first request made.
+fn replayed(span: &tracing::Span, existing: store::Transaction) -> ChargeReceipt {
+    span.record("order.id", tracing::field::display(existing.id));
+    span.record("billing.idempotent_replay", true);
+    ChargeReceipt {
+        order_id: existing.id,
+        charge_id: existing.charge_id.unwrap_or_default(),
+        status: "completed".into(),
+        replayed: true,
+    }
 }
 
 /// Gives the idempotency key back after a charge that certainly did not happen, so the customer may retry.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use rand::Rng;
-use tracehop_shared::actor::{Restart, Traced, catch_panic};
+use tracehop_shared::actor::{Traced, reply_or_restart};
 use tracehop_shared::http::TracedClient;
 use tracehop_shared::http::client::ClientError;
 use tracing::Instrument;
@@ -114,20 +114,15 @@ impl Handler<Traced<CreateCharge>> for StripeClientActor {
         let me = context.address();
         Box::pin(
             async move {
-                match catch_panic(client.create_charge(charge)).await {
-                    Ok(outcome) => outcome,
-                    Err(panic) => {
-                        // Count it, so a half-open trial that panicked does not hold the circuit open.
-                        client.breaker.on_failure();
-                        me.do_send(Restart {
-                            reason: panic.clone(),
-                        });
-                        Err(StripeError::Unavailable {
-                            attempts: 0,
-                            last_error: format!("Stripe client actor failed: {panic}"),
-                        })
-                    }
-                }
+                reply_or_restart(me, client.create_charge(charge), |panic| {
+                    // Count it, so a half-open trial that panicked does not hold the circuit open.
+                    client.breaker.on_failure();
+                    Err(StripeError::Unavailable {
+                        attempts: 0,
+                        last_error: format!("Stripe client actor failed: {panic}"),
+                    })
+                })
+                .await
             }
             .instrument(span),
         )

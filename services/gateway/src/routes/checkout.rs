@@ -6,7 +6,7 @@ use tracehop_shared::domain::{Amount, Currency};
 use tracehop_shared::http::ApiError;
 
 use super::authorization;
-use crate::upstream::{Upstreams, relay_error, unreachable_service};
+use crate::upstream::Upstreams;
 
 /// `{"total": "49.99" | 49.99, "currency": "usd"}`. The total is kept as raw JSON text so that a JSON number
 /// is never rounded through a float.
@@ -133,18 +133,9 @@ async fn process(
             "currency": amount.currency().code(),
             "idempotencyKey": idempotency_key,
         }));
-    let response = upstreams
-        .client
-        .send("/charge", request)
-        .await
-        .map_err(|error| unreachable_service("billing-service", &error))?;
-    if !response.status().is_success() {
-        return Err(relay_error("billing-service", response).await);
-    }
-    let receipt: ChargeReceipt = response
-        .json()
-        .await
-        .map_err(|error| ApiError::bad_gateway("bad_upstream_response", error.to_string()))?;
+    let receipt: ChargeReceipt = upstreams
+        .call("billing-service", "/charge", request)
+        .await?;
     span.record("order.id", tracing::field::display(receipt.order_id));
     Ok(CheckoutResponse {
         order_id: receipt.order_id,

@@ -3,7 +3,7 @@
 use actix_web::{HttpResponse, web};
 use tracehop_shared::http::ApiError;
 
-use crate::upstream::{Upstreams, relay_error, unreachable_service};
+use crate::upstream::Upstreams;
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,17 +29,6 @@ pub async fn login(
             &format!("{}/sessions", upstreams.users_url),
         )
         .json(&body.into_inner());
-    let response = upstreams
-        .client
-        .send("/sessions", request)
-        .await
-        .map_err(|error| unreachable_service("user-service", &error))?;
-    if !response.status().is_success() {
-        return Err(relay_error("user-service", response).await);
-    }
-    let session: Session = response
-        .json()
-        .await
-        .map_err(|error| ApiError::bad_gateway("bad_upstream_response", error.to_string()))?;
+    let session: Session = upstreams.call("user-service", "/sessions", request).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "token": session.token })))
 }

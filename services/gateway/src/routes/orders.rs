@@ -6,7 +6,7 @@ use tracehop_shared::domain::{Amount, Currency};
 use tracehop_shared::http::ApiError;
 
 use super::authorization;
-use crate::upstream::{Upstreams, relay_error, unreachable_service};
+use crate::upstream::Upstreams;
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -43,18 +43,9 @@ pub async fn get_order(
         reqwest::Method::GET,
         &format!("{}/orders/{order_id}", upstreams.billing_url),
     );
-    let response = upstreams
-        .client
-        .send("/orders/{order_id}", lookup)
-        .await
-        .map_err(|error| unreachable_service("billing-service", &error))?;
-    if !response.status().is_success() {
-        return Err(relay_error("billing-service", response).await);
-    }
-    let order: BillingOrder = response
-        .json()
-        .await
-        .map_err(|error| ApiError::bad_gateway("bad_upstream_response", error.to_string()))?;
+    let order: BillingOrder = upstreams
+        .call("billing-service", "/orders/{order_id}", lookup)
+        .await?;
     if order.user_id != user.user_id {
         return Err(ApiError::not_found("order_not_found", "no such order"));
     }

@@ -4,7 +4,7 @@ use actix_web::{HttpResponse, web};
 use tracehop_shared::domain::Email;
 use tracehop_shared::http::ApiError;
 
-use crate::upstream::{Upstreams, relay_error, unreachable_service};
+use crate::upstream::Upstreams;
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,17 +34,6 @@ pub async fn signup(
             &format!("{}/users", upstreams.users_url),
         )
         .json(&body);
-    let response = upstreams
-        .client
-        .send("/users", request)
-        .await
-        .map_err(|error| unreachable_service("user-service", &error))?;
-    if !response.status().is_success() {
-        return Err(relay_error("user-service", response).await);
-    }
-    let created: SignupResponse = response
-        .json()
-        .await
-        .map_err(|error| ApiError::bad_gateway("bad_upstream_response", error.to_string()))?;
+    let created: SignupResponse = upstreams.call("user-service", "/users", request).await?;
     Ok(HttpResponse::Created().json(created))
 }

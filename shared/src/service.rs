@@ -1,0 +1,23 @@
+//! The body of every service's `main`, so the order of start-up and shutdown is written once.
+
+use std::future::Future;
+
+/// Telemetry first (so start-up is logged and traced), then `serve` until it returns, then an error, if
+/// any, logged with its causes, then the telemetry flushed: in that order, so the last spans and the reason
+/// for stopping are exported too.
+pub async fn run<F, Fut>(default_service_name: &'static str, serve: F) -> anyhow::Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let telemetry = crate::telemetry::init(default_service_name)?;
+    let outcome = serve().await;
+    if let Err(error) = &outcome {
+        tracing::error!(
+            error = format!("{error:#}"),
+            "{default_service_name} stopped with an error"
+        );
+    }
+    telemetry.shutdown().await;
+    outcome
+}
