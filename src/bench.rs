@@ -25,6 +25,17 @@ pub struct BenchOptions {
     pub warmup: Duration,
     pub rounds: usize,
     pub completeness_duration: Duration,
+    /// Run one part only (all when `None`).
+    pub only: Option<BenchPart>,
+}
+
+/// The parts of a benchmark session that can run alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPart {
+    /// Sections 1 and 4: traced against untraced stacks, alternating, with CPU and memory per service.
+    Overhead,
+    /// Part of section 3: NATS hops at rest (bare core NATS; JetStream with and without propagation).
+    Hops,
 }
 
 /// CPU time (user + system) and resident memory of a process, from /proc.
@@ -268,6 +279,34 @@ fn split_medians(traces: &[Option<TraceView>]) -> BTreeMap<String, f64> {
 
 /// Runs every benchmark and returns the results as JSON.
 pub async fn run(options: BenchOptions) -> anyhow::Result<serde_json::Value> {
+    let mut results = serde_json::Map::new();
+    if options.only != Some(BenchPart::Hops) {
+        let (overhead, max_rate) = overhead_runs(&options).await?;
+        results.insert("overhead".to_owned(), overhead.into());
+        if options.only.is_none() {
+            // 2, 3 and 5: completeness at 80% of the sustained rate, hop costs and the time split.
+            let (completeness, hops, time_split) = completeness_run(&options, max_rate).await?;
+            results.insert("completeness".to_owned(), completeness);
+            results.insert("hops_under_load".to_owned(), hops);
+            results.insert("time_split_ms".to_owned(), time_split);
+        }
+    }
+    if options.only != Some(BenchPart::Overhead) {
+        eprintln!("== NATS hops at rest");
+        results.insert(
+            "bare_nats_core_pubsub_ms".to_owned(),
+            bare_nats_latency(&options).await.unwrap_or_default(),
+        );
+        results.insert(
+            "jetstream_publish_to_process_at_rest_ms".to_owned(),
+            jetstream_hop(&options, 2000).await?,
+        );
+    }
+    Ok(results.into())
+}
+
+/// Sections 1 and 4: the overhead rounds; returns them with the best traced throughput.
+async fn overhead_runs(options: &BenchOptions) -> anyhow::Result<(Vec<serde_json::Value>, f64)> {
     let closed = |duration, warmup| LoadOptions {
         gateway: String::new(),
         rate: None,
@@ -287,12 +326,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<serde_json::Value> {
             eprintln!("== overhead round {} ({label})", round + 1);
             // The overhead runs export every span to a collector that only counts them: on two cores, a
             // collector that indexes 20 000 spans a second would be measured as "tracing overhead" too.
-            let mut stack = start(&options, traced, label, TraceBackend::Counting).await?;
+            let mut stack = start(options, traced, label, TraceBackend::Counting).await?;
             let mut load_options = closed(options.duration, options.warmup);
             load_options.gateway = stack.gateway_url();
             let result = measured_run(&mut stack, &load_options).await;
             let spans_received = stack.collector.as_ref().map_or(0, |c| c.spans_received());
-            finish(stack, &options).await;
+            finish(stack, options).await;
             let result = result?;
             eprintln!("{}", result.report.table());
             overhead.push(json!({
@@ -312,12 +351,19 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<serde_json::Value> {
         .filter_map(|run| run["report"]["throughput_rps"].as_f64())
         .fold(0.0_f64, f64::max);
 
-    // 2, 3 and 5: completeness at 80% of the sustained rate, hop costs and the time split from the traces.
+    Ok((overhead, max_rate))
+}
+
+/// Sections 2, 3 (under load) and 5: an open-loop run at 80% of `max_rate`, every checkout trace checked.
+async fn completeness_run(
+    options: &BenchOptions,
+    max_rate: f64,
+) -> anyhow::Result<(serde_json::Value, serde_json::Value, serde_json::Value)> {
     eprintln!(
         "== completeness at {:.0} req/s (80% of {max_rate:.0})",
         max_rate * 0.8
     );
-    let mut stack = start(&options, true, "completeness", TraceBackend::Embedded).await?;
+    let mut stack = start(options, true, "completeness", TraceBackend::Embedded).await?;
     let jaeger = stack.jaeger_url.clone().unwrap_or_default();
     let gateway = stack.gateway_url();
     // At rest: 30 checkouts one after the other.
@@ -381,7 +427,6 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<serde_json::Value> {
             }
         }
     }
-    let nats_url = stack.nats_url.clone();
     let database = stack.options.database_name.clone();
     let logs = stack.options.state_dir.join("logs");
     stack.stop();
@@ -401,29 +446,24 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<serde_json::Value> {
             }
         }
     }
-    let _ = nats_url;
-    let bare = bare_nats_latency(&options).await.unwrap_or_default();
-
-    Ok(json!({
-        "overhead": overhead,
-        "completeness": {
+    Ok((
+        json!({
             "rate_rps": max_rate * 0.8,
             "report": report,
             "traces": report.checkout_traces.len(),
             "complete": complete,
             "export_failed_spans": failed_spans,
             "queue_drop_warnings": queue_drops,
-        },
-        "hops": {
+        }),
+        json!({
             "nats_publish_to_process_ms": {"p50": percentile(&mut nats_hop, 0.5), "p99": percentile(&mut nats_hop, 0.99)},
-            "bare_nats_core_pubsub_ms": bare,
             "actor_mailbox_wait_ms": {"p50": percentile(&mut mailbox_wait, 0.5), "p99": percentile(&mut mailbox_wait, 0.99)},
-        },
-        "time_split_ms": {
+        }),
+        json!({
             "at_rest_median": split_medians(&rest_traces),
             "at_load_median": split_medians(&load_traces),
-        },
-    }))
+        }),
+    ))
 }
 
 /// Publish -> receive latency of bare core NATS (no JetStream, no tracing) on a private server.
@@ -446,4 +486,151 @@ async fn bare_nats_latency(options: &BenchOptions) -> anyhow::Result<serde_json:
     }
     server.stop();
     Ok(json!({"p50": percentile(&mut latencies, 0.5), "p99": percentile(&mut latencies, 0.99)}))
+}
+
+/// JetStream publish start -> process start, one message at a time on an idle private server, alternating
+/// two ways of sending the same `order.completed` event through the same stream and durable consumer:
+///
+/// - `traced`: the services' own helpers: `messaging::publish` (PRODUCER span, context injected into the
+///   headers) and `messaging::process_span` (context extracted, CONSUMER span), under the subscriber the
+///   services install, every span exported over OTLP/gRPC to a counting collector;
+/// - `bare`: `publish_with_headers` with only the `Nats-Msg-Id`, and a plain receive: no span, no header.
+async fn jetstream_hop(
+    options: &BenchOptions,
+    messages_each: usize,
+) -> anyhow::Result<serde_json::Value> {
+    use tracing::instrument::WithSubscriber;
+
+    let dir = options.state_dir.join("jetstream-hop");
+    let mut server = crate::infra::PrivateNats::start(
+        free_port()?,
+        &dir.join("store"),
+        &dir.join("nats.log"),
+    )
+    .await?;
+    let any_port: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    let collector = crate::collector::Collector::start(
+        crate::collector::CollectorAddresses {
+            otlp_grpc: any_port,
+            otlp_http: any_port,
+            ui: any_port,
+        },
+        false,
+    )
+    .await?;
+    let exporter = tracehop_shared::telemetry::otlp_grpc_exporter(&format!(
+        "http://{}",
+        collector.addresses.otlp_grpc
+    ))?;
+    let (dispatch, guard) =
+        tracehop_shared::telemetry::dispatch_with_exporter("bench-hop", Some(exporter));
+    let measured = measure_jetstream_hops(&server.url, messages_each)
+        .with_subscriber(dispatch)
+        .await;
+    guard.shutdown().await;
+    let spans_received = collector.spans_received();
+    server.stop();
+    let (mut traced, mut bare) = measured?;
+    let summary = |values: &mut Vec<f64>| {
+        json!({
+            "messages": values.len(),
+            "p50": percentile(values, 0.5),
+            "p90": percentile(values, 0.9),
+            "p99": percentile(values, 0.99),
+            "mean": values.iter().sum::<f64>() / values.len().max(1) as f64,
+        })
+    };
+    Ok(json!({
+        "traced": summary(&mut traced),
+        "bare": summary(&mut bare),
+        "spans_received_by_collector": spans_received,
+    }))
+}
+
+/// The measuring loop of [`jetstream_hop`]: latencies in ms, (traced, bare).
+async fn measure_jetstream_hops(
+    nats_url: &str,
+    messages_each: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    use tracehop_shared::messaging::{self, ConsumerSettings, ORDER_COMPLETED, StreamSettings};
+    use tracing::Instrument;
+    use tracing::instrument::WithSubscriber;
+
+    let client = messaging::connect(nats_url, "bench-hop").await?;
+    let jetstream = async_nats::jetstream::new(client);
+    let stream = messaging::ensure_stream(&jetstream, &StreamSettings::default()).await?;
+    let consumer = messaging::ensure_consumer(&stream, &ConsumerSettings::default()).await?;
+    let base = Instant::now();
+    let (received, mut latencies) = tokio::sync::mpsc::unbounded_channel::<(bool, f64)>();
+    let consumer_task = tokio::spawn(
+        async move {
+            let mut deliveries = consumer.messages().await?;
+            while let Some(message) = deliveries.next().await {
+                let message = message.map_err(|error| anyhow::anyhow!(error))?;
+                let traced = message.payload.first() == Some(&1);
+                let sent_at_ns = message
+                    .payload
+                    .get(1..9)
+                    .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                    .map(u64::from_le_bytes)
+                    .unwrap_or_default();
+                let since_sent = |now: Duration| {
+                    now.saturating_sub(Duration::from_nanos(sent_at_ns)).as_secs_f64() * 1000.0
+                };
+                if traced {
+                    let span = messaging::process_span(&message);
+                    let latency = span.in_scope(|| since_sent(base.elapsed()));
+                    message
+                        .ack()
+                        .instrument(span)
+                        .await
+                        .map_err(|error| anyhow::anyhow!(error))?;
+                    received.send((true, latency))?;
+                } else {
+                    let latency = since_sent(base.elapsed());
+                    message.ack().await.map_err(|error| anyhow::anyhow!(error))?;
+                    received.send((false, latency))?;
+                }
+            }
+            anyhow::Ok(())
+        }
+        .with_current_subscriber(),
+    );
+
+    let (mut traced, mut bare) = (Vec::new(), Vec::new());
+    for i in 0..messages_each * 2 {
+        let with_tracing = i % 2 == 0;
+        let sent_at_ns = u64::try_from(base.elapsed().as_nanos())?;
+        let mut payload = vec![u8::from(with_tracing)];
+        payload.extend_from_slice(&sent_at_ns.to_le_bytes());
+        let message_id = format!("hop-{i}");
+        if with_tracing {
+            messaging::publish(
+                &jetstream,
+                ORDER_COMPLETED,
+                &message_id,
+                async_nats::HeaderMap::new(),
+                payload.into(),
+                opentelemetry::Context::new(),
+            )
+            .await?;
+        } else {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
+            jetstream
+                .publish_with_headers(ORDER_COMPLETED, headers, payload.into())
+                .await?
+                .await?;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), latencies.recv()).await {
+            Ok(Some((true, latency))) => traced.push(latency),
+            Ok(Some((false, latency))) => bare.push(latency),
+            Ok(None) | Err(_) => {
+                consumer_task.abort();
+                anyhow::bail!("message {i} was not delivered within 10 s");
+            }
+        }
+    }
+    consumer_task.abort();
+    Ok((traced, bare))
 }

@@ -115,6 +115,9 @@ enum Command {
         completeness_s: u64,
         #[arg(long, default_value = ".tracehop/bench")]
         state_dir: PathBuf,
+        /// Run one part only: `overhead` (sections 1 and 4) or `hops` (NATS hops at rest).
+        #[arg(long, value_enum)]
+        only: Option<tracehop::bench::BenchPart>,
     },
     /// Publish dead-lettered notifications again (after fixing what made them fail).
     ReplayDeadLetters {
@@ -210,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
             rounds,
             completeness_s,
             state_dir,
+            only,
         } => {
             std::fs::create_dir_all(&state_dir)?;
             let results = tracehop::bench::run(tracehop::bench::BenchOptions {
@@ -220,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
                 warmup: Duration::from_secs(warmup_s),
                 rounds,
                 completeness_duration: Duration::from_secs(completeness_s),
+                only,
             })
             .await?;
             println!("{}", serde_json::to_string_pretty(&results)?);

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use diesel::pg::{Pg, PgConnection};
-use diesel::query_builder::QueryFragment;
+use diesel::query_builder::{QueryFragment, QueryId};
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use tracing::Span;
 
@@ -150,6 +150,15 @@ pub struct Statements {
     namespace: String,
 }
 
+impl Statements {
+    /// Statements against the database `namespace` (its name, the `db.namespace` attribute).
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+        }
+    }
+}
+
 /// Runs one diesel statement inside a CLIENT span named after its operation and table.
 ///
 /// ```ignore
@@ -162,24 +171,19 @@ pub fn traced<Q, R>(
     run: impl FnOnce(Q) -> diesel::QueryResult<R>,
 ) -> diesel::QueryResult<R>
 where
-    Q: QueryFragment<Pg>,
+    Q: QueryFragment<Pg> + QueryId,
 {
-    let text = statement_text(&query);
-    let (operation, table) = describe(&text);
-    let name = match &table {
-        Some(table) => format!("{operation} {table}"),
-        None => operation.clone(),
-    };
+    let statement = Statement::of(&query);
     let span = tracing::info_span!(
         "db.query",
-        otel.name = %name,
+        otel.name = statement.name.as_str(),
         otel.kind = "client",
         otel.status_code = tracing::field::Empty,
         db.system.name = "postgresql",
-        db.namespace = %statements.namespace,
-        db.operation.name = %operation,
-        db.collection.name = table.as_deref().unwrap_or_default(),
-        db.query.text = %text,
+        db.namespace = statements.namespace.as_str(),
+        db.operation.name = statement.operation.as_str(),
+        db.collection.name = statement.table.as_deref().unwrap_or_default(),
+        db.query.text = statement.text.as_str(),
         db.response.returned_rows = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
@@ -210,12 +214,58 @@ fn error_type(error: &diesel::result::Error) -> &'static str {
     }
 }
 
+/// What a statement's span says about it: the SQL text, operation, table and span name.
+struct Statement {
+    text: String,
+    operation: String,
+    table: Option<String>,
+    name: String,
+}
+
+thread_local! {
+    /// Descriptions of the queries this thread has run, by diesel query type: a query whose SQL does not
+    /// depend on its values (most of them; diesel says so with a static `QueryId`) is rendered and parsed
+    /// once per thread, not once per execution.
+    static DESCRIBED: std::cell::RefCell<std::collections::HashMap<std::any::TypeId, std::rc::Rc<Statement>>> =
+        std::cell::RefCell::default();
+}
+
+impl Statement {
+    fn of<Q: QueryFragment<Pg> + QueryId>(query: &Q) -> std::rc::Rc<Self> {
+        let Some(type_id) = Q::query_id() else {
+            return std::rc::Rc::new(Self::describe(query));
+        };
+        DESCRIBED.with_borrow_mut(|described| {
+            described
+                .entry(type_id)
+                .or_insert_with(|| std::rc::Rc::new(Self::describe(query)))
+                .clone()
+        })
+    }
+
+    fn describe<Q: QueryFragment<Pg>>(query: &Q) -> Self {
+        let text = statement_text(query);
+        let (operation, table) = describe(&text);
+        let name = match &table {
+            Some(table) => format!("{operation} {table}"),
+            None => operation.clone(),
+        };
+        Self {
+            text,
+            operation,
+            table,
+            name,
+        }
+    }
+}
+
 /// The SQL diesel will send, with bind placeholders (`$1`) and without the values.
 pub fn statement_text<Q: QueryFragment<Pg>>(query: &Q) -> String {
-    let debug = diesel::debug_query::<Pg, _>(query).to_string();
-    match debug.split_once(" -- binds:") {
-        Some((sql, _)) => sql.trim().to_owned(),
-        None => debug.trim().to_owned(),
+    use diesel::query_builder::QueryBuilder;
+    let mut builder = diesel::pg::PgQueryBuilder::default();
+    match query.to_sql(&mut builder, &Pg) {
+        Ok(()) => builder.finish().trim().to_owned(),
+        Err(error) => format!("<statement could not be rendered: {error}>"),
     }
 }
 

@@ -163,21 +163,7 @@ pub async fn publish(
     payload: Bytes,
     parent: Context,
 ) -> Result<jetstream::publish::PublishAck, PublishError> {
-    let span = tracing::info_span!(
-        "messaging.publish",
-        otel.name = %format!("publish {subject}"),
-        otel.kind = "producer",
-        otel.status_code = tracing::field::Empty,
-        messaging.system = "nats",
-        messaging.destination.name = %subject,
-        messaging.operation.name = "publish",
-        messaging.operation.type = "send",
-        messaging.message.id = %message_id,
-        messaging.message.body.size = payload.len(),
-        messaging.nats.stream.sequence = tracing::field::Empty,
-        messaging.nats.duplicate = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-    );
+    let span = publish_span(subject, message_id, payload.len());
     set_remote_parent(&span, parent);
     inject(&span.context(), &mut NatsHeaderInjector(&mut headers));
     headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
@@ -213,14 +199,58 @@ pub fn message_id(message: &jetstream::Message) -> Option<String> {
         .map(|value| value.as_str().to_owned())
 }
 
+/// The PRODUCER span of one publish (messaging semantic conventions), named `publish {subject}`; the
+/// acknowledgement's sequence is recorded on it later.
+pub fn publish_span(subject: &str, message_id: &str, body_size: usize) -> tracing::Span {
+    tracing::info_span!(
+        "messaging.publish",
+        otel.name = %format!("publish {subject}"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.destination.name = %subject,
+        messaging.operation.name = "publish",
+        messaging.operation.type = "send",
+        messaging.message.id = %message_id,
+        messaging.message.body.size = body_size,
+        messaging.nats.stream.sequence = tracing::field::Empty,
+        messaging.nats.duplicate = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
 /// The CONSUMER span for one delivery of `message`, child of the producer span found in its headers.
 pub fn process_span(message: &jetstream::Message) -> tracing::Span {
-    let subject = message.subject.as_str();
     let (delivery_count, stream_sequence) = message
         .info()
         .map(|info| (info.delivered, info.stream_sequence))
         .unwrap_or((0, 0));
-    let message_id = message_id(message).unwrap_or_default();
+    delivery_span(&Delivery {
+        subject: message.subject.as_str(),
+        headers: message.headers.as_ref(),
+        body_size: message.payload.len(),
+        delivery_count,
+        stream_sequence,
+    })
+}
+
+/// What a CONSUMER span says about one delivery (the parts of a JetStream message it reads).
+pub struct Delivery<'a> {
+    pub subject: &'a str,
+    pub headers: Option<&'a async_nats::HeaderMap>,
+    pub body_size: usize,
+    pub delivery_count: i64,
+    pub stream_sequence: u64,
+}
+
+/// The CONSUMER span for `delivery`, child of the producer span found in its headers.
+pub fn delivery_span(delivery: &Delivery<'_>) -> tracing::Span {
+    let subject = delivery.subject;
+    let message_id = delivery
+        .headers
+        .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|value| value.as_str())
+        .unwrap_or_default();
     let span = tracing::info_span!(
         "messaging.process",
         otel.name = %format!("process {subject}"),
@@ -231,12 +261,12 @@ pub fn process_span(message: &jetstream::Message) -> tracing::Span {
         messaging.operation.name = "process",
         messaging.operation.type = "process",
         messaging.message.id = %message_id,
-        messaging.message.body.size = message.payload.len(),
-        messaging.nats.delivery_count = delivery_count,
-        messaging.nats.stream.sequence = stream_sequence,
+        messaging.message.body.size = delivery.body_size,
+        messaging.nats.delivery_count = delivery.delivery_count,
+        messaging.nats.stream.sequence = delivery.stream_sequence,
         error.type = tracing::field::Empty,
     );
-    if let Some(headers) = &message.headers {
+    if let Some(headers) = delivery.headers {
         set_remote_parent(&span, extract(&NatsHeaderExtractor(headers)));
     }
     span

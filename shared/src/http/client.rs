@@ -100,21 +100,7 @@ impl TracedClient {
         resend_count: u32,
     ) -> Result<reqwest::Response, ClientError> {
         let mut request = request.build().map_err(ClientError::Build)?;
-        let url = request.url();
-        let span = tracing::info_span!(
-            "HTTP client request",
-            otel.name = %format!("{} {url_template}", request.method()),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = %request.method(),
-            url.full = %url,
-            url.template = url_template,
-            server.address = url.host_str().unwrap_or_default(),
-            server.port = url.port_or_known_default().unwrap_or_default(),
-            http.request.resend_count = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-        );
+        let span = client_span(&request, url_template);
         if resend_count > 0 {
             span.record("http.request.resend_count", resend_count);
         }
@@ -145,4 +131,24 @@ impl TracedClient {
         }
         outcome
     }
+}
+
+/// The CLIENT span of one HTTP request (HTTP client semantic conventions), named `{method} {url_template}`;
+/// the response fields are recorded on it later.
+pub fn client_span(request: &reqwest::Request, url_template: &'static str) -> tracing::Span {
+    let url = request.url();
+    tracing::info_span!(
+        "HTTP client request",
+        otel.name = %format!("{} {url_template}", request.method()),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %request.method(),
+        url.full = %url,
+        url.template = url_template,
+        server.address = url.host_str().unwrap_or_default(),
+        server.port = url.port_or_known_default().unwrap_or_default(),
+        http.request.resend_count = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
 }

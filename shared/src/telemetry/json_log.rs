@@ -66,6 +66,20 @@ where
     }
 }
 
+/// Span fields for the fmt layer: none. [`JsonWithTraceIds`] writes the span's name and ids only, so the
+/// fields the fmt layer would otherwise pre-format for every span on creation are never read.
+pub(super) struct NoSpanFields;
+
+impl<'writer> FormatFields<'writer> for NoSpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        _: Writer<'writer>,
+        _: R,
+    ) -> fmt::Result {
+        Ok(())
+    }
+}
+
 struct FieldsToJson(Map<String, Value>);
 
 impl Visit for FieldsToJson {
