@@ -316,6 +316,7 @@ async fn overhead_runs(options: &BenchOptions) -> anyhow::Result<(Vec<serde_json
         users: 50,
         lookup_share: 0.2,
         progress: true,
+        slow_stripe: None,
     };
 
     // 1 and 4: tracing overhead and resources, traced and untraced alternating.
@@ -387,6 +388,7 @@ async fn completeness_run(
             users: 50,
             lookup_share: 0.0,
             progress: true,
+            slow_stripe: None,
         },
         users,
     )
@@ -436,10 +438,10 @@ async fn completeness_run(
     for service in SERVICES {
         let log = std::fs::read_to_string(logs.join(format!("{service}.log"))).unwrap_or_default();
         for line in log.lines() {
-            if line.contains("telemetry flushed") {
-                if let Ok(value) = serde_json::from_str::<serde_json::Value>(line) {
-                    failed_spans += value["fields"]["spans_failed"].as_u64().unwrap_or(0);
-                }
+            if line.contains("telemetry flushed")
+                && let Ok(value) = serde_json::from_str::<serde_json::Value>(line)
+            {
+                failed_spans += value["fields"]["spans_failed"].as_u64().unwrap_or(0);
             }
             if line.contains("dropped") && line.contains("queue") {
                 queue_drops += 1;
@@ -502,12 +504,9 @@ async fn jetstream_hop(
     use tracing::instrument::WithSubscriber;
 
     let dir = options.state_dir.join("jetstream-hop");
-    let mut server = crate::infra::PrivateNats::start(
-        free_port()?,
-        &dir.join("store"),
-        &dir.join("nats.log"),
-    )
-    .await?;
+    let mut server =
+        crate::infra::PrivateNats::start(free_port()?, &dir.join("store"), &dir.join("nats.log"))
+            .await?;
     let any_port: std::net::SocketAddr = "127.0.0.1:0".parse()?;
     let collector = crate::collector::Collector::start(
         crate::collector::CollectorAddresses {
@@ -575,7 +574,9 @@ async fn measure_jetstream_hops(
                     .map(u64::from_le_bytes)
                     .unwrap_or_default();
                 let since_sent = |now: Duration| {
-                    now.saturating_sub(Duration::from_nanos(sent_at_ns)).as_secs_f64() * 1000.0
+                    now.saturating_sub(Duration::from_nanos(sent_at_ns))
+                        .as_secs_f64()
+                        * 1000.0
                 };
                 if traced {
                     let span = messaging::process_span(&message);
@@ -588,7 +589,10 @@ async fn measure_jetstream_hops(
                     received.send((true, latency))?;
                 } else {
                     let latency = since_sent(base.elapsed());
-                    message.ack().await.map_err(|error| anyhow::anyhow!(error))?;
+                    message
+                        .ack()
+                        .await
+                        .map_err(|error| anyhow::anyhow!(error))?;
                     received.send((false, latency))?;
                 }
             }

@@ -34,6 +34,37 @@ pub struct LoadOptions {
     pub lookup_share: f64,
     /// Print a progress line every second (to stderr).
     pub progress: bool,
+    /// Make a share of the payment provider's answers slow for the run (the seed's slow Stripe).
+    pub slow_stripe: Option<SlowStripe>,
+}
+
+/// The seed's fault, as a share of the load: stripe-sim delays this share of charge requests, so the tail
+/// of the latency distribution looks like production's. Set through stripe-sim's `/_admin/faults` for the
+/// run and reset after it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlowStripe {
+    /// stripe-sim's base URL.
+    #[serde(skip)]
+    pub stripe_sim: String,
+    /// Share of charge requests delayed (0.0 to 1.0).
+    pub share: f64,
+    /// How long each of them is delayed, in ms.
+    pub delay_ms: u64,
+}
+
+impl SlowStripe {
+    async fn set(&self, enabled: bool) -> anyhow::Result<()> {
+        let http = tracehop_shared::http::client::plain_client_builder().build()?;
+        let url = format!("{}/_admin/faults", self.stripe_sim.trim_end_matches('/'));
+        let request = if enabled {
+            http.post(url)
+                .json(&json!({"slowShare": self.share, "slowMs": self.delay_ms}))
+        } else {
+            http.delete(url)
+        };
+        request.send().await?.error_for_status()?;
+        Ok(())
+    }
 }
 
 /// What one run measured (after the warm-up).
@@ -47,6 +78,9 @@ pub struct LoadReport {
     pub status_counts: BTreeMap<String, u64>,
     pub checkout: Percentiles,
     pub lookup: Percentiles,
+    /// The injected slow-provider share, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_stripe: Option<SlowStripe>,
     /// Trace ids of successful checkouts (for completeness checks).
     #[serde(skip)]
     pub checkout_traces: Vec<String>,
@@ -158,12 +192,12 @@ impl Shared {
             }
         };
         let latency = scheduled.elapsed();
-        if let (Operation::Checkout, Ok(response)) = (&operation, &outcome) {
-            if let Some(order_id) = response.body["orderId"].as_str() {
-                let mut orders = self.orders.lock().await;
-                if orders.len() < 100_000 {
-                    orders.push((user_index, order_id.to_owned()));
-                }
+        if let (Operation::Checkout, Ok(response)) = (&operation, &outcome)
+            && let Some(order_id) = response.body["orderId"].as_str()
+        {
+            let mut orders = self.orders.lock().await;
+            if orders.len() < 100_000 {
+                orders.push((user_index, order_id.to_owned()));
             }
         }
         self.done.fetch_add(1, Ordering::Relaxed);
@@ -200,6 +234,21 @@ impl Shared {
 /// Runs the load and reports what was measured after the warm-up.
 pub async fn run(options: &LoadOptions, users: Vec<ApiClient>) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(!users.is_empty(), "no users");
+    if let Some(slow) = &options.slow_stripe {
+        slow.set(true).await.map_err(|error| {
+            anyhow::anyhow!("could not set the slow-Stripe share on stripe-sim: {error}")
+        })?;
+    }
+    let outcome = drive(options, users).await;
+    if let Some(slow) = &options.slow_stripe
+        && let Err(error) = slow.set(false).await
+    {
+        eprintln!("could not reset stripe-sim's faults: {error}");
+    }
+    outcome
+}
+
+async fn drive(options: &LoadOptions, users: Vec<ApiClient>) -> anyhow::Result<LoadReport> {
     let shared = Arc::new(Shared {
         users,
         orders: Mutex::new(Vec::new()),
@@ -319,6 +368,7 @@ pub async fn run(options: &LoadOptions, users: Vec<ApiClient>) -> anyhow::Result
         status_counts: recorder.statuses.clone(),
         checkout: Percentiles::from(&recorder.checkout),
         lookup: Percentiles::from(&recorder.lookup),
+        slow_stripe: options.slow_stripe.clone(),
         checkout_traces: recorder.traces.clone(),
     })
 }
@@ -326,8 +376,16 @@ pub async fn run(options: &LoadOptions, users: Vec<ApiClient>) -> anyhow::Result
 impl LoadReport {
     /// A plain-text table.
     pub fn table(&self) -> String {
+        let faults = match &self.slow_stripe {
+            Some(slow) => format!(
+                ", {:.1}% of charges slowed by {} ms",
+                slow.share * 100.0,
+                slow.delay_ms
+            ),
+            None => String::new(),
+        };
         let mut out = format!(
-            "{}: {:.1} s measured, {} requests, {:.1} ok/s, {} errors {:?}\n",
+            "{}{faults}: {:.1} s measured, {} requests, {:.1} ok/s, {} errors {:?}\n",
             self.mode,
             self.duration_s,
             self.requests,

@@ -98,6 +98,15 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Share of charges (0.0 to 1.0) that stripe-sim answers slowly during the run: the seed's slow
+        /// Stripe, so the latency tail is realistic.
+        #[arg(long)]
+        slow_stripe_share: Option<f64>,
+        /// Delay of each slowed charge, in ms (below billing's 10 s attempt timeout: slow, not failed).
+        #[arg(long, default_value_t = 2000)]
+        slow_stripe_ms: u64,
+        #[arg(long, default_value = "http://127.0.0.1:12111")]
+        stripe_sim: String,
     },
     /// Run the benchmarks of BENCHMARKS.md on fresh stacks of release binaries; prints JSON.
     Bench {
@@ -184,6 +193,9 @@ async fn main() -> anyhow::Result<()> {
             users,
             lookup_share,
             json,
+            slow_stripe_share,
+            slow_stripe_ms,
+            stripe_sim,
         } => {
             let options = tracehop::load::LoadOptions {
                 gateway: gateway.clone(),
@@ -194,6 +206,11 @@ async fn main() -> anyhow::Result<()> {
                 users,
                 lookup_share,
                 progress: true,
+                slow_stripe: slow_stripe_share.map(|share| tracehop::load::SlowStripe {
+                    stripe_sim: stripe_sim.clone(),
+                    share,
+                    delay_ms: slow_stripe_ms,
+                }),
             };
             say(&format!("signing up {users} users"));
             let pool = tracehop::load::user_pool(&gateway, users).await?;
@@ -460,10 +477,10 @@ async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
     println!("  sent e-mail            {}", stack.mail_sink.display());
     println!();
 
-    if !no_demo {
-        if let Err(error) = demo_checkout(&stack.gateway_url(), stack.jaeger_url.as_deref()).await {
-            eprintln!("demo checkout failed: {error:#}");
-        }
+    if !no_demo
+        && let Err(error) = demo_checkout(&stack.gateway_url(), stack.jaeger_url.as_deref()).await
+    {
+        eprintln!("demo checkout failed: {error:#}");
     }
     say("running; press Ctrl-C to stop");
     shutdown_signal().await;

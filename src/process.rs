@@ -187,14 +187,14 @@ pub async fn wait_healthy(
         if healthy {
             return Ok(());
         }
-        if let Some(process) = process.as_deref_mut() {
-            if let Some(status) = process.exited() {
-                anyhow::bail!(
-                    "{} exited ({status}) before becoming healthy; last log lines:\n{}",
-                    process.name,
-                    process.log_tail(20)
-                );
-            }
+        if let Some(process) = process.as_deref_mut()
+            && let Some(status) = process.exited()
+        {
+            anyhow::bail!(
+                "{} exited ({status}) before becoming healthy; last log lines:\n{}",
+                process.name,
+                process.log_tail(20)
+            );
         }
         if Instant::now() >= deadline {
             let tail = process.map(|p| p.log_tail(20)).unwrap_or_default();

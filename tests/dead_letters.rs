@@ -174,16 +174,16 @@ async fn a_malformed_message_is_dead_lettered_and_does_not_block_the_consumer() 
     let info = stream.info().await.unwrap();
     let mut reasons = Vec::new();
     for sequence in 1..=info.state.last_sequence {
-        if let Ok(message) = stream.get_raw_message(sequence).await {
-            if message.subject.as_str() == "order.completed.dead" {
-                let headers = message.headers;
-                reasons.push(
-                    headers
-                        .get("Tracehop-Dead-Letter-Reason")
-                        .map(|v| v.as_str().to_owned())
-                        .unwrap_or_default(),
-                );
-            }
+        if let Ok(message) = stream.get_raw_message(sequence).await
+            && message.subject.as_str() == "order.completed.dead"
+        {
+            let headers = message.headers;
+            reasons.push(
+                headers
+                    .get("Tracehop-Dead-Letter-Reason")
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default(),
+            );
         }
     }
     reasons.sort();

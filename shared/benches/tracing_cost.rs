@@ -83,7 +83,8 @@ fn span_builders(c: &mut Criterion) {
             group.bench_function("http_client_span_and_inject", |b| {
                 with_parent(|| {
                     b.iter(|| {
-                        let span = tracehop_shared::http::client::client_span(&outgoing, "/v1/charges");
+                        let span =
+                            tracehop_shared::http::client::client_span(&outgoing, "/v1/charges");
                         let mut headers = reqwest::header::HeaderMap::new();
                         inject(
                             &span.context(),
@@ -185,7 +186,11 @@ fn actor_hop(c: &mut Criterion) {
             let system = actix::System::new();
             let echo = system.block_on(async { Echo.start() });
             for enveloped in [false, true] {
-                let name = if enveloped { "traced_envelope" } else { "plain_message" };
+                let name = if enveloped {
+                    "traced_envelope"
+                } else {
+                    "plain_message"
+                };
                 group.bench_function(name, |b| {
                     b.iter_custom(|iterations| {
                         let echo = echo.clone();

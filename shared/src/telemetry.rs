@@ -99,6 +99,8 @@ impl TelemetryGuard {
 /// `default_service_name` is used when `OTEL_SERVICE_NAME` is not set. Must be called from inside the
 /// service's Tokio runtime (the gRPC exporter spawns its connection task there).
 pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+    // Before the exporter: the http/protobuf exporter builds its reqwest client right away.
+    crate::http::client::install_crypto_provider();
     let exporter = if sdk_disabled() {
         None
     } else {

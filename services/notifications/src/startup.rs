@@ -59,7 +59,6 @@ impl Application {
                 // One more than we use: if we crash during the last attempt, the server still redelivers
                 // once and the loop dead-letters it instead of the message vanishing.
                 max_deliver: settings.max_deliver + 1,
-                ..ConsumerSettings::default()
             },
         )
         .await

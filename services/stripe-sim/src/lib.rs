@@ -10,8 +10,8 @@
 //! - `GET /v1/charges/{id}`, and `GET /v1/charges/search?query=metadata['order_id']:'...'` (reconciliation).
 //! - Faults, from the environment at start (`STRIPE_SIM_LATENCY_MS`, `STRIPE_SIM_FAIL_RATE`) or at any time
 //!   through `POST /_admin/faults` with `{"latencyMs", "failRate", "failNext", "failStatus", "hangNext",
-//!   "hangMs", "declineNext"}`; `DELETE /_admin/faults` resets; `GET /_admin/charges` lists every charge
-//!   (tests count them).
+//!   "hangMs", "declineNext", "slowShare", "slowMs"}`; `DELETE /_admin/faults` resets; `GET /_admin/charges`
+//!   lists every charge (tests count them).
 //!
 //! A "hang" sleeps *before* the charge is created, like a request stuck in a load balancer: a client that
 //! times out and retries with the same idempotency key gets exactly one charge.
@@ -84,6 +84,10 @@ pub struct Faults {
     pub hang_ms: u64,
     /// The next N charge requests are declined (402 `card_declined`).
     pub decline_next: u32,
+    /// Share of charge requests (0.0 to 1.0) delayed by `slow_ms`: a provider that is sometimes slow, for
+    /// realistic latency tails under load (`stack load --slow-stripe-share`).
+    pub slow_share: f64,
+    pub slow_ms: u64,
 }
 
 /// A created charge, as Stripe returns it.
@@ -190,6 +194,9 @@ async fn apply_faults(state: &State) -> Injected {
             faults.hang_next -= 1;
             delay += Duration::from_millis(faults.hang_ms);
         }
+        if faults.slow_share > 0.0 && rand::rng().random_bool(faults.slow_share.clamp(0.0, 1.0)) {
+            delay += Duration::from_millis(faults.slow_ms);
+        }
         let status = faults.fail_status.unwrap_or(500);
         let injected = if faults.fail_next > 0 {
             faults.fail_next -= 1;
@@ -280,20 +287,20 @@ async fn create_charge(
     let Ok(mut ledger) = state.ledger.lock() else {
         return stripe_error(500, "api_error", None, "ledger unavailable");
     };
-    if let Some(key) = &idempotency_key {
-        if let Some(stored) = ledger.by_idempotency_key.get(key) {
-            if stored.fingerprint != fingerprint {
-                return stripe_error(
-                    400,
-                    "idempotency_error",
-                    None,
-                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
-                );
-            }
-            return HttpResponse::Ok()
-                .insert_header(("Idempotent-Replayed", "true"))
-                .json(&stored.charge);
+    if let Some(key) = &idempotency_key
+        && let Some(stored) = ledger.by_idempotency_key.get(key)
+    {
+        if stored.fingerprint != fingerprint {
+            return stripe_error(
+                400,
+                "idempotency_error",
+                None,
+                "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+            );
         }
+        return HttpResponse::Ok()
+            .insert_header(("Idempotent-Replayed", "true"))
+            .json(&stored.charge);
     }
     let metadata = params
         .iter()

@@ -38,9 +38,8 @@ impl Amount {
         if text.is_empty() || text.len() > 32 {
             return Err(MoneyError::NotANumber);
         }
-        if text.starts_with('-') {
+        if let Some(rest) = text.strip_prefix('-') {
             // Check the digits first so "-abc" is NotANumber, "-5" is NotPositive.
-            let rest = &text[1..];
             return match Self::parse(rest, currency) {
                 Ok(_) => Err(MoneyError::NotPositive),
                 Err(MoneyError::NotPositive) => Err(MoneyError::NotPositive),
