@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub warmup: Duration,
     pub rounds: usize,
     pub completeness_duration: Duration,
+    /// The open-loop rate of the fixed-rate overhead runs (below what both configurations sustain).
+    pub fixed_rate: f64,
     /// Run one part only (all when `None`).
     pub only: Option<BenchPart>,
 }
@@ -42,11 +44,14 @@ pub enum BenchPart {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessSample {
     pub cpu_ticks: u64,
+    /// CPU of the batch span processor's thread(s) (`OpenTelemetry.Traces.BatchProcessor`): span export.
+    pub export_cpu_ticks: u64,
     pub rss_kib: u64,
 }
 
-fn sample(pid: u32) -> ProcessSample {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// utime + stime of a `/proc/.../stat` file, in clock ticks.
+fn cpu_ticks(stat_path: &std::path::Path) -> u64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
     // Fields after the `)` of the command name: state is field 3, utime 14, stime 15.
     let after = stat
         .rsplit_once(')')
@@ -59,6 +64,25 @@ fn sample(pid: u32) -> ProcessSample {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
+    ticks(11) + ticks(12)
+}
+
+/// CPU ticks of the threads of `pid` whose name starts with `OpenTelemetry` (the SDK names its threads).
+fn export_thread_ticks(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.starts_with("OpenTelemetry"))
+        })
+        .map(|task| cpu_ticks(&task.path().join("stat")))
+        .sum()
+}
+
+fn sample(pid: u32) -> ProcessSample {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kib = status
         .lines()
@@ -67,18 +91,23 @@ fn sample(pid: u32) -> ProcessSample {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     ProcessSample {
-        cpu_ticks: ticks(11) + ticks(12),
+        cpu_ticks: cpu_ticks(std::path::Path::new(&format!("/proc/{pid}/stat"))),
+        export_cpu_ticks: export_thread_ticks(pid),
         rss_kib,
     }
 }
 
-fn samples(stack: &mut Stack) -> BTreeMap<String, ProcessSample> {
+/// The services' process ids, by name.
+fn service_pids(stack: &mut Stack) -> Vec<(String, u32)> {
     SERVICES
         .iter()
-        .filter_map(|name| {
-            let pid = stack.service(name)?.pid()?;
-            Some(((*name).to_owned(), sample(pid)))
-        })
+        .filter_map(|name| Some(((*name).to_owned(), stack.service(name)?.pid()?)))
+        .collect()
+}
+
+fn samples(pids: &[(String, u32)]) -> BTreeMap<String, ProcessSample> {
+    pids.iter()
+        .map(|(name, pid)| (name.clone(), sample(*pid)))
         .collect()
 }
 
@@ -116,27 +145,45 @@ async fn finish(mut stack: Stack, options: &BenchOptions) {
 pub struct RunResult {
     pub report: LoadReport,
     pub cpu_ms_per_checkout: BTreeMap<String, f64>,
+    /// The part of `cpu_ms_per_checkout` spent on the span export threads.
+    pub export_cpu_ms_per_checkout: BTreeMap<String, f64>,
     pub rss_rest_mib: BTreeMap<String, f64>,
     pub rss_load_mib: BTreeMap<String, f64>,
 }
 
-async fn measured_run(stack: &mut Stack, load_options: &LoadOptions) -> anyhow::Result<RunResult> {
-    let users = load::user_pool(&stack.gateway_url(), 50).await?;
-    let rest = samples(stack);
+async fn measured_run(
+    stack: &mut Stack,
+    load_options: &LoadOptions,
+    users: Vec<crate::client::ApiClient>,
+) -> anyhow::Result<RunResult> {
+    let pids = service_pids(stack);
+    let rest = samples(&pids);
+    // CPU is counted from the end of the warm-up, like the checkouts it is divided by.
+    let measure_start = tokio::spawn({
+        let pids = pids.clone();
+        let warmup = load_options.warmup;
+        async move {
+            tokio::time::sleep(warmup).await;
+            samples(&pids)
+        }
+    });
     let report = load::run(load_options, users).await?;
-    let loaded = samples(stack);
+    let loaded = samples(&pids);
+    let measure_start = measure_start.await?;
     // Clock ticks are 1/100 s on Linux.
     let checkouts = report.checkout.count.max(1) as f64;
-    let cpu_ms_per_checkout = loaded
-        .iter()
-        .map(|(name, after)| {
-            let before = rest.get(name).copied().unwrap_or_default();
-            (
-                name.clone(),
-                (after.cpu_ticks - before.cpu_ticks) as f64 * 10.0 / checkouts,
-            )
-        })
-        .collect();
+    let per_checkout = |ticks: fn(&ProcessSample) -> u64| -> BTreeMap<String, f64> {
+        loaded
+            .iter()
+            .map(|(name, after)| {
+                let before = measure_start.get(name).copied().unwrap_or_default();
+                let used = ticks(after).saturating_sub(ticks(&before));
+                (name.clone(), used as f64 * 10.0 / checkouts)
+            })
+            .collect()
+    };
+    let cpu_ms_per_checkout = per_checkout(|sample| sample.cpu_ticks);
+    let export_cpu_ms_per_checkout = per_checkout(|sample| sample.export_cpu_ticks);
     let mib = |map: &BTreeMap<String, ProcessSample>| {
         map.iter()
             .map(|(name, s)| (name.clone(), s.rss_kib as f64 / 1024.0))
@@ -145,6 +192,7 @@ async fn measured_run(stack: &mut Stack, load_options: &LoadOptions) -> anyhow::
     Ok(RunResult {
         report,
         cpu_ms_per_checkout,
+        export_cpu_ms_per_checkout,
         rss_rest_mib: mib(&rest),
         rss_load_mib: mib(&loaded),
     })
@@ -330,18 +378,38 @@ async fn overhead_runs(options: &BenchOptions) -> anyhow::Result<(Vec<serde_json
             let mut stack = start(options, traced, label, TraceBackend::Counting).await?;
             let mut load_options = closed(options.duration, options.warmup);
             load_options.gateway = stack.gateway_url();
-            let result = measured_run(&mut stack, &load_options).await;
+            let outcome = async {
+                let users = load::user_pool(&stack.gateway_url(), 50).await?;
+                let saturated = measured_run(&mut stack, &load_options, users.clone()).await?;
+                // The same stack at a fixed rate both configurations sustain: what tracing costs in CPU
+                // and latency when the machine is not saturated (no feedback from a lower throughput).
+                let mut fixed = load_options.clone();
+                fixed.rate = Some(options.fixed_rate);
+                fixed.concurrency = 256;
+                fixed.warmup = Duration::from_secs(3);
+                let at_fixed_rate = measured_run(&mut stack, &fixed, users).await?;
+                anyhow::Ok((saturated, at_fixed_rate))
+            }
+            .await;
             let spans_received = stack.collector.as_ref().map_or(0, |c| c.spans_received());
             finish(stack, options).await;
-            let result = result?;
+            let (result, fixed) = outcome?;
             eprintln!("{}", result.report.table());
+            eprintln!("{}", fixed.report.table());
             overhead.push(json!({
                 "round": round + 1,
                 "traced": traced,
                 "report": result.report,
                 "cpu_ms_per_checkout": result.cpu_ms_per_checkout,
+                "export_cpu_ms_per_checkout": result.export_cpu_ms_per_checkout,
                 "rss_rest_mib": result.rss_rest_mib,
                 "rss_load_mib": result.rss_load_mib,
+                "fixed_rate": {
+                    "rate_rps": options.fixed_rate,
+                    "report": fixed.report,
+                    "cpu_ms_per_checkout": fixed.cpu_ms_per_checkout,
+                    "export_cpu_ms_per_checkout": fixed.export_cpu_ms_per_checkout,
+                },
                 "spans_received_by_collector": spans_received,
             }));
         }
@@ -503,7 +571,10 @@ async fn jetstream_hop(
 ) -> anyhow::Result<serde_json::Value> {
     use tracing::instrument::WithSubscriber;
 
+    // A fresh store each time: a stream left from an earlier run would remember these message ids and
+    // drop them as duplicates.
     let dir = options.state_dir.join("jetstream-hop");
+    let _ = std::fs::remove_dir_all(&dir);
     let mut server =
         crate::infra::PrivateNats::start(free_port()?, &dir.join("store"), &dir.join("nats.log"))
             .await?;
@@ -602,12 +673,13 @@ async fn measure_jetstream_hops(
     );
 
     let (mut traced, mut bare) = (Vec::new(), Vec::new());
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
     for i in 0..messages_each * 2 {
         let with_tracing = i % 2 == 0;
         let sent_at_ns = u64::try_from(base.elapsed().as_nanos())?;
         let mut payload = vec![u8::from(with_tracing)];
         payload.extend_from_slice(&sent_at_ns.to_le_bytes());
-        let message_id = format!("hop-{i}");
+        let message_id = format!("hop-{run_id}-{i}");
         if with_tracing {
             messaging::publish(
                 &jetstream,

@@ -122,6 +122,9 @@ enum Command {
         rounds: usize,
         #[arg(long, default_value_t = 60)]
         completeness_s: u64,
+        /// Open-loop rate (req/s) of the fixed-rate overhead runs.
+        #[arg(long, default_value_t = 300.0)]
+        fixed_rate: f64,
         #[arg(long, default_value = ".tracehop/bench")]
         state_dir: PathBuf,
         /// Run one part only: `overhead` (sections 1 and 4) or `hops` (NATS hops at rest).
@@ -229,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
             warmup_s,
             rounds,
             completeness_s,
+            fixed_rate,
             state_dir,
             only,
         } => {
@@ -241,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
                 warmup: Duration::from_secs(warmup_s),
                 rounds,
                 completeness_duration: Duration::from_secs(completeness_s),
+                fixed_rate,
                 only,
             })
             .await?;
