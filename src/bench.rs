@@ -370,7 +370,13 @@ async fn overhead_runs(options: &BenchOptions) -> anyhow::Result<(Vec<serde_json
     // 1 and 4: tracing overhead and resources, traced and untraced alternating.
     let mut overhead = Vec::new();
     for round in 0..options.rounds {
-        for traced in [true, false] {
+        // Alternate which configuration goes first: the first stack of a session runs on colder caches.
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for traced in order {
             let label = if traced { "traced" } else { "untraced" };
             eprintln!("== overhead round {} ({label})", round + 1);
             // The overhead runs export every span to a collector that only counts them: on two cores, a
