@@ -74,15 +74,6 @@ async fn load_report_matches_the_database_and_slow_stripe_shows_in_the_traces() 
     );
 
     // The fault was for the run only: stripe-sim is fast again.
-    let faults: serde_json::Value = tracehop_shared::http::client::plain_client_builder()
-        .build()
-        .expect("client")
-        .get(format!("{}/_admin/faults", test.stack.stripe_sim_url()))
-        .send()
-        .await
-        .expect("stripe-sim")
-        .json()
-        .await
-        .expect("json");
+    let faults = test.current_stripe_faults().await;
     assert_eq!(faults["slowShare"], 0.0, "{faults}");
 }

@@ -128,17 +128,26 @@ impl TestStack {
     }
 
     pub async fn stripe_charges(&self) -> Vec<serde_json::Value> {
-        let body: serde_json::Value = tracehop_shared::http::client::plain_client_builder()
+        let body = self.stripe_admin("charges").await;
+        body["data"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// stripe-sim's current fault settings.
+    pub async fn current_stripe_faults(&self) -> serde_json::Value {
+        self.stripe_admin("faults").await
+    }
+
+    async fn stripe_admin(&self, what: &str) -> serde_json::Value {
+        tracehop_shared::http::client::plain_client_builder()
             .build()
             .unwrap()
-            .get(format!("{}/_admin/charges", self.stack.stripe_sim_url()))
+            .get(format!("{}/_admin/{what}", self.stack.stripe_sim_url()))
             .send()
             .await
             .expect("stripe-sim")
             .json()
             .await
-            .expect("json");
-        body["data"].as_array().cloned().unwrap_or_default()
+            .expect("json")
     }
 
     pub async fn stripe_faults(&self, faults: serde_json::Value) {

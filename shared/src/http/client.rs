@@ -58,10 +58,16 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A plain reqwest client builder, with the crypto provider in place (tools and tests).
+/// How long a client keeps an idle connection: under actix-web's default keep-alive (5 s), so the client
+/// drops a connection before the server does. With a longer idle time a request can be written into a
+/// connection the server is closing at that very moment, and fails (seen once in 6 000 requests under load).
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// A plain reqwest client builder, with the crypto provider in place and idle connections dropped before
+/// the server drops them ([`IDLE_CONNECTION_TIMEOUT`]); for tools and tests.
 pub fn plain_client_builder() -> reqwest::ClientBuilder {
     install_crypto_provider();
-    reqwest::Client::builder()
+    reqwest::Client::builder().pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
 }
 
 impl TracedClient {
@@ -71,7 +77,7 @@ impl TracedClient {
         let inner = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
             .build()?;
         Ok(Self { inner })
     }
