@@ -40,7 +40,7 @@ pub struct LoadOptions {
 
 /// The seed's fault, as a share of the load: stripe-sim delays this share of charge requests, so the tail
 /// of the latency distribution looks like production's. Set through stripe-sim's `/_admin/faults` for the
-/// run and reset after it.
+/// run (replacing whatever faults were set there) and reset after it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SlowStripe {
     /// stripe-sim's base URL.

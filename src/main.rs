@@ -118,7 +118,8 @@ enum Command {
         duration_s: u64,
         #[arg(long, default_value_t = 5)]
         warmup_s: u64,
-        #[arg(long, default_value_t = 2)]
+        /// Traced/untraced pairs; the order alternates between rounds.
+        #[arg(long, default_value_t = 4)]
         rounds: usize,
         #[arg(long, default_value_t = 60)]
         completeness_s: u64,
