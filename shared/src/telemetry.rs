@@ -15,10 +15,8 @@
 //! | `RUST_LOG` | log filter (default `info`); spans are not affected by it |
 //! | `LOG_FORMAT` | `json` (default) or `text` |
 //!
-//! Export runs off the request path: the batch processor's own thread encodes the batches, and the gRPC
-//! connection lives on a dedicated thread with its own runtime, not beside the service's actors. An
-//! unreachable collector costs a full queue and dropped spans (counted and logged at shutdown), never a
-//! slower or failed request.
+//! Export runs on the batch processor's own thread: an unreachable collector costs a full queue and dropped
+//! spans (counted and logged at shutdown), never a slower or failed request.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -48,8 +46,6 @@ pub enum TelemetryError {
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
     #[error("unsupported OTEL_EXPORTER_OTLP_PROTOCOL {0:?} (use grpc or http/protobuf)")]
     Protocol(String),
-    #[error("could not start the span export thread: {0}")]
-    ExportThread(std::io::Error),
     #[error("a global tracing subscriber is already installed: {0}")]
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
 }
@@ -65,8 +61,8 @@ pub struct TelemetryGuard {
 }
 
 impl TelemetryGuard {
-    /// Flushes and stops the exporter. The flush blocks until the collector answers (or 5 s), so it runs on
-    /// the blocking pool, never on an async worker.
+    /// Flushes and stops the exporter. Runs the blocking shutdown on the blocking pool, because the gRPC
+    /// exporter's connection is driven by the very runtime we would otherwise block.
     pub async fn shutdown(mut self) {
         if let Some(provider) = self.provider.take() {
             let outcome = tokio::task::spawn_blocking(move || {
@@ -100,9 +96,8 @@ impl TelemetryGuard {
 
 /// Installs the global propagators, tracer provider and `tracing` subscriber for one service.
 ///
-/// `default_service_name` is used when `OTEL_SERVICE_NAME` is not set. The gRPC connection to the collector
-/// runs on a thread of its own ([`EXPORT_THREAD_NAME`]), not on the service's runtime: sending a batch of
-/// 2 048 spans must not hold up the actors that share that runtime's thread.
+/// `default_service_name` is used when `OTEL_SERVICE_NAME` is not set. Must be called from inside the
+/// service's Tokio runtime (the gRPC exporter spawns its connection task there).
 pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
     // Before the exporter: the http/protobuf exporter builds its reqwest client right away.
     crate::http::client::install_crypto_provider();
@@ -269,12 +264,10 @@ fn span_exporter() -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
         .unwrap_or_else(|_| "grpc".to_owned());
     let exporter = match protocol.trim() {
-        "grpc" => on_export_thread(|| {
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_protocol(Protocol::Grpc)
-                .build()
-        })??,
+        "grpc" => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_protocol(Protocol::Grpc)
+            .build()?,
         "http/protobuf" => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(Protocol::HttpBinary)
@@ -282,44 +275,6 @@ fn span_exporter() -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
         other => return Err(TelemetryError::Protocol(other.to_owned())),
     };
     Ok(exporter)
-}
-
-/// The name of the thread that drives the gRPC connection to the collector (the batch span processor's own
-/// thread is `OpenTelemetry.Traces.BatchProcessor`; both count as export in `stack bench`).
-pub const EXPORT_THREAD_NAME: &str = "OpenTelemetry.Export";
-
-/// Builds `make` inside a Tokio runtime that lives on a dedicated thread for the rest of the process, so
-/// the tasks it spawns (tonic's connection and request buffer) run there.
-fn on_export_thread<T, F>(make: F) -> Result<T, TelemetryError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    let (built, receive) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name(EXPORT_THREAD_NAME.to_owned())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("telemetry: no runtime for the export thread: {error}");
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                if built.send(make()).is_ok() {
-                    // Serve the exporter's connection until the process exits.
-                    std::future::pending::<()>().await;
-                }
-            });
-        })
-        .map_err(TelemetryError::ExportThread)?;
-    receive
-        .recv()
-        .map_err(|_| TelemetryError::ExportThread(std::io::Error::other("export thread failed")))
 }
 
 /// An OTLP/gRPC span exporter to `endpoint` (`http://host:port`), for tools that start their own collector
