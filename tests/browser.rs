@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::TestStack;
-use tracehop::client::{ApiClient, unique_email};
 
 fn chromium() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("CHROMIUM") {
@@ -49,11 +48,7 @@ async fn the_jaeger_ui_shows_every_service_and_actor_hop_of_the_demo_trace() {
         return;
     };
     let test = TestStack::boot(&[]).await;
-    let mut customer = ApiClient::new(&test.stack.gateway_url());
-    customer
-        .signup_and_login(&unique_email("dani"), "correct horse battery")
-        .await
-        .unwrap();
+    let customer = test.customer().await;
     let checkout = customer.checkout("49.99", "usd", None).await.unwrap();
     assert_eq!(checkout.status, 200);
     let trace_id = checkout.body["traceId"].as_str().unwrap().to_owned();

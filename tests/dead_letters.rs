@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestStack;
-use tracehop::client::{ApiClient, unique_email};
+use tracehop::client::ApiClient;
 
 async fn wait_for_notification(
     customer: &ApiClient,
@@ -27,11 +27,7 @@ async fn wait_for_notification(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_email_is_visible_dead_lettered_marked_failed_and_replayable() {
     let test = TestStack::boot(&[("NOTIFY_MAX_DELIVER", "3"), ("NOTIFY_BACKOFF_MS", "100")]).await;
-    let mut customer = ApiClient::new(&test.stack.gateway_url());
-    customer
-        .signup_and_login(&unique_email("dani"), "correct horse battery")
-        .await
-        .unwrap();
+    let customer = test.customer().await;
     let http = tracehop_shared::http::client::plain_client_builder()
         .build()
         .unwrap();
@@ -159,11 +155,7 @@ async fn a_malformed_message_is_dead_lettered_and_does_not_block_the_consumer() 
         .unwrap();
 
     // A real checkout after them is still mailed.
-    let mut customer = ApiClient::new(&test.stack.gateway_url());
-    customer
-        .signup_and_login(&unique_email("dani"), "correct horse battery")
-        .await
-        .unwrap();
+    let customer = test.customer().await;
     let checkout = customer.checkout("5.00", "usd", None).await.unwrap();
     let order_id = checkout.body["orderId"].as_str().unwrap().to_owned();
     let order = wait_for_notification(&customer, &order_id, "sent").await;

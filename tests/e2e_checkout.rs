@@ -331,11 +331,7 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_payment_provider_is_an_error_with_the_trace_id_and_an_error_span() {
     let test = TestStack::boot(&[("STRIPE_MAX_ATTEMPTS", "3")]).await;
-    let mut customer = ApiClient::new(&test.stack.gateway_url());
-    customer
-        .signup_and_login(&unique_email("dani"), "correct horse battery")
-        .await
-        .expect("signup and login");
+    let customer = test.customer().await;
     test.stripe_faults(serde_json::json!({"failNext": 3, "failStatus": 500}))
         .await;
 
@@ -553,11 +549,7 @@ async fn bad_input_gets_a_json_error_with_the_trace_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_charges_once_and_refuses_a_different_body() {
     let test = TestStack::boot(&[]).await;
-    let mut customer = ApiClient::new(&test.stack.gateway_url());
-    customer
-        .signup_and_login(&unique_email("dani"), "correct horse battery")
-        .await
-        .expect("signup and login");
+    let customer = test.customer().await;
     let first = customer
         .checkout("20.00", "usd", Some("order-42"))
         .await
@@ -596,11 +588,7 @@ async fn spans_also_arrive_over_otlp_http_protobuf() {
                 .to_string()
         )
     );
-    let mut customer = ApiClient::new(&test.stack.gateway_url());
-    customer
-        .signup_and_login(&unique_email("dani"), "correct horse battery")
-        .await
-        .unwrap();
+    let customer = test.customer().await;
     let checkout = customer.checkout("1.00", "gbp", None).await.unwrap();
     assert_eq!(checkout.status, 200, "{}", checkout.body);
     let trace_id = checkout.body["traceId"].as_str().unwrap().to_owned();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::TestStack;
 use diesel::{ExpressionMethods, QueryDsl, RunQueryDsl};
 use futures::StreamExt;
-use tracehop::client::{ApiClient, unique_email};
+use tracehop::client::ApiClient;
 
 const BURST: usize = 200;
 const CONCURRENCY: usize = 8;
@@ -77,11 +77,7 @@ async fn burst_until(
 }
 
 async fn customer(test: &TestStack) -> ApiClient {
-    let mut customer = ApiClient::new(&test.stack.gateway_url());
-    customer
-        .signup_and_login(&unique_email("burst"), "correct horse battery")
-        .await
-        .expect("signup and login");
+    let customer = test.customer().await;
     customer
 }
 

@@ -98,6 +98,19 @@ impl TestStack {
         }
     }
 
+    /// A new customer of this stack, signed up and logged in.
+    pub async fn customer(&self) -> tracehop::client::ApiClient {
+        let mut customer = tracehop::client::ApiClient::new(&self.stack.gateway_url());
+        customer
+            .signup_and_login(
+                &tracehop::client::unique_email("dani"),
+                "correct horse battery",
+            )
+            .await
+            .expect("signup and login");
+        customer
+    }
+
     pub fn jaeger(&self) -> String {
         self.stack.jaeger_url.clone().expect("embedded collector")
     }

@@ -168,13 +168,24 @@ fn stripe_error(status: u16, kind: &str, code: Option<&str>, message: &str) -> H
     }))
 }
 
-fn authorized(request: &HttpRequest) -> bool {
-    request
+/// Stripe's answer to a request without a test secret key (`Bearer sk_test_...`): 401.
+fn authorize(request: &HttpRequest) -> Result<(), HttpResponse> {
+    let has_test_key = request
         .headers()
         .get("authorization")
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-        .is_some_and(|key| key.starts_with("sk_test_") && key.len() > "sk_test_".len())
+        .is_some_and(|key| key.starts_with("sk_test_") && key.len() > "sk_test_".len());
+    if has_test_key {
+        Ok(())
+    } else {
+        Err(stripe_error(
+            401,
+            "invalid_request_error",
+            None,
+            "Invalid API Key provided.",
+        ))
+    }
 }
 
 enum Injected {
@@ -233,13 +244,8 @@ async fn create_charge(
     request: HttpRequest,
     form: web::Form<Vec<(String, String)>>,
 ) -> HttpResponse {
-    if !authorized(&request) {
-        return stripe_error(
-            401,
-            "invalid_request_error",
-            None,
-            "Invalid API Key provided.",
-        );
+    if let Err(refused) = authorize(&request) {
+        return refused;
     }
     let params: BTreeMap<String, String> = form.into_inner().into_iter().collect();
     let Some(amount) = params
@@ -346,13 +352,8 @@ async fn get_charge(
     request: HttpRequest,
     id: web::Path<String>,
 ) -> HttpResponse {
-    if !authorized(&request) {
-        return stripe_error(
-            401,
-            "invalid_request_error",
-            None,
-            "Invalid API Key provided.",
-        );
+    if let Err(refused) = authorize(&request) {
+        return refused;
     }
     let Ok(ledger) = state.ledger.lock() else {
         return stripe_error(500, "api_error", None, "ledger unavailable");
@@ -380,13 +381,8 @@ async fn search_charges(
     request: HttpRequest,
     query: web::Query<SearchQuery>,
 ) -> HttpResponse {
-    if !authorized(&request) {
-        return stripe_error(
-            401,
-            "invalid_request_error",
-            None,
-            "Invalid API Key provided.",
-        );
+    if let Err(refused) = authorize(&request) {
+        return refused;
     }
     let parsed = query
         .query
