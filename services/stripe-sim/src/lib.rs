@@ -168,24 +168,23 @@ fn stripe_error(status: u16, kind: &str, code: Option<&str>, message: &str) -> H
     }))
 }
 
-/// Stripe's answer to a request without a test secret key (`Bearer sk_test_...`): 401.
-fn authorize(request: &HttpRequest) -> Result<(), HttpResponse> {
+/// Stripe's answer to a request without a test secret key (`Bearer sk_test_...`): 401; `None` when the
+/// key is there.
+fn refuse_without_test_key(request: &HttpRequest) -> Option<HttpResponse> {
     let has_test_key = request
         .headers()
         .get("authorization")
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .is_some_and(|key| key.starts_with("sk_test_") && key.len() > "sk_test_".len());
-    if has_test_key {
-        Ok(())
-    } else {
-        Err(stripe_error(
+    (!has_test_key).then(|| {
+        stripe_error(
             401,
             "invalid_request_error",
             None,
             "Invalid API Key provided.",
-        ))
-    }
+        )
+    })
 }
 
 enum Injected {
@@ -244,7 +243,7 @@ async fn create_charge(
     request: HttpRequest,
     form: web::Form<Vec<(String, String)>>,
 ) -> HttpResponse {
-    if let Err(refused) = authorize(&request) {
+    if let Some(refused) = refuse_without_test_key(&request) {
         return refused;
     }
     let params: BTreeMap<String, String> = form.into_inner().into_iter().collect();
@@ -352,7 +351,7 @@ async fn get_charge(
     request: HttpRequest,
     id: web::Path<String>,
 ) -> HttpResponse {
-    if let Err(refused) = authorize(&request) {
+    if let Some(refused) = refuse_without_test_key(&request) {
         return refused;
     }
     let Ok(ledger) = state.ledger.lock() else {
@@ -381,7 +380,7 @@ async fn search_charges(
     request: HttpRequest,
     query: web::Query<SearchQuery>,
 ) -> HttpResponse {
-    if let Err(refused) = authorize(&request) {
+    if let Some(refused) = refuse_without_test_key(&request) {
         return refused;
     }
     let parsed = query
