@@ -78,12 +78,29 @@ impl ChildProcess {
         }
     }
 
-    /// The last `lines` lines of the log (for error messages).
+    /// The last `lines` lines of the log (for error messages), without backtrace frames: with
+    /// `RUST_BACKTRACE` set, a start-up error's frames would otherwise push the error itself out of view.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
+        let all = without_backtraces(&text);
         all[all.len().saturating_sub(lines)..].join("\n")
     }
+}
+
+/// The lines of `text` without backtraces (`Stack backtrace:` / `stack backtrace:` and the indented
+/// frames after it).
+fn without_backtraces(text: &str) -> Vec<&str> {
+    let mut in_backtrace = false;
+    text.lines()
+        .filter(|line| {
+            if line.trim().eq_ignore_ascii_case("stack backtrace:") {
+                in_backtrace = true;
+            } else if !line.starts_with(' ') {
+                in_backtrace = false;
+            }
+            !in_backtrace
+        })
+        .collect()
 }
 
 impl Drop for ChildProcess {
@@ -149,10 +166,48 @@ pub fn find_executable(name: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-/// A port nobody listens on right now (bind to 0, read, release).
+/// A port nobody listens on right now, for a process we are about to start, never the same twice in this
+/// process.
+///
+/// The port is only tested (bound and released), so two things could take it before the child binds it:
+/// another stack of the same test binary (bind-to-0 hands a released port out again) and any outgoing
+/// connection on the machine (`connect` takes its source port from the same ephemeral range as bind-to-0).
+/// Both once made a service of a parallel test exit with "address in use". So ports come from *below* the
+/// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), where the kernel never picks one by itself,
+/// walked by a process-wide cursor that starts at an offset derived from the process id.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+
+    let (low, high) = unassigned_port_range();
+    let span = u32::from(high - low);
+    // The first caller places the cursor; later callers (other threads) continue from there.
+    let _ = CURSOR.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let offset = CURSOR.fetch_add(1, Ordering::Relaxed) % span;
+        let port = low + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {low}..{high}")
+}
+
+/// Ports the kernel does not hand out by itself: from 10000 up to the start of the ephemeral range (Linux
+/// default 32768), or 20000..30000 where that range cannot be read.
+fn unassigned_port_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok());
+    match ephemeral_low {
+        Some(low) if low > 11_000 => (10_000, low),
+        _ => (20_000, 30_000),
+    }
 }
 
 /// Whether something accepts TCP connections on `host:port`.
@@ -201,5 +256,42 @@ pub async fn wait_healthy(
             anyhow::bail!("{url} not healthy after {timeout:?}; last log lines:\n{tail}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_never_repeated_and_never_ephemeral() {
+        let (low, high) = unassigned_port_range();
+        let ports: Vec<u16> = (0..200).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        assert!(ports.iter().all(|port| (low..high).contains(port)));
+        // And each one was really free: bindable right now.
+        for port in ports.iter().take(20) {
+            std::net::TcpListener::bind(("127.0.0.1", *port)).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_log_tail_skips_backtraces_but_keeps_causes() {
+        let log = "{\"level\":\"ERROR\"}\nError: creating the stream\n\nCaused by:\n    0: timed out\n\n\
+                   Stack backtrace:\n   0: anyhow::error\n             at src/error.rs:1:1\n  43: std::rt\n\
+                   note: Some details are omitted";
+        assert_eq!(
+            without_backtraces(log),
+            vec![
+                "{\"level\":\"ERROR\"}",
+                "Error: creating the stream",
+                "",
+                "Caused by:",
+                "    0: timed out",
+                "",
+                "note: Some details are omitted"
+            ]
+        );
     }
 }

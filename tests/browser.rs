@@ -2,6 +2,9 @@
 //! actor hops are on the page. Skipped (with a message) when Chromium is not installed; `./dev screenshot`
 //! installs it and also writes the README's screenshot (`TRACEHOP_SCREENSHOT=docs/jaeger-trace.png`).
 
+// Test code, helpers included: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::PathBuf;

@@ -1,6 +1,9 @@
 //! No Docker engine runs where the tests run, so docker-compose.yml is checked against the code instead:
 //! every service, port, variable and dependency the code expects is there, and nothing it names is unknown.
 
+// Test code, helpers included: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
 use std::path::Path;
 

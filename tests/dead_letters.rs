@@ -2,6 +2,9 @@
 //! ends on the dead-letter subject, the order says `failed`, and a replay after the fix delivers it once.
 //! A malformed message goes to the dead-letter subject without blocking anything.
 
+// Test code, helpers included: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,6 +1,9 @@
 //! End to end: all five services as real processes, real NATS JetStream and PostgreSQL, OTLP to the
 //! embedded collector; the assertions read the exported trace back through the Jaeger query API.
 
+// Test code, helpers included: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;

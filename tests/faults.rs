@@ -1,6 +1,9 @@
 //! Fault tests: real processes, real NATS and PostgreSQL, a burst of checkouts while something breaks, then
 //! the database, the payment provider and the mail sink are compared. Nothing lost, nothing twice.
 
+// Test code, helpers included: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -74,11 +77,6 @@ async fn burst_until(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     (running, done)
-}
-
-async fn customer(test: &TestStack) -> ApiClient {
-    let customer = test.customer().await;
-    customer
 }
 
 /// Waits until every charged order's notification is `sent` (or the deadline), then checks the books:
@@ -188,7 +186,7 @@ async fn assert_nothing_lost_nothing_twice(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_notifier_mid_burst_loses_no_email_and_sends_none_twice() {
     let mut test = TestStack::boot(&[("NOTIFY_ACK_WAIT_MS", "2000")]).await;
-    let customer = customer(&test).await;
+    let customer = test.customer().await;
     let (running, done) = burst_until(&customer, 40).await;
     test.stack
         .service("notifications")
@@ -217,7 +215,7 @@ async fn killing_the_notifier_mid_burst_loses_no_email_and_sends_none_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_nats_mid_burst_delays_email_but_loses_none() {
     let mut test = TestStack::boot(&[]).await;
-    let customer = customer(&test).await;
+    let customer = test.customer().await;
     let (running, done) = burst_until(&customer, 40).await;
     let nats = test.stack.nats.as_mut().expect("private NATS");
     nats.stop();
@@ -242,7 +240,7 @@ async fn billing_killed_between_commit_and_publish_still_delivers_through_the_ou
     // Events are committed but held in the outbox (relay paused), then billing is SIGKILLed: exactly the
     // state of a crash between the database commit and the publish. Restarted normally, it relays them.
     let mut test = TestStack::boot(&[("OUTBOX_RELAY_PAUSED", "true")]).await;
-    let customer = customer(&test).await;
+    let customer = test.customer().await;
     let results = burst(&customer, BURST).await;
     assert!(results.iter().all(|(status, _)| *status == 200));
     {
@@ -297,7 +295,7 @@ async fn billing_killed_between_commit_and_publish_still_delivers_through_the_ou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_first_stripe_attempt_is_retried_and_charged_once() {
     let test = TestStack::boot(&[("STRIPE_ATTEMPT_TIMEOUT_MS", "2000")]).await;
-    let customer = customer(&test).await;
+    let customer = test.customer().await;
     test.stripe_faults(serde_json::json!({"hangNext": 1, "hangMs": 4000}))
         .await;
     let checkout = customer.checkout("30.00", "usd", None).await.unwrap();
@@ -329,7 +327,7 @@ async fn a_slow_first_stripe_attempt_is_retried_and_charged_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_checkouts_with_one_idempotency_key_charge_once() {
     let test = TestStack::boot(&[]).await;
-    let customer = customer(&test).await;
+    let customer = test.customer().await;
     let answers: Vec<_> = futures::stream::iter(0..20)
         .map(|_| {
             let customer = customer.clone();
@@ -365,7 +363,7 @@ async fn twenty_concurrent_checkouts_with_one_idempotency_key_charge_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_actor_fails_one_request_and_is_restarted() {
     let test = TestStack::boot(&[("BILLING_FAULT_PANIC_AMOUNT_MINOR", "1337")]).await;
-    let customer = customer(&test).await;
+    let customer = test.customer().await;
     let failed = customer.checkout("13.37", "usd", None).await.unwrap();
     assert_eq!(failed.status, 500, "{}", failed.body);
     let trace_id = failed.body["traceId"].as_str().expect("traceId").to_owned();
@@ -412,7 +410,7 @@ async fn with_the_trace_collector_down_checkouts_succeed_and_lost_spans_are_coun
         },
     )
     .await;
-    let customer = customer(&test).await;
+    let customer = test.customer().await;
     let results = burst(&customer, BURST).await;
     assert!(
         results.iter().all(|(status, _)| *status == 200),
@@ -465,7 +463,7 @@ async fn a_database_outage_answers_503_quickly_and_leaves_no_charge_without_a_re
         server,
     )
     .await;
-    let customer = customer(&test).await;
+    let customer = test.customer().await;
     let (running, done) = burst_until(&customer, 40).await;
     drop(postgres.take()); // pg_ctl stop -m fast
     let at_stop = done.load(Ordering::SeqCst);

@@ -1,6 +1,9 @@
 //! The load generator against a real stack: what it reports is what happened (rows in the database, traces
 //! in the collector), and its slow-Stripe share really slows the payment hop.
 
+// Test code, helpers included: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

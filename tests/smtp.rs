@@ -1,6 +1,9 @@
 //! E-mail over real SMTP: with `SMTP_URL` set, the notifier speaks SMTP (lettre) to a small SMTP server run
 //! by this test (the test double for a mail provider we cannot reach), which records what it accepted.
 
+// Test code, helpers included: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};

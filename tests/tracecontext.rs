@@ -2,6 +2,9 @@
 //! trace id, a new parent id (its own client span), flags and `tracestate` kept; an invalid `traceparent`
 //! starts a new trace.
 
+// Test code, helpers included: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! Boots a private stack for one test: its own NATS server, its own database on the shared PostgreSQL, free
 //! ports, the embedded collector; everything stopped and dropped at the end, even when the test fails.
 
+// Test code, helpers included: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;

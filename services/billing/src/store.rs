@@ -45,8 +45,8 @@ pub struct PendingTransaction {
 pub enum Claim {
     /// This request owns the key and must charge.
     Claimed,
-    /// Someone already used the key.
-    Existing(Transaction),
+    /// Someone already used the key (boxed: the common outcome, `Claimed`, stays small).
+    Existing(Box<Transaction>),
     /// Someone held the key and released it between our insert and our read: try again.
     Vanished,
 }
@@ -73,7 +73,9 @@ pub fn claim(
     let existing = traced(statements, query, |query| {
         query.first(connection).optional()
     })?;
-    Ok(existing.map_or(Claim::Vanished, Claim::Existing))
+    Ok(existing.map_or(Claim::Vanished, |existing| {
+        Claim::Existing(Box::new(existing))
+    }))
 }
 
 /// Reads one transaction by id.

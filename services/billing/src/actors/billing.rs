@@ -175,7 +175,7 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
                 return Err(ChargeError::IdempotencyKeyReused);
             }
             Claim::Existing(existing) if existing.status == "charged" => {
-                return Ok(replayed(&span, existing));
+                return Ok(replayed(&span, *existing));
             }
             Claim::Vanished | Claim::Existing(_) => {
                 // Another request holds the key: wait for its outcome with reads only (no repeated
