@@ -149,6 +149,9 @@ pub struct RunResult {
     pub export_cpu_ms_per_checkout: BTreeMap<String, f64>,
     pub rss_rest_mib: BTreeMap<String, f64>,
     pub rss_load_mib: BTreeMap<String, f64>,
+    /// This process's CPU per checkout: the load generator and, in-process, the collector. What tracing adds
+    /// here is the collector's share of the two cores (in production it runs elsewhere).
+    pub bench_process_cpu_ms_per_checkout: f64,
 }
 
 async fn measured_run(
@@ -157,6 +160,7 @@ async fn measured_run(
     users: Vec<crate::client::ApiClient>,
 ) -> anyhow::Result<RunResult> {
     let pids = service_pids(stack);
+    let own_pid = std::process::id();
     let rest = samples(&pids);
     // CPU is counted from the end of the warm-up, like the checkouts it is divided by.
     let measure_start = tokio::spawn({
@@ -164,12 +168,13 @@ async fn measured_run(
         let warmup = load_options.warmup;
         async move {
             tokio::time::sleep(warmup).await;
-            samples(&pids)
+            (samples(&pids), sample(own_pid))
         }
     });
     let report = load::run(load_options, users).await?;
     let loaded = samples(&pids);
-    let measure_start = measure_start.await?;
+    let own_loaded = sample(own_pid);
+    let (measure_start, own_start) = measure_start.await?;
     // Clock ticks are 1/100 s on Linux.
     let checkouts = report.checkout.count.max(1) as f64;
     let per_checkout = |ticks: fn(&ProcessSample) -> u64| -> BTreeMap<String, f64> {
@@ -189,10 +194,13 @@ async fn measured_run(
             .map(|(name, s)| (name.clone(), s.rss_kib as f64 / 1024.0))
             .collect()
     };
+    let bench_process_cpu_ms_per_checkout =
+        own_loaded.cpu_ticks.saturating_sub(own_start.cpu_ticks) as f64 * 10.0 / checkouts;
     Ok(RunResult {
         report,
         cpu_ms_per_checkout,
         export_cpu_ms_per_checkout,
+        bench_process_cpu_ms_per_checkout,
         rss_rest_mib: mib(&rest),
         rss_load_mib: mib(&loaded),
     })
@@ -408,6 +416,7 @@ async fn overhead_runs(options: &BenchOptions) -> anyhow::Result<(Vec<serde_json
                 "report": result.report,
                 "cpu_ms_per_checkout": result.cpu_ms_per_checkout,
                 "export_cpu_ms_per_checkout": result.export_cpu_ms_per_checkout,
+                "bench_process_cpu_ms_per_checkout": result.bench_process_cpu_ms_per_checkout,
                 "rss_rest_mib": result.rss_rest_mib,
                 "rss_load_mib": result.rss_load_mib,
                 "fixed_rate": {
@@ -415,6 +424,7 @@ async fn overhead_runs(options: &BenchOptions) -> anyhow::Result<(Vec<serde_json
                     "report": fixed.report,
                     "cpu_ms_per_checkout": fixed.cpu_ms_per_checkout,
                     "export_cpu_ms_per_checkout": fixed.export_cpu_ms_per_checkout,
+                    "bench_process_cpu_ms_per_checkout": fixed.bench_process_cpu_ms_per_checkout,
                 },
                 "spans_received_by_collector": spans_received,
             }));
