@@ -172,9 +172,9 @@ pub fn find_executable(name: &str) -> Option<PathBuf> {
 /// The port is only tested (bound and released), so two things could take it before the child binds it:
 /// another stack of the same test binary (bind-to-0 hands a released port out again) and any outgoing
 /// connection on the machine (`connect` takes its source port from the same ephemeral range as bind-to-0).
-/// Both once made a service of a parallel test exit with "address in use". So ports come from *below* the
-/// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), where the kernel never picks one by itself,
-/// walked by a process-wide cursor that starts at an offset derived from the process id.
+/// Either makes a parallel test's service fail to start (CI saw billing exit at start-up). So ports come
+/// from *below* the ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), where the kernel never picks
+/// one by itself, walked by a process-wide cursor that starts at an offset derived from the process id.
 pub fn free_port() -> anyhow::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
