@@ -192,11 +192,14 @@ pub async fn publish(
 
 /// The `Nats-Msg-Id` of a message, if it has one.
 pub fn message_id(message: &jetstream::Message) -> Option<String> {
-    message
-        .headers
-        .as_ref()
+    header_message_id(message.headers.as_ref()).map(str::to_owned)
+}
+
+/// The `Nats-Msg-Id` among `headers`, if any.
+fn header_message_id(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
+    headers
         .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
-        .map(|value| value.as_str().to_owned())
+        .map(|value| value.as_str())
 }
 
 /// The PRODUCER span of one publish (messaging semantic conventions), named `publish {subject}`; the
@@ -246,11 +249,7 @@ pub struct Delivery<'a> {
 /// The CONSUMER span for `delivery`, child of the producer span found in its headers.
 pub fn delivery_span(delivery: &Delivery<'_>) -> tracing::Span {
     let subject = delivery.subject;
-    let message_id = delivery
-        .headers
-        .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
-        .map(|value| value.as_str())
-        .unwrap_or_default();
+    let message_id = header_message_id(delivery.headers).unwrap_or_default();
     let span = tracing::info_span!(
         "messaging.process",
         otel.name = %format!("process {subject}"),
