@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(port, "trace context test endpoint listening");
     actix_web::HttpServer::new(move || {
         let client = client.clone();
-        server::app(move |config| {
+        server::app(server::RequestTrust::INTERNAL, move |config| {
             config.app_data(client).route("/test", web::post().to(test));
         })
     })

@@ -74,7 +74,7 @@ impl<M> Traced<M> {
             otel.status_code = tracing::field::Empty,
             actor.name = actor,
             actor.message.type = message_type,
-            actor.mailbox.wait_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+            actor.mailbox.wait_us = i64::try_from(waited.as_micros()).unwrap_or(i64::MAX),
         );
         set_remote_parent(&span, self.parent);
         (self.message, span)

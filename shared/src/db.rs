@@ -135,9 +135,9 @@ fn record_pool_wait(waited: Duration, pool: &DbPool, error: Option<&r2d2::Error>
         "db.pool.acquire",
         otel.kind = "internal",
         otel.status_code = tracing::field::Empty,
-        db.client.connection.wait_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
-        db.client.connection.pool.connections = state.connections,
-        db.client.connection.pool.idle = state.idle_connections,
+        db.client.connection.wait_us = i64::try_from(waited.as_micros()).unwrap_or(i64::MAX),
+        db.client.connection.pool.connections = i64::from(state.connections),
+        db.client.connection.pool.idle = i64::from(state.idle_connections),
     );
     if let Some(error) = error {
         span.record("otel.status_code", "ERROR");

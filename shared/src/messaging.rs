@@ -17,6 +17,7 @@ use opentelemetry::Context;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::telemetry::int_attribute;
 use crate::propagation::{
     NatsHeaderExtractor, NatsHeaderInjector, extract, inject, set_remote_parent,
 };
@@ -178,7 +179,7 @@ pub async fn publish(
     .await;
     match &outcome {
         Ok(ack) => {
-            span.record("messaging.nats.stream.sequence", ack.sequence);
+            span.record("messaging.nats.stream.sequence", int_attribute(ack.sequence));
             span.record("messaging.nats.duplicate", ack.duplicate);
         }
         Err(error) => {
@@ -215,7 +216,7 @@ pub fn publish_span(subject: &str, message_id: &str, body_size: usize) -> tracin
         messaging.operation.name = "publish",
         messaging.operation.type = "send",
         messaging.message.id = %message_id,
-        messaging.message.body.size = body_size,
+        messaging.message.body.size = int_attribute(body_size),
         messaging.nats.stream.sequence = tracing::field::Empty,
         messaging.nats.duplicate = tracing::field::Empty,
         error.type = tracing::field::Empty,
@@ -260,9 +261,9 @@ pub fn delivery_span(delivery: &Delivery<'_>) -> tracing::Span {
         messaging.operation.name = "process",
         messaging.operation.type = "process",
         messaging.message.id = %message_id,
-        messaging.message.body.size = delivery.body_size,
+        messaging.message.body.size = int_attribute(delivery.body_size),
         messaging.nats.delivery_count = delivery.delivery_count,
-        messaging.nats.stream.sequence = delivery.stream_sequence,
+        messaging.nats.stream.sequence = int_attribute(delivery.stream_sequence),
         error.type = tracing::field::Empty,
     );
     if let Some(headers) = delivery.headers {

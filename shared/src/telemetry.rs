@@ -27,7 +27,7 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry::{KeyValue, global};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::propagation::BaggagePropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -128,10 +128,7 @@ where
     E: SpanExporter + 'static,
 {
     crate::http::client::install_crypto_provider();
-    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(BaggagePropagator::new()),
-    ]));
+    global::set_text_map_propagator(propagator());
 
     // RUST_LOG filters the *logs* only. Spans are never switched off by a quieter log level: the trace must
     // not depend on how chatty the logs are (a `RUST_LOG=warn` once meant no traces at all).
@@ -193,6 +190,15 @@ where
         counts,
     };
     (dispatch, guard)
+}
+
+/// The propagator every tracehop process installs: strict W3C Trace Context ([`crate::propagation::w3c`])
+/// and W3C Baggage.
+pub fn propagator() -> TextMapCompositePropagator {
+    TextMapCompositePropagator::new(vec![
+        Box::new(crate::propagation::w3c::TraceContext),
+        Box::new(BaggagePropagator::new()),
+    ])
 }
 
 /// The OpenTelemetry layer's filter: [`span_worthy`], decided once per callsite (the answer depends on the
@@ -310,4 +316,15 @@ pub fn current_trace_id() -> String {
         .span_context()
         .trace_id()
         .to_string()
+}
+
+/// An unsigned count or size as the `int` attribute the conventions ask for. (`tracing-opentelemetry`
+/// exports a `u64` field as text; an `i64` stays a number.) Saturates at `i64::MAX`.
+///
+/// ```
+/// assert_eq!(tracehop_shared::telemetry::int_attribute(42_usize), 42_i64);
+/// assert_eq!(tracehop_shared::telemetry::int_attribute(u64::MAX), i64::MAX);
+/// ```
+pub fn int_attribute<T: TryInto<i64>>(value: T) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
 }

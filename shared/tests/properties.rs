@@ -3,18 +3,12 @@
 //! is a value or an error, never a panic; and what is valid round-trips exactly.
 
 use opentelemetry::trace::TraceContextExt;
-use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use proptest::prelude::*;
 use tracehop_shared::domain::{Amount, Currency, Email};
 use tracehop_shared::propagation::{HttpHeaderExtractor, NatsHeaderExtractor, extract};
 
 fn install_propagators() {
-    opentelemetry::global::set_text_map_propagator(
-        opentelemetry::propagation::TextMapCompositePropagator::new(vec![
-            Box::new(TraceContextPropagator::new()),
-            Box::new(BaggagePropagator::new()),
-        ]),
-    );
+    opentelemetry::global::set_text_map_propagator(tracehop_shared::telemetry::propagator());
 }
 
 proptest! {

@@ -65,7 +65,7 @@ impl Application {
         let state = web::Data::new(routes::State { database, billing });
         let server = actix_web::HttpServer::new(move || {
             let state = state.clone();
-            server::app(move |config| {
+            server::app(server::RequestTrust::INTERNAL, move |config| {
                 config
                     .app_data(state)
                     .route("/charge", web::post().to(routes::charge::charge))

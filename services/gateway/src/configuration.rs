@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use tracehop_shared::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_shared::http::server::RequestTrust;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -15,6 +16,10 @@ pub struct Settings {
     pub billing_url: String,
     /// `UPSTREAM_TIMEOUT_MS` (default 60000): must exceed billing's whole Stripe retry budget.
     pub upstream_timeout: Duration,
+    /// What the gateway believes of its callers' headers (README, "Edge policy"):
+    /// `GATEWAY_CONTINUE_CALLER_TRACE` (default false: a caller's `traceparent` becomes a span link of a new
+    /// trace) and `GATEWAY_TRUST_FORWARDED_HEADERS` (default false: `client.address` is the connection's peer).
+    pub trust: RequestTrust,
 }
 
 impl Settings {
@@ -26,6 +31,10 @@ impl Settings {
             users_url: env_or("USERS_URL", "http://127.0.0.1:3001"),
             billing_url: env_or("BILLING_URL", "http://127.0.0.1:3002"),
             upstream_timeout: Duration::from_millis(env_parse("UPSTREAM_TIMEOUT_MS", 60_000)?),
+            trust: RequestTrust {
+                continue_caller_trace: env_parse("GATEWAY_CONTINUE_CALLER_TRACE", false)?,
+                forwarded_headers: env_parse("GATEWAY_TRUST_FORWARDED_HEADERS", false)?,
+            },
         })
     }
 }

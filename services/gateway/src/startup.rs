@@ -20,10 +20,11 @@ impl Application {
             users_url: settings.users_url.trim_end_matches('/').to_owned(),
             billing_url: settings.billing_url.trim_end_matches('/').to_owned(),
         });
+        let trust = settings.trust;
         let (listener, port) = server::bind(&settings.host, settings.port)?;
         let server = actix_web::HttpServer::new(move || {
             let upstreams = upstreams.clone();
-            server::app(move |config| {
+            server::app(trust, move |config| {
                 config
                     .app_data(upstreams)
                     .route("/signup", web::post().to(routes::signup::signup))

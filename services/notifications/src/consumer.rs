@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tracehop_shared::actor::Traced;
 use tracehop_shared::db::Database;
 use tracehop_shared::messaging::{self, ORDER_COMPLETED_DEAD_LETTER, OrderCompleted};
+use tracehop_shared::propagation::header_value;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -84,16 +85,10 @@ async fn handle(deps: &ConsumerDeps, message: jetstream::Message) {
     let span = messaging::process_span(&message);
     async {
         let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-        // Our producer always sets headers (at least Nats-Msg-Id; traceparent unless OTEL_SDK_DISABLED):
-        // a message without any did not come from billing.
-        if message.headers.is_none() {
-            dead_letter(deps, &message, "malformed message: no headers").await;
-            return;
-        }
-        let event: OrderCompleted = match serde_json::from_slice(&message.payload) {
+        let event = match parse_delivery(message.headers.as_ref(), &message.payload) {
             Ok(event) => event,
-            Err(error) => {
-                dead_letter(deps, &message, &format!("malformed message: {error}")).await;
+            Err(malformed) => {
+                dead_letter(deps, &message, &malformed.to_string()).await;
                 return;
             }
         };
@@ -139,32 +134,104 @@ async fn handle(deps: &ConsumerDeps, message: jetstream::Message) {
     .await
 }
 
+/// Why a delivery cannot be processed at all: it goes to the dead-letter subject at once, never retried.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// Our producer always sets headers (at least `Nats-Msg-Id`; `traceparent` unless
+    /// `OTEL_SDK_DISABLED`): a message without any did not come from billing.
+    #[error("malformed message: no headers")]
+    NoHeaders,
+    /// Larger than any event billing publishes.
+    #[error("malformed message: {0} bytes is larger than {MAX_EVENT_BYTES}")]
+    TooLarge(usize),
+    /// Not an `order.completed` event (the parser's words, without the payload's bytes).
+    #[error("malformed message: {0}")]
+    Payload(String),
+}
+
+/// The largest `order.completed` payload read; a real one is a few hundred bytes.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024;
+
+/// The most of a malformed payload copied to the dead-letter subject (the whole message stays in the
+/// stream at its sequence, named in `Tracehop-Original-Sequence`).
+pub const MAX_DEAD_LETTER_PAYLOAD: usize = 64 * 1024;
+
+/// The event in one delivery, whatever its bytes: an event, or why it is malformed. Never panics.
+pub fn parse_delivery(
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<OrderCompleted, Malformed> {
+    if headers.is_none() {
+        return Err(Malformed::NoHeaders);
+    }
+    if payload.len() > MAX_EVENT_BYTES {
+        return Err(Malformed::TooLarge(payload.len()));
+    }
+    serde_json::from_slice(payload).map_err(|error| {
+        // serde_json's message can quote the offending input: keep only its category and position.
+        let what = match error.classify() {
+            serde_json::error::Category::Io => "unreadable",
+            serde_json::error::Category::Syntax => "not JSON",
+            serde_json::error::Category::Data => "not an order.completed event",
+            serde_json::error::Category::Eof => "truncated JSON",
+        };
+        Malformed::Payload(format!("{what} (line {}, column {})", error.line(), error.column()))
+    })
+}
+
+/// The headers of a dead letter: the reason, the original subject and stream sequence, each made safe
+/// for a header value (a caller's text never reaches the NATS client raw: it panics on a line break).
+pub fn dead_letter_headers(
+    reason: &str,
+    subject: &str,
+    stream_sequence: Option<u64>,
+    payload_size: usize,
+) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(DEAD_LETTER_REASON, header_value(reason).as_str());
+    headers.insert("Tracehop-Original-Subject", header_value(subject).as_str());
+    if let Some(sequence) = stream_sequence {
+        headers.insert("Tracehop-Original-Sequence", sequence.to_string().as_str());
+    }
+    if payload_size > MAX_DEAD_LETTER_PAYLOAD {
+        headers.insert("Tracehop-Payload-Truncated-From", payload_size.to_string().as_str());
+    }
+    headers
+}
+
+/// The header that says why a message was dead-lettered.
+pub const DEAD_LETTER_REASON: &str = "Tracehop-Dead-Letter-Reason";
+
 fn mark_error(reason: &str) {
     let span = tracing::Span::current();
     span.record("otel.status_code", "ERROR");
     span.record("error.type", "delivery_failed");
-    span.set_status(opentelemetry::trace::Status::error(reason.to_owned()));
+    span.set_status(opentelemetry::trace::Status::error(header_value(reason)));
 }
 
 /// Moves `message` to the dead-letter subject with the reason, then terminates it (no more redeliveries).
 async fn dead_letter(deps: &ConsumerDeps, message: &jetstream::Message, reason: &str) {
     mark_error(reason);
     tracing::error!(reason, "dead-lettering message");
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Tracehop-Dead-Letter-Reason", reason);
-    headers.insert("Tracehop-Original-Subject", message.subject.as_str());
-    let original_id = messaging::message_id(message).unwrap_or_else(|| {
-        message
-            .info()
-            .map(|info| format!("seq-{}", info.stream_sequence))
-            .unwrap_or_default()
-    });
+    let sequence = message.info().ok().map(|info| info.stream_sequence);
+    let headers = dead_letter_headers(
+        reason,
+        message.subject.as_str(),
+        sequence,
+        message.payload.len(),
+    );
+    let original_id = messaging::message_id(message)
+        .map(|id| header_value(&id))
+        .unwrap_or_else(|| format!("seq-{}", sequence.unwrap_or_default()));
+    let payload = message
+        .payload
+        .slice(..message.payload.len().min(MAX_DEAD_LETTER_PAYLOAD));
     let published = messaging::publish(
         &deps.jetstream,
         ORDER_COMPLETED_DEAD_LETTER,
         &format!("{original_id}-dead"),
         headers,
-        message.payload.clone(),
+        payload,
         tracing::Span::current().context(),
     )
     .await;

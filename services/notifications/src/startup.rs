@@ -88,7 +88,7 @@ impl Application {
         let (listener, port) = server::bind(&settings.host, settings.port)?;
         let server = actix_web::HttpServer::new(move || {
             let mailer = mailer.clone();
-            server::app(move |config| {
+            server::app(server::RequestTrust::INTERNAL, move |config| {
                 config
                     .app_data(mailer)
                     .route("/_admin/faults", web::post().to(set_faults));

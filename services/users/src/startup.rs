@@ -26,7 +26,7 @@ impl Application {
         });
         let server = actix_web::HttpServer::new(move || {
             let state = state.clone();
-            server::app(move |config| {
+            server::app(server::RequestTrust::INTERNAL, move |config| {
                 config
                     .app_data(state)
                     .route("/users", web::post().to(routes::signup::signup))

@@ -1,18 +1,19 @@
 //! The traced HTTP client: every outgoing call is a CLIENT span (`{method} {url.template}`) with the HTTP
-//! client conventions, and carries the span's context in `traceparent`/`tracestate`/`baggage`.
+//! client conventions, and carries the span's context: `traceparent`/`tracestate`/`baggage` to the services
+//! of the deployment, only `traceparent` to a third party ([`TracedClient::third_party`]).
 
 use std::time::Duration;
 
-use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::propagation::{HttpHeaderInjector, inject};
+use crate::propagation::{HttpHeaderInjector, inject, w3c};
 
 /// A reqwest client (one connection pool, keep-alive) that traces and propagates every request.
 #[derive(Clone, Debug)]
 pub struct TracedClient {
     inner: reqwest::Client,
+    third_party: bool,
 }
 
 /// Why an outgoing call produced no response.
@@ -79,7 +80,17 @@ impl TracedClient {
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
             .build()?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            third_party: false,
+        })
+    }
+
+    /// The same client for calls that leave the deployment (a payment provider): they carry `traceparent`
+    /// only. `tracestate` and `baggage` are ours and our callers', not the third party's to read.
+    pub fn third_party(mut self) -> Self {
+        self.third_party = true;
+        self
     }
 
     /// The underlying client, to build requests with.
@@ -108,10 +119,14 @@ impl TracedClient {
         let mut request = request.build().map_err(ClientError::Build)?;
         let span = client_span(&request, url_template);
         if resend_count > 0 {
-            span.record("http.request.resend_count", resend_count);
+            span.record("http.request.resend_count", i64::from(resend_count));
         }
         let context = span.context();
-        if context.span().span_context().is_valid() {
+        if self.third_party {
+            if let Some(value) = w3c::traceparent(&context).and_then(|value| value.parse().ok()) {
+                request.headers_mut().insert(w3c::TRACEPARENT, value);
+            }
+        } else {
             inject(&context, &mut HttpHeaderInjector(request.headers_mut()));
         }
         let outcome = self
@@ -123,7 +138,7 @@ impl TracedClient {
         match &outcome {
             Ok(response) => {
                 let status = response.status();
-                span.record("http.response.status_code", status.as_u16());
+                span.record("http.response.status_code", i64::from(status.as_u16()));
                 if status.is_client_error() || status.is_server_error() {
                     span.record("otel.status_code", "ERROR");
                     span.record("error.type", status.as_str());
@@ -152,7 +167,7 @@ pub fn client_span(request: &reqwest::Request, url_template: &'static str) -> tr
         url.full = %url,
         url.template = url_template,
         server.address = url.host_str().unwrap_or_default(),
-        server.port = url.port_or_known_default().unwrap_or_default(),
+        server.port = url.port_or_known_default().map(i64::from),
         http.request.resend_count = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,

@@ -1,21 +1,53 @@
-//! The actix-web side: a root span per request that follows the HTTP server semantic conventions, takes its
-//! parent from the incoming W3C headers, and answers with a `traceresponse` header.
+//! The actix-web side: a root span per request that follows the HTTP server semantic conventions, decides
+//! by the app's [`RequestTrust`] whether the caller's W3C context continues or is only linked, and answers
+//! with a `traceresponse` header naming the trace actually recorded.
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{Error, web};
-use opentelemetry::trace::TraceContextExt;
+use opentelemetry::trace::{SpanContext, TraceContextExt, TraceState};
 use tracing::Span;
 use tracing_actix_web::{RootSpanBuilder, TracingLogger};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::http::error::ApiError;
-use crate::propagation::{ActixHeaderExtractor, extract, set_remote_parent};
+use crate::propagation::{ActixHeaderExtractor, extract, set_remote_parent, w3c};
 
 /// The largest JSON body any tracehop endpoint accepts.
 pub const MAX_JSON_BODY_BYTES: usize = 16 * 1024;
+
+/// The longest caller-supplied text (user agent, query, host, forwarded address) put on a server span.
+pub const MAX_CALLER_TEXT: usize = 256;
+
+/// What a service believes of its callers' headers. Every app states it ([`app`]); the root span reads it.
+///
+/// A service that faces the public internet uses [`RequestTrust::PUBLIC`]: a caller's `traceparent` does not
+/// choose the trace id or the sampling decision; the server span starts a new trace and records the
+/// caller's context as a span link (so a browser's or a partner's trace can still be joined), and the
+/// caller's `tracestate` and `baggage` are dropped. Internal services use [`RequestTrust::INTERNAL`] and
+/// continue their callers' traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTrust {
+    /// Continue the caller's trace (`traceparent`, `tracestate`, `baggage`) rather than link to it.
+    pub continue_caller_trace: bool,
+    /// Take `client.address` from `Forwarded` / `X-Forwarded-For` rather than the connection's peer.
+    pub forwarded_headers: bool,
+}
+
+impl RequestTrust {
+    /// Facing the public internet: nothing a caller sends is believed.
+    pub const PUBLIC: Self = Self {
+        continue_caller_trace: false,
+        forwarded_headers: false,
+    };
+    /// Called by the other services of the deployment: their trace context continues.
+    pub const INTERNAL: Self = Self {
+        continue_caller_trace: true,
+        forwarded_headers: false,
+    };
+}
 
 /// Root span builder with the stable HTTP server conventions (`http.request.method`, `http.route`,
 /// `url.path`, `url.scheme`, `http.response.status_code`, ...). The span is named `{method} {route}`.
@@ -23,6 +55,11 @@ pub struct SemconvRootSpan;
 
 impl RootSpanBuilder for SemconvRootSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
+        // An app that did not say is treated as public: trusting by default is the dangerous mistake.
+        let trust = request
+            .app_data::<RequestTrust>()
+            .copied()
+            .unwrap_or(RequestTrust::PUBLIC);
         let method = request.method().as_str().to_owned();
         let route = request.match_pattern();
         let name = match &route {
@@ -30,30 +67,58 @@ impl RootSpanBuilder for SemconvRootSpan {
             None => method.clone(),
         };
         let connection = request.connection_info().clone();
-        let user_agent = request
-            .headers()
+        let (host, port) = split_host_port(connection.host());
+        let headers = request.headers();
+        let user_agent = headers
             .get(actix_web::http::header::USER_AGENT)
             .and_then(|value| value.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+            .map(|agent| bounded(agent, MAX_CALLER_TEXT));
+        let client_address = if trust.forwarded_headers {
+            connection.realip_remote_addr().map(|a| bounded(a, MAX_CALLER_TEXT))
+        } else {
+            request.peer_addr().map(|address| address.ip().to_string())
+        };
+        let query = request.query_string();
         let span = tracing::info_span!(
             "HTTP request",
             otel.name = %name,
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
             http.request.method = %method,
-            http.route = route.as_deref().unwrap_or_default(),
-            url.path = %request.path(),
-            url.query = request.query_string(),
+            http.route = tracing::field::Empty,
+            url.path = %bounded(request.path(), 2 * MAX_CALLER_TEXT),
+            url.query = tracing::field::Empty,
             url.scheme = %connection.scheme(),
-            server.address = %connection.host(),
-            client.address = connection.realip_remote_addr().unwrap_or_default(),
-            user_agent.original = %user_agent,
-            network.protocol.version = ?request.version(),
+            server.address = %bounded(host, MAX_CALLER_TEXT),
+            server.port = tracing::field::Empty,
+            client.address = tracing::field::Empty,
+            user_agent.original = tracing::field::Empty,
+            network.protocol.version = protocol_version(request.version()),
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
-        set_remote_parent(&span, extract(&ActixHeaderExtractor(request.headers())));
+        // Empty values are left out, as the conventions say, rather than exported as "".
+        if let Some(route) = &route {
+            span.record("http.route", route.as_str());
+        }
+        if !query.is_empty() {
+            span.record("url.query", bounded(query, MAX_CALLER_TEXT));
+        }
+        if let Some(port) = port {
+            span.record("server.port", i64::from(port));
+        }
+        if let Some(address) = &client_address {
+            span.record("client.address", address.as_str());
+        }
+        if let Some(agent) = &user_agent {
+            span.record("user_agent.original", agent.as_str());
+        }
+        let caller = extract(&ActixHeaderExtractor(headers));
+        if trust.continue_caller_trace {
+            set_remote_parent(&span, caller);
+        } else {
+            link_to_caller(&span, &caller);
+        }
         span
     }
 
@@ -62,7 +127,7 @@ impl RootSpanBuilder for SemconvRootSpan {
             Ok(response) => response.response().status(),
             Err(error) => error.as_response_error().status_code(),
         };
-        span.record("http.response.status_code", status.as_u16());
+        span.record("http.response.status_code", i64::from(status.as_u16()));
         // Server spans: only 5xx is an error (a 4xx is the client's fault, not ours).
         if status.is_server_error() {
             span.record("otel.status_code", "ERROR");
@@ -71,6 +136,58 @@ impl RootSpanBuilder for SemconvRootSpan {
         // One access-log line per request, carrying trace_id/span_id like every other line.
         span.in_scope(|| tracing::info!(status = status.as_u16(), "request finished"));
     }
+}
+
+/// Records the caller's context as a link of `span` (without its `tracestate`): the trace is ours, the
+/// caller's can still be found from it.
+fn link_to_caller(span: &Span, caller: &opentelemetry::Context) {
+    let caller = caller.span();
+    let caller = caller.span_context();
+    if caller.is_valid() {
+        span.add_link(SpanContext::new(
+            caller.trace_id(),
+            caller.span_id(),
+            caller.trace_flags(),
+            true,
+            TraceState::NONE,
+        ));
+    }
+}
+
+/// `host` and `port` of a `Host` header value (`example.com:3000`, `[::1]:3000`, `example.com`).
+fn split_host_port(host: &str) -> (&str, Option<u16>) {
+    if let Some((name, port)) = host.rsplit_once(':')
+        && !name.is_empty()
+        && (!name.contains(':') || name.ends_with(']'))
+        && let Ok(port) = port.parse()
+    {
+        return (name.trim_start_matches('[').trim_end_matches(']'), Some(port));
+    }
+    (host, None)
+}
+
+/// `network.protocol.version` as the conventions write it (`1.1`, `2`).
+fn protocol_version(version: actix_web::http::Version) -> &'static str {
+    use actix_web::http::Version;
+    match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// The tracing middleware every service wraps its app in.
@@ -85,17 +202,10 @@ pub async fn trace_response(
     request: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
-    let context = Span::current().context();
-    let span_context = context.span().span_context().clone();
+    let traceparent = w3c::traceparent(&Span::current().context());
     let mut response = next.call(request).await?;
-    if span_context.is_valid() {
-        let value = format!(
-            "00-{}-{}-{:02x}",
-            span_context.trace_id(),
-            span_context.span_id(),
-            span_context.trace_flags().to_u8()
-        );
-        if let Ok(value) = HeaderValue::from_str(&value) {
+    if let Some(traceparent) = traceparent {
+        if let Ok(value) = HeaderValue::from_str(&traceparent) {
             response
                 .headers_mut()
                 .insert(HeaderName::from_static("traceresponse"), value);
@@ -144,9 +254,11 @@ pub async fn healthz() -> actix_web::HttpResponse {
     actix_web::HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-/// A tracehop actix-web app: tracing root span, `traceresponse`, JSON errors for bad bodies and paths,
-/// `GET /healthz`, and a JSON 404; `configure` adds the service's own routes and state.
+/// A tracehop actix-web app: tracing root span (with `trust` deciding what callers' headers may set),
+/// `traceresponse`, JSON errors for bad bodies and paths, `GET /healthz`, and a JSON 404; `configure` adds the
+/// service's own routes and state.
 pub fn app<F>(
+    trust: RequestTrust,
     configure: F,
 ) -> actix_web::App<
     impl actix_web::dev::ServiceFactory<
@@ -161,6 +273,7 @@ where
     F: FnOnce(&mut web::ServiceConfig),
 {
     actix_web::App::new()
+        .app_data(trust)
         .wrap(actix_web::middleware::from_fn(trace_response))
         .wrap(tracing_middleware())
         .app_data(json_config())
@@ -175,4 +288,24 @@ pub fn bind(host: &str, port: u16) -> std::io::Result<(std::net::TcpListener, u1
     let listener = std::net::TcpListener::bind((host, port))?;
     let port = listener.local_addr()?.port();
     Ok((listener, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_are_split() {
+        assert_eq!(split_host_port("127.0.0.1:3000"), ("127.0.0.1", Some(3000)));
+        assert_eq!(split_host_port("example.com"), ("example.com", None));
+        assert_eq!(split_host_port("[::1]:3000"), ("::1", Some(3000)));
+        assert_eq!(split_host_port("::1"), ("::1", None));
+        assert_eq!(split_host_port("host:notaport"), ("host:notaport", None));
+    }
+
+    #[test]
+    fn caller_text_is_bounded_at_a_character_boundary() {
+        assert_eq!(bounded("short", 10), "short");
+        assert_eq!(bounded(&"é".repeat(10), 5), "éé");
+    }
 }

@@ -79,7 +79,8 @@ pub struct StripeClientActor {
 impl StripeClientActor {
     pub fn new(settings: StripeSettings) -> Result<Self, reqwest::Error> {
         // The per-attempt timeout is set on each request; this is only a backstop.
-        let http = TracedClient::new(settings.attempt_timeout + Duration::from_secs(5))?;
+        // A third party: it gets `traceparent`, never our `tracestate` or `baggage`.
+        let http = TracedClient::new(settings.attempt_timeout + Duration::from_secs(5))?.third_party();
         let breaker = Breaker::new(settings.breaker_threshold, settings.breaker_cooldown);
         Ok(Self {
             client: Arc::new(StripeClient {
@@ -191,7 +192,7 @@ impl StripeClient {
         let mut last_error = String::new();
         let max_attempts = self.settings.max_attempts.max(1);
         for attempt in 1..=max_attempts {
-            span.record("stripe.attempts", attempt);
+            span.record("stripe.attempts", i64::from(attempt));
             if attempt > 1 {
                 tokio::time::sleep(self.backoff(attempt)).await;
             }

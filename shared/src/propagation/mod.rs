@@ -1,13 +1,43 @@
-//! W3C Trace Context carriers for every header map a tracehop hop travels in.
+//! W3C Trace Context carriers for every header map a tracehop hop travels in, and the strict parser they
+//! all go through ([`w3c`]).
 //!
 //! Each adapter is tiny; having them in one place means there is exactly one way context enters and leaves a
-//! service. All of them go through the global propagator installed by [`crate::telemetry::init`]
-//! (`traceparent`, `tracestate`, `baggage`).
+//! service. All of them go through the global propagator installed by [`crate::telemetry`]: the strict
+//! [`w3c::TraceContext`] (`traceparent`, `tracestate`) and OpenTelemetry's W3C Baggage propagator
+//! (`baggage`, at most 64 members and 8 192 bytes, as that specification says).
+//!
+//! Every value written into a NATS header goes through [`header_value`]: a header value with a control
+//! character is refused by the NATS client with a panic, and a caller's text must never reach one raw.
+
+pub mod w3c;
 
 use opentelemetry::Context;
 use opentelemetry::global;
 use opentelemetry::propagation::{Extractor, Injector};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The longest header value tracehop writes from text it did not make (a dead-letter reason, ...).
+pub const MAX_HEADER_VALUE_LENGTH: usize = 512;
+
+/// `text` made safe for a header value: control characters become spaces and it is cut to
+/// [`MAX_HEADER_VALUE_LENGTH`] bytes (at a character boundary).
+///
+/// ```
+/// use tracehop_shared::propagation::header_value;
+/// assert_eq!(header_value("bad\r\ninput\0"), "bad  input ");
+/// assert_eq!(header_value(&"é".repeat(1000)).len(), 512);
+/// ```
+pub fn header_value(text: &str) -> String {
+    let mut cleaned = String::with_capacity(text.len().min(MAX_HEADER_VALUE_LENGTH));
+    for character in text.chars() {
+        let character = if character.is_control() { ' ' } else { character };
+        if cleaned.len() + character.len_utf8() > MAX_HEADER_VALUE_LENGTH {
+            break;
+        }
+        cleaned.push(character);
+    }
+    cleaned
+}
 
 /// Reads context from actix-web request headers.
 pub struct ActixHeaderExtractor<'a>(pub &'a actix_web::http::header::HeaderMap);
@@ -18,6 +48,14 @@ impl Extractor for ActixHeaderExtractor<'_> {
     }
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|name| name.as_str()).collect()
+    }
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let values: Vec<&str> = self
+            .0
+            .get_all(key)
+            .map(|value| value.to_str().unwrap_or_default())
+            .collect();
+        (!values.is_empty()).then_some(values)
     }
 }
 
@@ -45,6 +83,15 @@ impl Extractor for HttpHeaderExtractor<'_> {
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|name| name.as_str()).collect()
     }
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let values: Vec<&str> = self
+            .0
+            .get_all(key)
+            .iter()
+            .map(|value| value.to_str().unwrap_or_default())
+            .collect();
+        (!values.is_empty()).then_some(values)
+    }
 }
 
 /// Writes context into NATS message headers.
@@ -52,7 +99,7 @@ pub struct NatsHeaderInjector<'a>(pub &'a mut async_nats::HeaderMap);
 
 impl Injector for NatsHeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key, value.as_str());
+        self.0.insert(key, header_value(&value).as_str());
     }
 }
 
@@ -65,6 +112,10 @@ impl Extractor for NatsHeaderExtractor<'_> {
     }
     fn keys(&self) -> Vec<&str> {
         self.0.iter().map(|(name, _)| name.as_ref()).collect()
+    }
+    fn get_all(&self, key: &str) -> Option<Vec<&str>> {
+        let values: Vec<&str> = self.0.get_all(key).map(|value| value.as_str()).collect();
+        (!values.is_empty()).then_some(values)
     }
 }
 
@@ -89,11 +140,6 @@ impl Extractor for SerializedContext {
 pub struct SerializedContext(pub std::collections::BTreeMap<String, String>);
 
 impl SerializedContext {
-    /// Captures the context of the current `tracing` span.
-    pub fn capture_current() -> Self {
-        Self::capture(&tracing::Span::current().context())
-    }
-
     /// Captures an OpenTelemetry context.
     pub fn capture(context: &Context) -> Self {
         let mut carrier = Self::default();
@@ -137,7 +183,6 @@ mod tests {
     use opentelemetry::trace::{
         SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
     };
-    use opentelemetry_sdk::propagation::TraceContextPropagator;
 
     fn sample_context() -> Context {
         let span_context = SpanContext::new(
@@ -151,7 +196,7 @@ mod tests {
     }
 
     fn install() {
-        global::set_text_map_propagator(TraceContextPropagator::new());
+        global::set_text_map_propagator(w3c::TraceContext);
     }
 
     fn assert_same_span(restored: &Context) {
@@ -170,9 +215,10 @@ mod tests {
         install();
         let mut headers = reqwest::header::HeaderMap::new();
         inject(&sample_context(), &mut HttpHeaderInjector(&mut headers));
+        // Sampled, and random: a span context that did not arrive through a `traceparent` is one of ours.
         assert_eq!(
             headers["traceparent"],
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03"
         );
         assert_same_span(&extract(&HttpHeaderExtractor(&headers)));
     }
