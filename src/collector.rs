@@ -1,7 +1,7 @@
 //! The embedded trace backend: OTLP in, Jaeger UI and query API out, all in memory.
 //!
 //! Spans go into [`otlp_embedded`]'s store. On the way in, each span gets the tags real Jaeger derives from
-//! OTLP (`span.kind`, `otel.status_code`, `otel.status_description`, `error`), so the UI shows kinds and
+//! OTLP (`span.kind`, `otel.status_code`, `otel.status_description`, `error`, `w3c.tracestate`), so the UI shows kinds and
 //! errors, and code reading the query API (the waterfall, the tests) works the same against real Jaeger.
 
 use std::net::SocketAddr;
@@ -217,6 +217,11 @@ impl TraceService for Enriching {
                         _ => "unspecified",
                     };
                     span.attributes.push(string_tag("span.kind", kind));
+                    // As Jaeger's own OTLP translator does, so a span's tracestate can be read back.
+                    if !span.trace_state.is_empty() {
+                        span.attributes
+                            .push(string_tag("w3c.tracestate", span.trace_state.clone()));
+                    }
                     if let Some(status) = &span.status {
                         match status.code {
                             1 => span.attributes.push(string_tag("otel.status_code", "OK")),

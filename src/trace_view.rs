@@ -18,6 +18,8 @@ pub struct SpanView {
     pub start_us: u64,
     pub duration_us: u64,
     pub tags: HashMap<String, Value>,
+    /// Span links (Jaeger `FOLLOWS_FROM` references) as `(trace id, span id)`.
+    pub links: Vec<(String, String)>,
     /// Span events (Jaeger "logs"), each as its fields.
     pub events: Vec<HashMap<String, Value>>,
 }
@@ -65,6 +67,16 @@ impl TraceView {
                 .find(|reference| reference["refType"] == "CHILD_OF")
                 .and_then(|reference| reference["spanID"].as_str())
                 .map(str::to_owned);
+            let links = span["references"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|reference| reference["refType"] == "FOLLOWS_FROM")
+                .map(|reference| {
+                    let id = |key: &str| reference[key].as_str().unwrap_or_default().to_owned();
+                    (id("traceID"), id("spanID"))
+                })
+                .collect();
             let process_id = span["processID"].as_str().unwrap_or_default();
             let service = processes[process_id]["serviceName"]
                 .as_str()
@@ -88,6 +100,7 @@ impl TraceView {
                 start_us: span["startTime"].as_u64().unwrap_or_default(),
                 duration_us: span["duration"].as_u64().unwrap_or_default(),
                 tags,
+                links,
                 events,
             });
         }

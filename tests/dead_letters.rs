@@ -151,11 +151,36 @@ async fn a_malformed_message_is_dead_lettered_and_does_not_block_the_consumer() 
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     );
     jetstream
-        .publish_with_headers("order.completed", headers, "{\"orderId\": 42}".into())
+        .publish_with_headers(
+            "order.completed",
+            headers.clone(),
+            "{\"orderId\": 42}".into(),
+        )
         .await
         .unwrap()
         .await
         .unwrap();
+    // Poison: an order id with a line break (it once reached a header value and panicked the consumer),
+    // a NUL, bytes that are not UTF-8, and a payload of 1 MB.
+    let event = |order_id: &str| {
+        format!(
+            r#"{{"eventId":"00000000-0000-0000-0000-000000000001","orderId":"{order_id}","userId":"00000000-0000-0000-0000-000000000002","email":"dani@example.com","amountMinor":100,"currency":"usd","chargeId":"ch_1"}}"#
+        )
+    };
+    let poison: Vec<bytes::Bytes> = vec![
+        event("line\\nbreak").into(),
+        event("nul\u{0}byte").into(),
+        bytes::Bytes::from_static(b"{\"orderId\":\"\xff\xfe\xfd\"}"),
+        vec![b'x'; 1_000_000].into(),
+    ];
+    for payload in poison {
+        jetstream
+            .publish_with_headers("order.completed", headers.clone(), payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
 
     // A real checkout after them is still mailed.
     let customer = test.customer().await;
@@ -182,15 +207,22 @@ async fn a_malformed_message_is_dead_lettered_and_does_not_block_the_consumer() 
         }
     }
     reasons.sort();
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.starts_with("malformed message: invalid type")),
+    assert_eq!(reasons.len(), 6, "every bad message dead-lettered once: {reasons:?}");
+    let count = |prefix: &str| reasons.iter().filter(|r| r.starts_with(prefix)).count();
+    assert_eq!(count("malformed message: no headers"), 1, "{reasons:?}");
+    assert_eq!(
+        count("malformed message: not an order.completed event"),
+        2,
+        "wrong shape, line break: {reasons:?}"
+    );
+    assert_eq!(count("malformed message: not JSON"), 2, "NUL, not UTF-8: {reasons:?}");
+    assert_eq!(
+        count("malformed message: 1000000 bytes is larger than"),
+        1,
         "{reasons:?}"
     );
     assert!(
-        reasons.iter().any(|r| r == "malformed message: no headers"),
-        "{reasons:?}"
+        !reasons.iter().any(|r| r.contains("dani@example.com")),
+        "a reason never quotes the payload: {reasons:?}"
     );
 }

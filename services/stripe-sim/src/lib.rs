@@ -11,7 +11,8 @@
 //! - Faults, from the environment at start (`STRIPE_SIM_LATENCY_MS`, `STRIPE_SIM_FAIL_RATE`) or at any time
 //!   through `POST /_admin/faults` with `{"latencyMs", "failRate", "failNext", "failStatus", "hangNext",
 //!   "hangMs", "declineNext", "slowShare", "slowMs"}`; `DELETE /_admin/faults` resets; `GET /_admin/charges`
-//!   lists every charge (tests count them).
+//!   lists every charge (tests count them); `GET /_admin/trace-headers` lists the W3C headers
+//!   (`traceparent`, `tracestate`, `baggage`) of every charge request, as a third party would see them.
 //!
 //! A "hang" sleeps *before* the charge is created, like a request stuck in a load balancer: a client that
 //! times out and retries with the same idempotency key gets exactly one charge.
@@ -121,6 +122,16 @@ struct Ledger {
 struct State {
     faults: Mutex<Faults>,
     ledger: Mutex<Ledger>,
+    /// The trace headers of each charge request, in order of arrival (the most recent 10 000).
+    trace_headers: Mutex<std::collections::VecDeque<TraceHeaders>>,
+}
+
+/// The W3C headers one request carried.
+#[derive(Debug, Clone, Serialize)]
+struct TraceHeaders {
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    baggage: Option<String>,
 }
 
 /// A bound server.
@@ -136,6 +147,7 @@ pub fn build(settings: Settings) -> std::io::Result<Running> {
     let state = web::Data::new(State {
         faults: Mutex::new(settings.faults),
         ledger: Mutex::new(Ledger::default()),
+        trace_headers: Mutex::default(),
     });
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
@@ -153,6 +165,7 @@ pub fn build(settings: Settings) -> std::io::Result<Running> {
             .route("/_admin/faults", web::post().to(set_faults))
             .route("/_admin/faults", web::delete().to(reset_faults))
             .route("/_admin/charges", web::get().to(list_charges))
+            .route("/_admin/trace-headers", web::get().to(list_trace_headers))
     })
     .listen(listener)?
     .shutdown_timeout(2)
@@ -246,6 +259,7 @@ async fn create_charge(
     if let Some(refused) = refuse_without_test_key(&request) {
         return refused;
     }
+    record_trace_headers(&state, &request);
     let params: BTreeMap<String, String> = form.into_inner().into_iter().collect();
     let Some(amount) = params
         .get("amount")
@@ -445,6 +459,35 @@ async fn list_charges(state: web::Data<State>) -> HttpResponse {
             "object": "list",
             "data": ledger.charges,
         })),
+        Err(_) => HttpResponse::InternalServerError().finish(),
+    }
+}
+
+fn record_trace_headers(state: &State, request: &HttpRequest) {
+    let header = |name: &str| {
+        let values: Vec<&str> = request
+            .headers()
+            .get_all(name)
+            .filter_map(|value| value.to_str().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.join(","))
+    };
+    let seen = TraceHeaders {
+        traceparent: header("traceparent"),
+        tracestate: header("tracestate"),
+        baggage: header("baggage"),
+    };
+    if let Ok(mut log) = state.trace_headers.lock() {
+        if log.len() == 10_000 {
+            log.pop_front();
+        }
+        log.push_back(seen);
+    }
+}
+
+async fn list_trace_headers(state: web::Data<State>) -> HttpResponse {
+    match state.trace_headers.lock() {
+        Ok(log) => HttpResponse::Ok().json(serde_json::json!({"data": *log})),
         Err(_) => HttpResponse::InternalServerError().finish(),
     }
 }
