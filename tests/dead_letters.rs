@@ -207,7 +207,11 @@ async fn a_malformed_message_is_dead_lettered_and_does_not_block_the_consumer() 
         }
     }
     reasons.sort();
-    assert_eq!(reasons.len(), 6, "every bad message dead-lettered once: {reasons:?}");
+    assert_eq!(
+        reasons.len(),
+        6,
+        "every bad message dead-lettered once: {reasons:?}"
+    );
     let count = |prefix: &str| reasons.iter().filter(|r| r.starts_with(prefix)).count();
     assert_eq!(count("malformed message: no headers"), 1, "{reasons:?}");
     assert_eq!(
@@ -215,7 +219,11 @@ async fn a_malformed_message_is_dead_lettered_and_does_not_block_the_consumer() 
         2,
         "wrong shape, line break: {reasons:?}"
     );
-    assert_eq!(count("malformed message: not JSON"), 2, "NUL, not UTF-8: {reasons:?}");
+    assert_eq!(
+        count("malformed message: not JSON"),
+        2,
+        "NUL, not UTF-8: {reasons:?}"
+    );
     assert_eq!(
         count("malformed message: 1000000 bytes is larger than"),
         1,

@@ -97,7 +97,10 @@ async fn a_public_caller_does_not_choose_the_trace_and_its_state_goes_nowhere() 
         "the caller's context is a span link"
     );
     assert_eq!(root.tag("client.address").as_deref(), Some("127.0.0.1"));
-    assert!(!raw.contains("evil"), "the caller's tracestate was exported");
+    assert!(
+        !raw.contains("evil"),
+        "the caller's tracestate was exported"
+    );
     assert!(!raw.contains("203.0.113.9"));
     let order_trace: String = {
         use diesel::{ExpressionMethods, QueryDsl, RunQueryDsl};
@@ -109,7 +112,10 @@ async fn a_public_caller_does_not_choose_the_trace_and_its_state_goes_nowhere() 
             .first(&mut test.db())
             .unwrap()
     };
-    assert_eq!(order_trace, trace_id, "the order keeps the trace actually recorded");
+    assert_eq!(
+        order_trace, trace_id,
+        "the order keeps the trace actually recorded"
+    );
     // Nothing was recorded under the caller's trace id.
     let callers = reqwest::get(format!("{}/api/traces/{CALLER_TRACE}", test.jaeger()))
         .await

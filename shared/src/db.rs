@@ -182,11 +182,13 @@ where
         db.system.name = "postgresql",
         db.namespace = statements.namespace.as_str(),
         db.operation.name = statement.operation.as_str(),
-        db.collection.name = statement.table.as_deref().unwrap_or_default(),
+        db.collection.name = tracing::field::Empty,
         db.query.text = statement.text.as_str(),
-        db.response.returned_rows = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
+    if let Some(table) = &statement.table {
+        span.record("db.collection.name", table.as_str());
+    }
     let _entered = span.enter();
     let outcome = run(query);
     if let Err(error) = &outcome {

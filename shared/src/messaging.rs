@@ -17,10 +17,10 @@ use opentelemetry::Context;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::telemetry::int_attribute;
 use crate::propagation::{
     NatsHeaderExtractor, NatsHeaderInjector, extract, inject, set_remote_parent,
 };
+use crate::telemetry::int_attribute;
 
 /// The event billing publishes once a charge is recorded.
 pub const ORDER_COMPLETED: &str = "order.completed";
@@ -179,7 +179,10 @@ pub async fn publish(
     .await;
     match &outcome {
         Ok(ack) => {
-            span.record("messaging.nats.stream.sequence", int_attribute(ack.sequence));
+            span.record(
+                "messaging.nats.stream.sequence",
+                int_attribute(ack.sequence),
+            );
             span.record("messaging.nats.duplicate", ack.duplicate);
         }
         Err(error) => {

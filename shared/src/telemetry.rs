@@ -12,6 +12,7 @@
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling (default `parentbased_always_on`) |
 //! | `OTEL_SDK_DISABLED` | `true`: no spans at all (so no context propagation either); logs stay |
 //! | `OTEL_BSP_*` | batch span processor queue, batch size, delay, timeout |
+//! | `OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`, `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT` | longest string attribute value exported (default [`DEFAULT_VALUE_LENGTH_LIMIT`]) |
 //! | `RUST_LOG` | log filter (default `info`); spans are not affected by it |
 //! | `LOG_FORMAT` | `json` (default) or `text` |
 //!
@@ -34,10 +35,10 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-mod counting;
+mod export;
 mod json_log;
 
-pub use counting::ExportCounts;
+pub use export::{DEFAULT_VALUE_LENGTH_LIMIT, ExportCounts};
 
 /// Why telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -160,9 +161,10 @@ where
     };
 
     let counts = Arc::new(ExportCounts::default());
-    let exporter = counting::CountingExporter {
+    let exporter = export::GuardedExporter {
         inner: exporter,
         counts: counts.clone(),
+        value_limit: export::value_length_limit(),
     };
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)

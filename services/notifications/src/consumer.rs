@@ -175,7 +175,11 @@ pub fn parse_delivery(
             serde_json::error::Category::Data => "not an order.completed event",
             serde_json::error::Category::Eof => "truncated JSON",
         };
-        Malformed::Payload(format!("{what} (line {}, column {})", error.line(), error.column()))
+        Malformed::Payload(format!(
+            "{what} (line {}, column {})",
+            error.line(),
+            error.column()
+        ))
     })
 }
 
@@ -194,7 +198,10 @@ pub fn dead_letter_headers(
         headers.insert("Tracehop-Original-Sequence", sequence.to_string().as_str());
     }
     if payload_size > MAX_DEAD_LETTER_PAYLOAD {
-        headers.insert("Tracehop-Payload-Truncated-From", payload_size.to_string().as_str());
+        headers.insert(
+            "Tracehop-Payload-Truncated-From",
+            payload_size.to_string().as_str(),
+        );
     }
     headers
 }

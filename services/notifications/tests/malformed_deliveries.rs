@@ -52,7 +52,9 @@ proptest! {
 #[test]
 fn a_reason_never_quotes_the_payload() {
     let payload = br#"{"eventId":"not-a-uuid\nsecret@example.com"}"#;
-    let reason = parse_delivery(Some(&some_headers()), payload).unwrap_err().to_string();
+    let reason = parse_delivery(Some(&some_headers()), payload)
+        .unwrap_err()
+        .to_string();
     assert!(!reason.contains("secret"), "{reason}");
     assert!(reason.starts_with("malformed message:"), "{reason}");
 }
@@ -67,7 +69,9 @@ fn headerless_and_oversized_messages_are_malformed() {
     );
     let headers = dead_letter_headers("too large", "order.completed", Some(3), 1_000_000);
     assert_eq!(
-        headers.get("Tracehop-Payload-Truncated-From").map(|v| v.as_str()),
+        headers
+            .get("Tracehop-Payload-Truncated-From")
+            .map(|v| v.as_str()),
         Some("1000000")
     );
 }

@@ -74,7 +74,9 @@ impl RootSpanBuilder for SemconvRootSpan {
             .and_then(|value| value.to_str().ok())
             .map(|agent| bounded(agent, MAX_CALLER_TEXT));
         let client_address = if trust.forwarded_headers {
-            connection.realip_remote_addr().map(|a| bounded(a, MAX_CALLER_TEXT))
+            connection
+                .realip_remote_addr()
+                .map(|a| bounded(a, MAX_CALLER_TEXT))
         } else {
             request.peer_addr().map(|address| address.ip().to_string())
         };
@@ -161,7 +163,10 @@ fn split_host_port(host: &str) -> (&str, Option<u16>) {
         && (!name.contains(':') || name.ends_with(']'))
         && let Ok(port) = port.parse()
     {
-        return (name.trim_start_matches('[').trim_end_matches(']'), Some(port));
+        return (
+            name.trim_start_matches('[').trim_end_matches(']'),
+            Some(port),
+        );
     }
     (host, None)
 }

@@ -30,7 +30,11 @@ pub const MAX_HEADER_VALUE_LENGTH: usize = 512;
 pub fn header_value(text: &str) -> String {
     let mut cleaned = String::with_capacity(text.len().min(MAX_HEADER_VALUE_LENGTH));
     for character in text.chars() {
-        let character = if character.is_control() { ' ' } else { character };
+        let character = if character.is_control() {
+            ' '
+        } else {
+            character
+        };
         if cleaned.len() + character.len_utf8() > MAX_HEADER_VALUE_LENGTH {
             break;
         }

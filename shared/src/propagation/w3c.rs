@@ -40,8 +40,8 @@
 //! ```
 
 use opentelemetry::Context;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::propagation::text_map_propagator::FieldIter;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 
 /// The `traceparent` header.
@@ -90,7 +90,9 @@ impl TextMapPropagator for TraceContext {
             trace_id: span_context.trace_id(),
             random: span_context.trace_flags().to_u8() & RANDOM_FLAG != 0,
         };
-        let context = context.with_remote_span_context(span_context).with_value(arrived);
+        let context = context
+            .with_remote_span_context(span_context)
+            .with_value(arrived);
         match level2 {
             Some(level2) => context.with_value(level2),
             None => context,
@@ -113,7 +115,9 @@ struct Level2TraceState(String);
 
 /// The remote span context `extractor` carries, if its `traceparent` is valid, and the `tracestate` that
 /// only [`Level2TraceState`] can carry.
-fn extract_span_context(extractor: &dyn Extractor) -> Option<(SpanContext, Option<Level2TraceState>)> {
+fn extract_span_context(
+    extractor: &dyn Extractor,
+) -> Option<(SpanContext, Option<Level2TraceState>)> {
     let traceparents = extractor.get_all(TRACEPARENT)?;
     // Several `traceparent` headers cannot be told apart: restart the trace.
     let [traceparent] = traceparents.as_slice() else {
@@ -128,7 +132,10 @@ fn extract_span_context(extractor: &dyn Extractor) -> Option<(SpanContext, Optio
         Ok(trace_state) => (trace_state, None),
         Err(_) => (TraceState::NONE, Some(Level2TraceState(state))),
     };
-    Some((SpanContext::new(trace_id, span_id, flags, true, trace_state), level2))
+    Some((
+        SpanContext::new(trace_id, span_id, flags, true, trace_state),
+        level2,
+    ))
 }
 
 /// The `random` flag of a trace as its `traceparent` said when it entered this process. The SDK cannot
@@ -245,7 +252,10 @@ pub fn parse_tracestate(values: &[&str]) -> Option<String> {
 /// characters (from the end), then from the end.
 fn truncate(members: &mut Vec<(&str, &str)>) {
     let length = |members: &[(&str, &str)]| -> usize {
-        members.iter().map(|(k, v)| k.len() + 1 + v.len()).sum::<usize>()
+        members
+            .iter()
+            .map(|(k, v)| k.len() + 1 + v.len())
+            .sum::<usize>()
             + members.len().saturating_sub(1)
     };
     while length(members) > MAX_TRACESTATE_LENGTH {
@@ -270,7 +280,9 @@ fn is_valid_key(key: &str) -> bool {
     (1..=256).contains(&bytes.len())
         && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
         && bytes.iter().all(|&b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'*' | b'/' | b'@')
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(b, b'_' | b'-' | b'*' | b'/' | b'@')
         })
 }
 
@@ -284,7 +296,8 @@ fn is_valid_value(value: &str) -> bool {
 }
 
 fn is_lower_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn lower_hex(s: &str) -> Option<u8> {
@@ -308,7 +321,10 @@ mod tests {
     #[test]
     fn traceparent_versions_and_lengths() {
         assert!(parse_traceparent(VALID).is_some());
-        assert!(parse_traceparent(&format!(" {VALID}\t")).is_some(), "optional white space");
+        assert!(
+            parse_traceparent(&format!(" {VALID}\t")).is_some(),
+            "optional white space"
+        );
         // Version 00 is exactly 55 characters.
         assert!(parse_traceparent(&format!("{VALID}-")).is_none());
         assert!(parse_traceparent(&format!("{VALID}0")).is_none());
@@ -319,15 +335,30 @@ mod tests {
         assert!(parse_traceparent(&format!("{future}x")).is_none());
         assert!(parse_traceparent(&VALID.replacen("00", "ff", 1)).is_none());
         // Fields of the wrong length.
-        assert!(parse_traceparent(&VALID.replacen("00-", "0-", 1)).is_none(), "version too short");
-        assert!(parse_traceparent(&VALID.replacen("00-", "000-", 1)).is_none(), "version too long");
-        assert!(parse_traceparent(&VALID.replace("-01", "-1")).is_none(), "flags too short");
-        assert!(parse_traceparent(&VALID.replace("-01", "-001")).is_none(), "flags too long");
+        assert!(
+            parse_traceparent(&VALID.replacen("00-", "0-", 1)).is_none(),
+            "version too short"
+        );
+        assert!(
+            parse_traceparent(&VALID.replacen("00-", "000-", 1)).is_none(),
+            "version too long"
+        );
+        assert!(
+            parse_traceparent(&VALID.replace("-01", "-1")).is_none(),
+            "flags too short"
+        );
+        assert!(
+            parse_traceparent(&VALID.replace("-01", "-001")).is_none(),
+            "flags too long"
+        );
         assert!(parse_traceparent(&VALID.replace("b7ad6b7169203331", "b7ad6b716920333")).is_none());
         assert!(parse_traceparent(&VALID.replace("0af7651916cd43dd", "0af7651916cd43d")).is_none());
         // Case, zeros, separators.
         assert!(parse_traceparent(&VALID.replace("0af7", "0AF7")).is_none());
-        assert!(parse_traceparent(&VALID.replace("0af7651916cd43dd8448eb211c80319c", &"0".repeat(32))).is_none());
+        assert!(
+            parse_traceparent(&VALID.replace("0af7651916cd43dd8448eb211c80319c", &"0".repeat(32)))
+                .is_none()
+        );
         assert!(parse_traceparent(&VALID.replace("b7ad6b7169203331", &"0".repeat(16))).is_none());
         assert!(parse_traceparent(&VALID.replace('-', "_")).is_none());
         assert!(parse_traceparent("").is_none());
@@ -336,7 +367,8 @@ mod tests {
 
     #[test]
     fn traceparent_flags_keep_sampled_and_random_only() {
-        let flags = |f: &str| parse_traceparent(&VALID.replace("-01", f)).map(|(_, _, f)| f.to_u8());
+        let flags =
+            |f: &str| parse_traceparent(&VALID.replace("-01", f)).map(|(_, _, f)| f.to_u8());
         assert_eq!(flags("-00"), Some(0));
         assert_eq!(flags("-02"), Some(RANDOM_FLAG));
         assert_eq!(flags("-03"), Some(3));
@@ -366,7 +398,10 @@ mod tests {
         use std::collections::HashMap;
         let mut incoming = HashMap::new();
         incoming.insert(TRACEPARENT.to_owned(), VALID.to_owned());
-        incoming.insert(TRACESTATE.to_owned(), "foo@@bar=1,t@vvvvvvvvvvvvvvv=2".to_owned());
+        incoming.insert(
+            TRACESTATE.to_owned(),
+            "foo@@bar=1,t@vvvvvvvvvvvvvvv=2".to_owned(),
+        );
         let context = TraceContext.extract(&incoming);
         assert!(context.span().span_context().is_valid());
         let mut outgoing: HashMap<String, String> = HashMap::new();
@@ -401,13 +436,35 @@ mod tests {
     #[test]
     fn tracestate_grammar() {
         assert_eq!(state(&["a=1,b=2"]).as_deref(), Some("a=1,b=2"));
-        assert_eq!(state(&["a=1", "b=2"]).as_deref(), Some("a=1,b=2"), "headers combined");
-        assert_eq!(state(&[" a=1 ,\t, b=2\t"]).as_deref(), Some("a=1,b=2"), "white space, empty members");
-        assert_eq!(state(&[""]).as_deref(), Some(""), "an empty header is an empty list");
-        assert_eq!(state(&["tenant@system=1"]).as_deref(), Some("tenant@system=1"));
+        assert_eq!(
+            state(&["a=1", "b=2"]).as_deref(),
+            Some("a=1,b=2"),
+            "headers combined"
+        );
+        assert_eq!(
+            state(&[" a=1 ,\t, b=2\t"]).as_deref(),
+            Some("a=1,b=2"),
+            "white space, empty members"
+        );
+        assert_eq!(
+            state(&[""]).as_deref(),
+            Some(""),
+            "an empty header is an empty list"
+        );
+        assert_eq!(
+            state(&["tenant@system=1"]).as_deref(),
+            Some("tenant@system=1")
+        );
         assert_eq!(state(&["0tenant@s=1"]).as_deref(), Some("0tenant@s=1"));
-        assert_eq!(state(&["0a=1"]).as_deref(), Some("0a=1"), "Level 2: a key may start with a digit");
-        assert!(state(&["A=1,b=2"]).is_none(), "an invalid member drops the list");
+        assert_eq!(
+            state(&["0a=1"]).as_deref(),
+            Some("0a=1"),
+            "Level 2: a key may start with a digit"
+        );
+        assert!(
+            state(&["A=1,b=2"]).is_none(),
+            "an invalid member drops the list"
+        );
         assert!(state(&["foo.bar=1"]).is_none());
         assert!(state(&["foo =1"]).is_none());
         assert!(state(&["@a=1,b=2"]).is_none());
@@ -416,11 +473,22 @@ mod tests {
         assert!(state(&[&format!("{}@{}=1", "t".repeat(241), "v".repeat(14))]).is_some());
         assert!(state(&[&format!("{}=1", "a".repeat(256))]).is_some());
         assert!(state(&[&format!("{}=1", "a".repeat(257))]).is_none());
-        assert_eq!(state(&["a=1,a=2"]).as_deref(), Some("a=1"), "a duplicate keeps the first value");
+        assert_eq!(
+            state(&["a=1,a=2"]).as_deref(),
+            Some("a=1"),
+            "a duplicate keeps the first value"
+        );
         assert_eq!(state(&["a=1", "a=2,b=3"]).as_deref(), Some("a=1,b=3"));
-        assert_eq!(state(&[" a= b"]).as_deref(), Some("a= b"), "a value may start with a space");
+        assert_eq!(
+            state(&[" a= b"]).as_deref(),
+            Some("a= b"),
+            "a value may start with a space"
+        );
         assert!(state(&["a="]).is_none());
-        assert!(state(&["a=b "]).is_some(), "trailing white space of a member is OWS");
+        assert!(
+            state(&["a=b "]).is_some(),
+            "trailing white space of a member is OWS"
+        );
         assert!(state(&["a=b c"]).is_some());
         assert!(state(&["a=b\u{7f}"]).is_none());
         assert!(state(&["a=b\tc"]).is_none());
@@ -437,13 +505,18 @@ mod tests {
             Some(32)
         );
         let members: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
-        assert!(state(&[&members.join(",")]).is_none(), "more than 32 members");
+        assert!(
+            state(&[&members.join(",")]).is_none(),
+            "more than 32 members"
+        );
         // A 2 000-member list costs no more than 33 members' work and is dropped.
         let members: Vec<String> = (0..2000).map(|i| format!("k{i}=v")).collect();
         assert!(state(&[&members.join(",")]).is_none());
         // Too long: the long members go first, then from the end.
         let long = format!("long={}", "x".repeat(200));
-        let short: Vec<String> = (0..20).map(|i| format!("key{i:02}={}", "y".repeat(20))).collect();
+        let short: Vec<String> = (0..20)
+            .map(|i| format!("key{i:02}={}", "y".repeat(20)))
+            .collect();
         let header = format!("{},{long}", short.join(","));
         let kept = state(&[&header]).unwrap();
         assert!(kept.len() <= MAX_TRACESTATE_LENGTH, "{}", kept.len());

@@ -80,7 +80,8 @@ impl StripeClientActor {
     pub fn new(settings: StripeSettings) -> Result<Self, reqwest::Error> {
         // The per-attempt timeout is set on each request; this is only a backstop.
         // A third party: it gets `traceparent`, never our `tracestate` or `baggage`.
-        let http = TracedClient::new(settings.attempt_timeout + Duration::from_secs(5))?.third_party();
+        let http =
+            TracedClient::new(settings.attempt_timeout + Duration::from_secs(5))?.third_party();
         let breaker = Breaker::new(settings.breaker_threshold, settings.breaker_cooldown);
         Ok(Self {
             client: Arc::new(StripeClient {
