@@ -121,6 +121,49 @@ impl ResponseError for ApiError {
     }
 }
 
+/// Whether an error is the caller's (answered with a 4xx) or a failure of ours.
+pub trait Failure: fmt::Display {
+    /// True when the caller is at fault: bad input, bad credentials, a declined card, a conflict.
+    fn is_client_error(&self) -> bool;
+}
+
+impl Failure for ApiError {
+    fn is_client_error(&self) -> bool {
+        self.status.is_client_error()
+    }
+}
+
+/// `outcome`, with its error recorded on the current span as what it is. A failure of ours (5xx) makes the
+/// span's status ERROR, with an `exception` event, as `#[instrument(err)]` would. A client error (4xx) is an
+/// answer, not a failure: it is logged at INFO and the span's status stays unset, as the HTTP conventions
+/// say of server spans (a mistyped token must not look like an outage).
+///
+/// Use it in place of `#[instrument(err)]` on spans whose errors can be the caller's:
+///
+/// ```
+/// use tracehop_shared::http::{ApiError, error::record_failure};
+///
+/// #[tracing::instrument(name = "session.validate", skip_all)]
+/// async fn validate(token: &str) -> Result<u64, ApiError> {
+///     record_failure(async {
+///         if token.is_empty() {
+///             return Err(ApiError::unauthorized("no token"));
+///         }
+///         Ok(42)
+///     }.await)
+/// }
+/// ```
+pub fn record_failure<T, E: Failure>(outcome: Result<T, E>) -> Result<T, E> {
+    if let Err(error) = &outcome {
+        if error.is_client_error() {
+            tracing::info!(error = %error, "answered with a client error");
+        } else {
+            tracing::error!(error = %error, "failed");
+        }
+    }
+    outcome
+}
+
 impl actix_web::Responder for ApiError {
     type Body = actix_web::body::BoxBody;
     fn respond_to(self, _req: &actix_web::HttpRequest) -> HttpResponse<Self::Body> {

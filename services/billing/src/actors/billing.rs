@@ -7,6 +7,7 @@ use actix::{Actor, Addr, AsyncContext, Context, Handler, ResponseFuture, Supervi
 use sha2::{Digest, Sha256};
 use tracehop_shared::actor::{Traced, reply_or_restart};
 use tracehop_shared::db::{Database, DbError};
+use tracehop_shared::http::error::{Failure, record_failure};
 use tracehop_shared::messaging::{ORDER_COMPLETED, OrderCompleted};
 use tracehop_shared::propagation::SerializedContext;
 use tracing::Instrument;
@@ -58,6 +59,16 @@ pub enum ChargeError {
     Database(#[from] DbError),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+impl Failure for ChargeError {
+    /// The caller's doing: a reused key, a checkout still in progress, a declined card.
+    fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            Self::IdempotencyKeyReused | Self::InProgress | Self::Payment(StripeError::Declined(_))
+        )
+    }
 }
 
 /// What the handler futures share.
@@ -131,131 +142,139 @@ fn fingerprint(charge: &Charge) -> String {
         user.id = %charge.user_id,
         order.id = tracing::field::Empty,
         billing.idempotent_replay = tracing::field::Empty,
-    ),
-    err(Display)
+    )
 )]
 async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt, ChargeError> {
-    let span = tracing::Span::current();
-    if deps.panic_on_amount == Some(charge.amount_minor) {
-        panic!(
-            "injected panic (BILLING_FAULT_PANIC_AMOUNT_MINOR={})",
-            charge.amount_minor
-        );
-    }
-    let request_fingerprint = fingerprint(&charge);
-    // The order id is derived from (user, idempotency key): a retry after a released attempt asks Stripe
-    // with the same parameters and the same Stripe key, so Stripe replays instead of refusing.
-    let order_id = uuid::Uuid::new_v5(
-        &ORDER_ID_NAMESPACE,
-        format!("{}:{}", charge.user_id, charge.idempotency_key).as_bytes(),
-    );
-    let pending = PendingTransaction {
-        id: order_id,
-        user_id: charge.user_id,
-        email: charge.email.clone(),
-        amount_minor: charge.amount_minor,
-        currency: charge.currency.clone(),
-        status: "pending".into(),
-        idempotency_key: charge.idempotency_key.clone(),
-        request_fingerprint: request_fingerprint.clone(),
-        trace_id: tracehop_shared::telemetry::current_trace_id(),
-    };
+    record_failure(
+        async {
+            let span = tracing::Span::current();
+            if deps.panic_on_amount == Some(charge.amount_minor) {
+                panic!(
+                    "injected panic (BILLING_FAULT_PANIC_AMOUNT_MINOR={})",
+                    charge.amount_minor
+                );
+            }
+            let request_fingerprint = fingerprint(&charge);
+            // The order id is derived from (user, idempotency key): a retry after a released attempt asks Stripe
+            // with the same parameters and the same Stripe key, so Stripe replays instead of refusing.
+            let order_id = uuid::Uuid::new_v5(
+                &ORDER_ID_NAMESPACE,
+                format!("{}:{}", charge.user_id, charge.idempotency_key).as_bytes(),
+            );
+            let pending = PendingTransaction {
+                id: order_id,
+                user_id: charge.user_id,
+                email: charge.email.clone(),
+                amount_minor: charge.amount_minor,
+                currency: charge.currency.clone(),
+                status: "pending".into(),
+                idempotency_key: charge.idempotency_key.clone(),
+                request_fingerprint: request_fingerprint.clone(),
+                trace_id: tracehop_shared::telemetry::current_trace_id(),
+            };
 
-    // Claim the key; if someone else holds it, wait for their outcome (or for it to be released).
-    let deadline = Instant::now() + CLAIM_WAIT;
-    loop {
-        let attempt = pending.clone();
-        let claim = deps
-            .database
-            .run(move |connection, statements| store::claim(connection, statements, attempt))
-            .await?;
-        match claim {
-            Claim::Claimed => break,
-            Claim::Existing(existing) if existing.request_fingerprint != request_fingerprint => {
-                return Err(ChargeError::IdempotencyKeyReused);
-            }
-            Claim::Existing(existing) if existing.status == "charged" => {
-                return Ok(replayed(&span, *existing));
-            }
-            Claim::Vanished | Claim::Existing(_) => {
-                // Another request holds the key: wait for its outcome with reads only (no repeated
-                // inserts), backing off to 500 ms, then claim again if it released the key.
-                let mut pause = Duration::from_millis(50);
-                loop {
-                    if Instant::now() >= deadline {
-                        return Err(ChargeError::InProgress);
+            // Claim the key; if someone else holds it, wait for their outcome (or for it to be released).
+            let deadline = Instant::now() + CLAIM_WAIT;
+            loop {
+                let attempt = pending.clone();
+                let claim = deps
+                    .database
+                    .run(move |connection, statements| {
+                        store::claim(connection, statements, attempt)
+                    })
+                    .await?;
+                match claim {
+                    Claim::Claimed => break,
+                    Claim::Existing(existing)
+                        if existing.request_fingerprint != request_fingerprint =>
+                    {
+                        return Err(ChargeError::IdempotencyKeyReused);
                     }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                    let holder = deps
-                        .database
-                        .run(move |connection, statements| {
-                            store::transaction(connection, statements, order_id)
-                        })
-                        .await?;
-                    match holder {
-                        None => break,
-                        Some(existing) if existing.status == "charged" => {
-                            return Ok(replayed(&span, existing));
+                    Claim::Existing(existing) if existing.status == "charged" => {
+                        return Ok(replayed(&span, *existing));
+                    }
+                    Claim::Vanished | Claim::Existing(_) => {
+                        // Another request holds the key: wait for its outcome with reads only (no repeated
+                        // inserts), backing off to 500 ms, then claim again if it released the key.
+                        let mut pause = Duration::from_millis(50);
+                        loop {
+                            if Instant::now() >= deadline {
+                                return Err(ChargeError::InProgress);
+                            }
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_millis(500));
+                            let holder = deps
+                                .database
+                                .run(move |connection, statements| {
+                                    store::transaction(connection, statements, order_id)
+                                })
+                                .await?;
+                            match holder {
+                                None => break,
+                                Some(existing) if existing.status == "charged" => {
+                                    return Ok(replayed(&span, existing));
+                                }
+                                Some(_) => {}
+                            }
                         }
-                        Some(_) => {}
                     }
                 }
             }
-        }
-    }
-    span.record("order.id", tracing::field::display(order_id));
+            span.record("order.id", tracing::field::display(order_id));
 
-    let created = deps
-        .stripe
-        .send(Traced::new(CreateCharge {
-            order_id,
-            user_id: charge.user_id,
-            amount_minor: charge.amount_minor,
-            currency: charge.currency.clone(),
-            idempotency_key: format!("tracehop-{order_id}"),
-        }))
-        .await
-        .map_err(|error| {
-            ChargeError::Internal(format!("Stripe client actor unavailable: {error}"))
-        });
-    let created = match created {
-        Ok(Ok(created)) => created,
-        Ok(Err(error)) => {
-            if error.certainly_not_charged() {
-                release(deps, order_id).await;
-            }
-            return Err(error.into());
-        }
-        Err(error) => {
-            release(deps, order_id).await;
-            return Err(error);
-        }
-    };
+            let created = deps
+                .stripe
+                .send(Traced::new(CreateCharge {
+                    order_id,
+                    user_id: charge.user_id,
+                    amount_minor: charge.amount_minor,
+                    currency: charge.currency.clone(),
+                    idempotency_key: format!("tracehop-{order_id}"),
+                }))
+                .await
+                .map_err(|error| {
+                    ChargeError::Internal(format!("Stripe client actor unavailable: {error}"))
+                });
+            let created = match created {
+                Ok(Ok(created)) => created,
+                Ok(Err(error)) => {
+                    if error.certainly_not_charged() {
+                        release(deps, order_id).await;
+                    }
+                    return Err(error.into());
+                }
+                Err(error) => {
+                    release(deps, order_id).await;
+                    return Err(error);
+                }
+            };
 
-    // The event keeps the context of this span (billing.charge), so its publish span joins the checkout
-    // trace whenever it is relayed, even after a restart.
-    let facts = ChargedOrder {
-        order_id,
-        user_id: charge.user_id,
-        email: charge.email.clone(),
-        amount_minor: charge.amount_minor,
-        currency: charge.currency.clone(),
-        charge_id: created.id.clone(),
-    };
-    record_charge(
-        &deps.database,
-        &deps.relay,
-        facts,
-        SerializedContext::capture(&span.context()),
+            // The event keeps the context of this span (billing.charge), so its publish span joins the checkout
+            // trace whenever it is relayed, even after a restart.
+            let facts = ChargedOrder {
+                order_id,
+                user_id: charge.user_id,
+                email: charge.email.clone(),
+                amount_minor: charge.amount_minor,
+                currency: charge.currency.clone(),
+                charge_id: created.id.clone(),
+            };
+            record_charge(
+                &deps.database,
+                &deps.relay,
+                facts,
+                SerializedContext::capture(&span.context()),
+            )
+            .await?;
+            Ok(ChargeReceipt {
+                order_id,
+                charge_id: created.id,
+                status: "completed".into(),
+                replayed: false,
+            })
+        }
+        .await,
     )
-    .await?;
-    Ok(ChargeReceipt {
-        order_id,
-        charge_id: created.id,
-        status: "completed".into(),
-        replayed: false,
-    })
 }
 
 /// The answer to a repeated key: the order the first request made.

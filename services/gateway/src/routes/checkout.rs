@@ -4,6 +4,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::value::RawValue;
 use tracehop_shared::domain::{Amount, Currency};
 use tracehop_shared::http::ApiError;
+use tracehop_shared::http::error::record_failure;
 
 use super::authorization;
 use crate::upstream::Upstreams;
@@ -107,8 +108,7 @@ pub async fn checkout(
         order.total_minor = amount.minor_units(),
         order.currency = %amount.currency(),
         order.id = tracing::field::Empty,
-    ),
-    err(Display)
+    )
 )]
 async fn process(
     upstreams: &Upstreams,
@@ -116,32 +116,37 @@ async fn process(
     amount: Amount,
     idempotency_key: String,
 ) -> Result<CheckoutResponse, ApiError> {
-    let span = tracing::Span::current();
-    let user = upstreams.validate_session(authorization).await?;
-    span.record("user.id", tracing::field::display(user.user_id));
+    record_failure(
+        async {
+            let span = tracing::Span::current();
+            let user = upstreams.validate_session(authorization).await?;
+            span.record("user.id", tracing::field::display(user.user_id));
 
-    let request = upstreams
-        .client
-        .request(
-            reqwest::Method::POST,
-            &format!("{}/charge", upstreams.billing_url),
-        )
-        .json(&serde_json::json!({
-            "userId": user.user_id,
-            "email": user.email,
-            "amountMinor": amount.minor_units(),
-            "currency": amount.currency().code(),
-            "idempotencyKey": idempotency_key,
-        }));
-    let receipt: ChargeReceipt = upstreams
-        .call("billing-service", "/charge", request)
-        .await?;
-    span.record("order.id", tracing::field::display(receipt.order_id));
-    Ok(CheckoutResponse {
-        order_id: receipt.order_id,
-        status: "completed".into(),
-        trace_id: tracehop_shared::telemetry::current_trace_id(),
-    })
+            let request = upstreams
+                .client
+                .request(
+                    reqwest::Method::POST,
+                    &format!("{}/charge", upstreams.billing_url),
+                )
+                .json(&serde_json::json!({
+                    "userId": user.user_id,
+                    "email": user.email,
+                    "amountMinor": amount.minor_units(),
+                    "currency": amount.currency().code(),
+                    "idempotencyKey": idempotency_key,
+                }));
+            let receipt: ChargeReceipt = upstreams
+                .call("billing-service", "/charge", request)
+                .await?;
+            span.record("order.id", tracing::field::display(receipt.order_id));
+            Ok(CheckoutResponse {
+                order_id: receipt.order_id,
+                status: "completed".into(),
+                trace_id: tracehop_shared::telemetry::current_trace_id(),
+            })
+        }
+        .await,
+    )
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use actix_web::{HttpRequest, HttpResponse, web};
 use tracehop_shared::domain::{Amount, Currency};
 use tracehop_shared::http::ApiError;
+use tracehop_shared::http::error::record_failure;
 
 use super::authorization;
 use crate::upstream::Upstreams;
@@ -30,43 +31,48 @@ struct BillingNotification {
     last_error: Option<String>,
 }
 
-#[tracing::instrument(name = "order.lookup", skip_all, fields(order.id = %order_id, user.id = tracing::field::Empty), err(Display))]
+#[tracing::instrument(name = "order.lookup", skip_all, fields(order.id = %order_id, user.id = tracing::field::Empty))]
 pub async fn get_order(
     upstreams: web::Data<Upstreams>,
     request: HttpRequest,
     order_id: web::Path<uuid::Uuid>,
 ) -> Result<HttpResponse, ApiError> {
-    let order_id = order_id.into_inner();
-    let user = upstreams.validate_session(authorization(&request)).await?;
-    tracing::Span::current().record("user.id", tracing::field::display(user.user_id));
-    let lookup = upstreams.client.request(
-        reqwest::Method::GET,
-        &format!("{}/orders/{order_id}", upstreams.billing_url),
-    );
-    let order: BillingOrder = upstreams
-        .call("billing-service", "/orders/{order_id}", lookup)
-        .await?;
-    if order.user_id != user.user_id {
-        return Err(ApiError::not_found("order_not_found", "no such order"));
-    }
-    let amount = Currency::parse(&order.currency)
-        .ok()
-        .and_then(|currency| Amount::from_minor_units(order.amount_minor, currency).ok())
-        .map(|amount| amount.decimal())
-        .unwrap_or_else(|| order.amount_minor.to_string());
-    let notification = order.notification.as_ref();
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "orderId": order.order_id,
-        "amount": amount,
-        "amountMinor": order.amount_minor,
-        "currency": order.currency,
-        "status": order.status,
-        "chargeId": order.charge_id,
-        "createdAt": order.created_at,
-        "notification": notification.map(|n| n.status.as_str()).unwrap_or("pending"),
-        "notificationAttempts": notification.map(|n| n.attempts).unwrap_or(0),
-        "notificationError": notification.and_then(|n| n.last_error.clone()),
-        // The trace of the checkout that created the order (not of this lookup).
-        "checkoutTraceId": order.trace_id,
-    })))
+    record_failure(
+        async {
+            let order_id = order_id.into_inner();
+            let user = upstreams.validate_session(authorization(&request)).await?;
+            tracing::Span::current().record("user.id", tracing::field::display(user.user_id));
+            let lookup = upstreams.client.request(
+                reqwest::Method::GET,
+                &format!("{}/orders/{order_id}", upstreams.billing_url),
+            );
+            let order: BillingOrder = upstreams
+                .call("billing-service", "/orders/{order_id}", lookup)
+                .await?;
+            if order.user_id != user.user_id {
+                return Err(ApiError::not_found("order_not_found", "no such order"));
+            }
+            let amount = Currency::parse(&order.currency)
+                .ok()
+                .and_then(|currency| Amount::from_minor_units(order.amount_minor, currency).ok())
+                .map(|amount| amount.decimal())
+                .unwrap_or_else(|| order.amount_minor.to_string());
+            let notification = order.notification.as_ref();
+            Ok(HttpResponse::Ok().json(serde_json::json!({
+                "orderId": order.order_id,
+                "amount": amount,
+                "amountMinor": order.amount_minor,
+                "currency": order.currency,
+                "status": order.status,
+                "chargeId": order.charge_id,
+                "createdAt": order.created_at,
+                "notification": notification.map(|n| n.status.as_str()).unwrap_or("pending"),
+                "notificationAttempts": notification.map(|n| n.attempts).unwrap_or(0),
+                "notificationError": notification.and_then(|n| n.last_error.clone()),
+                // The trace of the checkout that created the order (not of this lookup).
+                "checkoutTraceId": order.trace_id,
+            })))
+        }
+        .await,
+    )
 }

@@ -4,6 +4,7 @@ use actix_web::{HttpResponse, web};
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, RunQueryDsl};
 use tracehop_shared::db::{DbError, traced};
 use tracehop_shared::http::ApiError;
+use tracehop_shared::http::error::record_failure;
 use tracehop_shared::schema::{sessions, users};
 
 use super::State;
@@ -41,61 +42,66 @@ impl From<LoginError> for ApiError {
     }
 }
 
-#[tracing::instrument(name = "user.login", skip_all, fields(user.id = tracing::field::Empty), err(Display))]
+#[tracing::instrument(name = "user.login", skip_all, fields(user.id = tracing::field::Empty))]
 pub async fn login(
     state: web::Data<State>,
     body: web::Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let LoginRequest { email, password } = body.into_inner();
-    if email.len() > 254 || password.len() > 512 {
-        return Err(LoginError::BadCredentials.into());
-    }
-    let email = email.trim().to_lowercase();
-    let found = state
-        .database
-        .run(move |connection, statements| {
-            let query = users::table
-                .filter(users::email.eq(email))
-                .select((users::id, users::password_hash));
-            Ok(traced(statements, query, |query| {
-                query.first::<(uuid::Uuid, String)>(connection).optional()
-            })?)
-        })
-        .await
-        .map_err(LoginError::from)?;
+    record_failure(
+        async {
+            let LoginRequest { email, password } = body.into_inner();
+            if email.len() > 254 || password.len() > 512 {
+                return Err(LoginError::BadCredentials.into());
+            }
+            let email = email.trim().to_lowercase();
+            let found = state
+                .database
+                .run(move |connection, statements| {
+                    let query = users::table
+                        .filter(users::email.eq(email))
+                        .select((users::id, users::password_hash));
+                    Ok(traced(statements, query, |query| {
+                        query.first::<(uuid::Uuid, String)>(connection).optional()
+                    })?)
+                })
+                .await
+                .map_err(LoginError::from)?;
 
-    let stored = found.as_ref().map(|(_, hash)| hash.clone());
-    // (The dummy hash is computed once, lazily: on the hashing pool too.)
-    let matches = state
-        .hashing
-        .run(move || {
-            let stored = stored.as_deref().unwrap_or_else(|| password::dummy_hash());
-            password::verify(&password, stored)
-        })
-        .await
-        .map_err(ApiError::internal)?;
-    let user_id = match (found, matches) {
-        (Some((user_id, _)), true) => user_id,
-        _ => return Err(LoginError::BadCredentials.into()),
-    };
+            let stored = found.as_ref().map(|(_, hash)| hash.clone());
+            // (The dummy hash is computed once, lazily: on the hashing pool too.)
+            let matches = state
+                .hashing
+                .run(move || {
+                    let stored = stored.as_deref().unwrap_or_else(|| password::dummy_hash());
+                    password::verify(&password, stored)
+                })
+                .await
+                .map_err(ApiError::internal)?;
+            let user_id = match (found, matches) {
+                (Some((user_id, _)), true) => user_id,
+                _ => return Err(LoginError::BadCredentials.into()),
+            };
 
-    let token = token::generate();
-    let token_hash = token::digest(&token);
-    let expires_at = chrono::Utc::now() + state.session_ttl;
-    state
-        .database
-        .run(move |connection, statements| {
-            let query = diesel::insert_into(sessions::table).values((
-                sessions::token_hash.eq(token_hash),
-                sessions::user_id.eq(user_id),
-                sessions::expires_at.eq(expires_at),
-            ));
-            Ok(traced(statements, query, |query| {
-                query.execute(connection)
-            })?)
-        })
-        .await
-        .map_err(LoginError::from)?;
-    tracing::Span::current().record("user.id", tracing::field::display(user_id));
-    Ok(HttpResponse::Ok().json(LoginResponse { token, user_id }))
+            let token = token::generate();
+            let token_hash = token::digest(&token);
+            let expires_at = chrono::Utc::now() + state.session_ttl;
+            state
+                .database
+                .run(move |connection, statements| {
+                    let query = diesel::insert_into(sessions::table).values((
+                        sessions::token_hash.eq(token_hash),
+                        sessions::user_id.eq(user_id),
+                        sessions::expires_at.eq(expires_at),
+                    ));
+                    Ok(traced(statements, query, |query| {
+                        query.execute(connection)
+                    })?)
+                })
+                .await
+                .map_err(LoginError::from)?;
+            tracing::Span::current().record("user.id", tracing::field::display(user_id));
+            Ok(HttpResponse::Ok().json(LoginResponse { token, user_id }))
+        }
+        .await,
+    )
 }

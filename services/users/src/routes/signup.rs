@@ -5,6 +5,7 @@ use diesel::RunQueryDsl;
 use tracehop_shared::db::{DbError, traced};
 use tracehop_shared::domain::Email;
 use tracehop_shared::http::ApiError;
+use tracehop_shared::http::error::record_failure;
 use tracehop_shared::schema::users;
 
 use super::State;
@@ -57,51 +58,59 @@ struct NewUser {
     password_hash: String,
 }
 
-#[tracing::instrument(name = "user.signup", skip_all, fields(user.id = tracing::field::Empty), err(Display))]
+#[tracing::instrument(name = "user.signup", skip_all, fields(user.id = tracing::field::Empty))]
 pub async fn signup(
     state: web::Data<State>,
     body: web::Json<SignupRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let SignupRequest {
-        email,
-        name,
-        password,
-    } = body.into_inner();
-    let email = Email::parse(&email).map_err(|error| SignupError::Invalid(error.to_string()))?;
-    let name = name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > 100 {
-        return Err(SignupError::Invalid("name must be 1 to 100 characters".into()).into());
-    }
-    let password =
-        Password::parse(password).map_err(|error| SignupError::Invalid(error.to_string()))?;
-    let password_hash = state
-        .hashing
-        .run(move || password::hash(&password))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(SignupError::from)?;
+    record_failure(
+        async {
+            let SignupRequest {
+                email,
+                name,
+                password,
+            } = body.into_inner();
+            let email =
+                Email::parse(&email).map_err(|error| SignupError::Invalid(error.to_string()))?;
+            let name = name.trim().to_owned();
+            if name.is_empty() || name.chars().count() > 100 {
+                return Err(SignupError::Invalid("name must be 1 to 100 characters".into()).into());
+            }
+            let password = Password::parse(password)
+                .map_err(|error| SignupError::Invalid(error.to_string()))?;
+            let password_hash = state
+                .hashing
+                .run(move || password::hash(&password))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(SignupError::from)?;
 
-    let user = NewUser {
-        id: uuid::Uuid::new_v4(),
-        email: email.as_str().to_owned(),
-        name,
-        password_hash,
-    };
-    let user_id = user.id;
-    let inserted = state
-        .database
-        .run(move |connection, statements| {
-            let query = diesel::insert_into(users::table).values(user);
-            Ok(traced(statements, query, |query| {
-                query.execute(connection)
-            })?)
-        })
-        .await;
-    match inserted {
-        Ok(_) => {}
-        Err(error) if error.is_unique_violation() => return Err(SignupError::EmailTaken.into()),
-        Err(error) => return Err(SignupError::from(error).into()),
-    }
-    tracing::Span::current().record("user.id", tracing::field::display(user_id));
-    Ok(HttpResponse::Created().json(SignupResponse { user_id }))
+            let user = NewUser {
+                id: uuid::Uuid::new_v4(),
+                email: email.as_str().to_owned(),
+                name,
+                password_hash,
+            };
+            let user_id = user.id;
+            let inserted = state
+                .database
+                .run(move |connection, statements| {
+                    let query = diesel::insert_into(users::table).values(user);
+                    Ok(traced(statements, query, |query| {
+                        query.execute(connection)
+                    })?)
+                })
+                .await;
+            match inserted {
+                Ok(_) => {}
+                Err(error) if error.is_unique_violation() => {
+                    return Err(SignupError::EmailTaken.into());
+                }
+                Err(error) => return Err(SignupError::from(error).into()),
+            }
+            tracing::Span::current().record("user.id", tracing::field::display(user_id));
+            Ok(HttpResponse::Created().json(SignupResponse { user_id }))
+        }
+        .await,
+    )
 }

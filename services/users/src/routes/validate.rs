@@ -4,6 +4,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, RunQueryDsl};
 use tracehop_shared::db::{DbError, traced};
 use tracehop_shared::http::ApiError;
+use tracehop_shared::http::error::record_failure;
 use tracehop_shared::schema::{sessions, users};
 
 use super::State;
@@ -43,48 +44,52 @@ impl From<ValidateError> for ApiError {
 #[tracing::instrument(
     name = "session.validate",
     skip_all,
-    fields(user.id = tracing::field::Empty, session.valid = tracing::field::Empty),
-    err(Display)
+    fields(user.id = tracing::field::Empty, session.valid = tracing::field::Empty)
 )]
 pub async fn validate(
     state: web::Data<State>,
     request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let header = request
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok());
-    let Some(token) = token::from_authorization(header) else {
-        tracing::Span::current().record("session.valid", false);
-        return Err(ValidateError::Malformed.into());
-    };
-    let token_hash = token::digest(token);
-    let now = chrono::Utc::now();
-    let user = state
-        .database
-        .run(move |connection, statements| {
-            let query = sessions::table
-                .inner_join(users::table)
-                .filter(sessions::token_hash.eq(token_hash))
-                .filter(sessions::expires_at.gt(now))
-                .select((users::id, users::email, users::name));
-            Ok(traced(statements, query, |query| {
-                query
-                    .first::<(uuid::Uuid, String, String)>(connection)
-                    .optional()
-            })?)
-        })
-        .await
-        .map_err(ValidateError::from)?;
-    let span = tracing::Span::current();
-    span.record("session.valid", user.is_some());
-    let Some((user_id, email, name)) = user else {
-        return Err(ValidateError::Unknown.into());
-    };
-    span.record("user.id", tracing::field::display(user_id));
-    Ok(HttpResponse::Ok().json(SessionUser {
-        user_id,
-        email,
-        name,
-    }))
+    record_failure(
+        async {
+            let header = request
+                .headers()
+                .get(actix_web::http::header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok());
+            let Some(token) = token::from_authorization(header) else {
+                tracing::Span::current().record("session.valid", false);
+                return Err(ValidateError::Malformed.into());
+            };
+            let token_hash = token::digest(token);
+            let now = chrono::Utc::now();
+            let user = state
+                .database
+                .run(move |connection, statements| {
+                    let query = sessions::table
+                        .inner_join(users::table)
+                        .filter(sessions::token_hash.eq(token_hash))
+                        .filter(sessions::expires_at.gt(now))
+                        .select((users::id, users::email, users::name));
+                    Ok(traced(statements, query, |query| {
+                        query
+                            .first::<(uuid::Uuid, String, String)>(connection)
+                            .optional()
+                    })?)
+                })
+                .await
+                .map_err(ValidateError::from)?;
+            let span = tracing::Span::current();
+            span.record("session.valid", user.is_some());
+            let Some((user_id, email, name)) = user else {
+                return Err(ValidateError::Unknown.into());
+            };
+            span.record("user.id", tracing::field::display(user_id));
+            Ok(HttpResponse::Ok().json(SessionUser {
+                user_id,
+                email,
+                name,
+            }))
+        }
+        .await,
+    )
 }
