@@ -405,6 +405,11 @@ async fn a_failing_payment_provider_is_an_error_with_the_trace_id_and_an_error_s
         Some("502")
     );
     assert!(root.is_error());
+    assert!(
+        one(&trace, "checkout.process").is_error(),
+        "a failure of ours is an ERROR"
+    );
+    assert!(one(&trace, "billing.charge").is_error());
 
     // Nothing was charged. After 5xx answers Stripe *might* have charged, so the order stays `pending`
     // (outcome unknown) for the reconciler to settle, rather than being forgotten.
@@ -525,6 +530,7 @@ async fn bad_input_gets_a_json_error_with_the_trace_id() {
             "invalid_path",
         ),
     ];
+    let mut bad_token_trace = None;
     for (case, request, status, code) in cases {
         let response = request.send().await.expect(case);
         assert_eq!(response.status().as_u16(), status, "{case}");
@@ -544,9 +550,46 @@ async fn bad_input_gets_a_json_error_with_the_trace_id() {
         assert_eq!(trace_id.len(), 32, "{case}: {body}");
         assert_ne!(trace_id, "0".repeat(32), "{case}");
         assert_eq!(header_trace.as_deref(), Some(trace_id), "{case}");
+        if case == "bad token" {
+            bad_token_trace = Some(trace_id.to_owned());
+        }
     }
     // Nothing was charged by any of it.
     assert!(test.stripe_charges().await.is_empty());
+
+    // A 4xx is an answer, not a failure: no server or internal span of that checkout is an ERROR, in the
+    // gateway or in user-service (only the gateway's client span, as the HTTP client conventions say).
+    let trace_id = bad_token_trace.expect("bad token case");
+    let trace = test
+        .trace(&trace_id, |t| {
+            !t.named("POST /checkout").is_empty()
+                && !t.named("checkout.process").is_empty()
+                && !t.named("session.validate").is_empty()
+        })
+        .await;
+    for span in &trace.spans {
+        if span.kind() == "client" && span.tag("http.request.method").is_some() {
+            assert!(
+                span.is_error(),
+                "a 4xx makes a client span an error: {}",
+                span.name
+            );
+        } else {
+            assert!(
+                !span.is_error(),
+                "{} [{}] is ERROR on a 401: {:?}",
+                span.name,
+                span.service,
+                span.tags
+            );
+        }
+    }
+    assert_eq!(
+        one(&trace, "POST /checkout")
+            .tag("http.response.status_code")
+            .as_deref(),
+        Some("401")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
