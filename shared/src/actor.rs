@@ -51,11 +51,6 @@ impl<M> Traced<M> {
         }
     }
 
-    /// The wrapped message, without taking it out.
-    pub fn message(&self) -> &M {
-        &self.message
-    }
-
     /// The sender's context.
     pub fn parent(&self) -> &Context {
         &self.parent

@@ -84,11 +84,6 @@ impl TelemetryGuard {
         }
     }
 
-    /// Spans exported and spans lost to export failures so far.
-    pub fn counts(&self) -> &ExportCounts {
-        &self.counts
-    }
-
     /// Whether spans are exported (false when `OTEL_SDK_DISABLED=true`).
     pub fn is_exporting(&self) -> bool {
         self.provider.is_some()

@@ -15,7 +15,6 @@ use crate::configuration::Settings;
 use crate::routes;
 
 pub struct Application {
-    port: u16,
     server: actix_web::dev::Server,
 }
 
@@ -79,11 +78,7 @@ impl Application {
         .shutdown_timeout(30)
         .run();
         tracing::info!(port, "billing-service listening");
-        Ok(Self { port, server })
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
+        Ok(Self { server })
     }
 
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {

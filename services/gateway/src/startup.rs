@@ -8,7 +8,6 @@ use crate::routes;
 use crate::upstream::Upstreams;
 
 pub struct Application {
-    port: u16,
     server: actix_web::dev::Server,
 }
 
@@ -40,11 +39,7 @@ impl Application {
         .shutdown_timeout(30)
         .run();
         tracing::info!(port, "api-gateway listening");
-        Ok(Self { port, server })
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
+        Ok(Self { server })
     }
 
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {

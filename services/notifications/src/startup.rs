@@ -17,7 +17,6 @@ use crate::mailer::Mailer;
 use crate::notifier::NotifierActor;
 
 pub struct Application {
-    port: u16,
     server: actix_web::dev::Server,
     consumer: tokio::task::JoinHandle<()>,
     shutdown: watch::Sender<bool>,
@@ -99,15 +98,10 @@ impl Application {
         .run();
         tracing::info!(port, "notification-service listening");
         Ok(Self {
-            port,
             server,
             consumer,
             shutdown,
         })
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// Serves until SIGINT/SIGTERM, then stops pulling and lets in-flight e-mails finish.

@@ -9,7 +9,6 @@ use crate::routes;
 
 /// A bound, not yet running, user-service.
 pub struct Application {
-    port: u16,
     server: actix_web::dev::Server,
 }
 
@@ -41,11 +40,7 @@ impl Application {
         .shutdown_timeout(10)
         .run();
         tracing::info!(port, "user-service listening");
-        Ok(Self { port, server })
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
+        Ok(Self { server })
     }
 
     /// Serves until SIGINT/SIGTERM, then drains in-flight requests.
