@@ -223,39 +223,39 @@ impl<S> tracing_subscriber::layer::Filter<S> for SpanWorthy {
     }
 }
 
-/// What becomes part of a trace: tracehop's own spans (INFO and above; third-party crates' spans, such as
-/// the NATS client's per-message spans, cost more than they tell), and on them events of WARN and above
-/// (errors become exceptions), except the transport crates' and the exporter's own.
+/// What becomes part of a trace: spans at INFO and above, and on them events at WARN and above (errors
+/// become exceptions), from any crate but the transport and telemetry crates below. The decision is by a
+/// span's origin, not by a list of the services: a new service's spans are exported without a change here.
+///
+/// The transport crates are left out because their spans describe their own machinery, once per message
+/// or frame (the NATS client's per-message spans cost more than they tell), and the telemetry crates because
+/// an exporter that traced itself would feed on its own output.
 fn span_worthy(metadata: &tracing::Metadata<'_>) -> bool {
-    let from = |crates: &[&str]| {
-        let target = metadata.target();
-        crates.iter().any(|name| {
-            target
-                .strip_prefix(name)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
-        })
-    };
-    if metadata.is_span() {
-        from(&[
-            "tracehop_shared",
-            "gateway",
-            "users",
-            "billing",
-            "notifications",
-            "tracecontext",
-        ]) && *metadata.level() <= tracing::Level::INFO
+    const MACHINERY: [&str; 11] = [
+        "async_nats",
+        "h2",
+        "hyper",
+        "hyper_util",
+        "reqwest",
+        "tonic",
+        "tower",
+        "opentelemetry",
+        "opentelemetry_sdk",
+        "opentelemetry_otlp",
+        "tracing_actix_web",
+    ];
+    let target = metadata.target();
+    let from_machinery = MACHINERY.iter().any(|name| {
+        target
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    });
+    let threshold = if metadata.is_span() {
+        tracing::Level::INFO
     } else {
-        !from(&[
-            "h2",
-            "hyper",
-            "hyper_util",
-            "tonic",
-            "tower",
-            "opentelemetry",
-            "opentelemetry_sdk",
-            "opentelemetry_otlp",
-        ]) && *metadata.level() <= tracing::Level::WARN
-    }
+        tracing::Level::WARN
+    };
+    !from_machinery && *metadata.level() <= threshold
 }
 
 fn sdk_disabled() -> bool {
