@@ -604,12 +604,12 @@ async fn jetstream_hop(
         false,
     )
     .await?;
-    let exporter = tracehop_shared::telemetry::otlp_grpc_exporter(&format!(
+    let exporter = tracehop_telemetry::setup::otlp_grpc_exporter(&format!(
         "http://{}",
         collector.addresses.otlp_grpc
     ))?;
     let (dispatch, guard) =
-        tracehop_shared::telemetry::dispatch_with_exporter("bench-hop", Some(exporter));
+        tracehop_telemetry::setup::dispatch_with_exporter("bench-hop", Some(exporter));
     let measured = measure_jetstream_hops(&server.url, messages_each)
         .with_subscriber(dispatch)
         .await;
@@ -638,14 +638,28 @@ async fn measure_jetstream_hops(
     nats_url: &str,
     messages_each: usize,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    use tracehop_shared::messaging::{self, ConsumerSettings, ORDER_COMPLETED, StreamSettings};
+    use tracehop_contracts::events::{
+        NOTIFICATIONS_CONSUMER, ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER, ORDERS_STREAM,
+    };
+    use tracehop_telemetry::messaging::{self, ConsumerSettings, StreamSettings};
     use tracing::Instrument;
     use tracing::instrument::WithSubscriber;
 
     let client = messaging::connect(nats_url, "bench-hop").await?;
     let jetstream = async_nats::jetstream::new(client);
-    let stream = messaging::ensure_stream(&jetstream, &StreamSettings::default()).await?;
-    let consumer = messaging::ensure_consumer(&stream, &ConsumerSettings::default()).await?;
+    let stream = messaging::ensure_stream(
+        &jetstream,
+        &StreamSettings::new(
+            ORDERS_STREAM,
+            &[ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER],
+        ),
+    )
+    .await?;
+    let consumer = messaging::ensure_consumer(
+        &stream,
+        &ConsumerSettings::new(NOTIFICATIONS_CONSUMER, ORDER_COMPLETED),
+    )
+    .await?;
     let base = Instant::now();
     let (received, mut latencies) = tokio::sync::mpsc::unbounded_channel::<(bool, f64)>();
     let consumer_task = tokio::spawn(

@@ -25,7 +25,7 @@ pub struct ApiClient {
 impl ApiClient {
     pub fn new(base: &str) -> Self {
         Self {
-            http: tracehop_shared::http::client::plain_client_builder()
+            http: tracehop_telemetry::http::client::plain_client_builder()
                 .timeout(Duration::from_secs(120))
                 .build()
                 .unwrap_or_default(),

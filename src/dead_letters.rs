@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use tracehop_shared::messaging::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
+use tracehop_contracts::events::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -54,7 +54,7 @@ pub struct SlowStripe {
 
 impl SlowStripe {
     async fn set(&self, enabled: bool) -> anyhow::Result<()> {
-        let http = tracehop_shared::http::client::plain_client_builder().build()?;
+        let http = tracehop_telemetry::http::client::plain_client_builder().build()?;
         let url = format!("{}/_admin/faults", self.stripe_sim.trim_end_matches('/'));
         let request = if enabled {
             http.post(url)

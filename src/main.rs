@@ -162,7 +162,7 @@ enum Scenario {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracehop_shared::http::client::install_crypto_provider();
+    tracehop_telemetry::http::client::install_crypto_provider();
     match Cli::parse().command {
         Command::Up { no_demo, state_dir } => up(no_demo, state_dir).await,
         Command::Trace { trace_id, jaeger } => {
@@ -178,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
             notifications,
         } => demo(scenario, &gateway, &jaeger, &stripe_sim, &notifications).await,
         Command::Migrate { database_url } => {
-            let name = tracehop_shared::db::database_name(&database_url);
+            let name = tracehop_telemetry::db::database_name(&database_url);
             infra::create_database(&database_url, &name).await?;
             let applied = infra::migrate(&database_url).await?;
             println!("database {name}: {} migration(s) applied", applied.len());
@@ -443,7 +443,7 @@ async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
         ports,
         nats,
         database_server_url: database_url.clone(),
-        database_name: tracehop_shared::db::database_name(&database_url),
+        database_name: tracehop_telemetry::db::database_name(&database_url),
         trace_backend,
         otlp_protocol: std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
             .unwrap_or_else(|_| "grpc".to_owned()),
@@ -549,7 +549,7 @@ async fn demo(
     stripe_sim: &str,
     notifications: &str,
 ) -> anyhow::Result<()> {
-    let http = tracehop_shared::http::client::plain_client_builder().build()?;
+    let http = tracehop_telemetry::http::client::plain_client_builder().build()?;
     match scenario {
         Scenario::Checkout => {
             demo_checkout(gateway, Some(jaeger)).await?;

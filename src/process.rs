@@ -227,7 +227,7 @@ pub async fn wait_healthy(
     timeout: Duration,
     process: Option<&mut ChildProcess>,
 ) -> anyhow::Result<()> {
-    let client = tracehop_shared::http::client::plain_client_builder()
+    let client = tracehop_telemetry::http::client::plain_client_builder()
         .build()
         .unwrap_or_default();
     let deadline = Instant::now() + timeout;

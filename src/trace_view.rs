@@ -114,7 +114,7 @@ impl TraceView {
     /// Fetches a trace from a Jaeger query API.
     pub async fn fetch(jaeger: &str, trace_id: &str) -> anyhow::Result<Self> {
         let url = format!("{}/api/traces/{trace_id}", jaeger.trim_end_matches('/'));
-        let response = tracehop_shared::http::client::plain_client_builder()
+        let response = tracehop_telemetry::http::client::plain_client_builder()
             .build()
             .unwrap_or_default()
             .get(&url)

@@ -31,7 +31,7 @@ async fn wait_for_notification(
 async fn a_lost_email_is_visible_dead_lettered_marked_failed_and_replayable() {
     let test = TestStack::boot(&[("NOTIFY_MAX_DELIVER", "3"), ("NOTIFY_BACKOFF_MS", "100")]).await;
     let customer = test.customer().await;
-    let http = tracehop_shared::http::client::plain_client_builder()
+    let http = tracehop_telemetry::http::client::plain_client_builder()
         .build()
         .unwrap();
     let fail = |count: u32| {

@@ -285,7 +285,7 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
     assert_eq!(send.tag("order.id").as_deref(), Some(order_id.as_str()));
 
     // The database and the mail agree.
-    use tracehop_shared::schema::notifications;
+    use tracehop_contracts::schema::notifications;
     let mut db = test.db();
     let order_uuid: uuid::Uuid = order_id.parse().unwrap();
     let status: String = notifications::table
@@ -414,7 +414,7 @@ async fn a_failing_payment_provider_is_an_error_with_the_trace_id_and_an_error_s
     // Nothing was charged. After 5xx answers Stripe *might* have charged, so the order stays `pending`
     // (outcome unknown) for the reconciler to settle, rather than being forgotten.
     assert!(test.stripe_charges().await.is_empty());
-    use tracehop_shared::schema::transactions;
+    use tracehop_contracts::schema::transactions;
     let statuses: Vec<String> = transactions::table
         .select(transactions::status)
         .load(&mut test.db())
@@ -431,7 +431,7 @@ async fn bad_input_gets_a_json_error_with_the_trace_id() {
         .signup_and_login(&unique_email("dani"), "correct horse battery")
         .await
         .expect("signup and login");
-    let raw = tracehop_shared::http::client::plain_client_builder()
+    let raw = tracehop_telemetry::http::client::plain_client_builder()
         .build()
         .unwrap();
 

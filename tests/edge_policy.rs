@@ -104,7 +104,7 @@ async fn a_public_caller_does_not_choose_the_trace_and_its_state_goes_nowhere() 
     assert!(!raw.contains("203.0.113.9"));
     let order_trace: String = {
         use diesel::{ExpressionMethods, QueryDsl, RunQueryDsl};
-        use tracehop_shared::schema::transactions;
+        use tracehop_contracts::schema::transactions;
         let order_id: uuid::Uuid = response.body["orderId"].as_str().unwrap().parse().unwrap();
         transactions::table
             .filter(transactions::id.eq(order_id))

@@ -85,7 +85,7 @@ async fn assert_nothing_lost_nothing_twice(
     test: &TestStack,
     results: &[(u16, Option<String>)],
 ) -> (usize, usize) {
-    use tracehop_shared::schema::{notifications, transactions};
+    use tracehop_contracts::schema::{notifications, transactions};
     let ok: HashSet<String> = results
         .iter()
         .filter(|(status, _)| *status == 200)
@@ -244,7 +244,7 @@ async fn billing_killed_between_commit_and_publish_still_delivers_through_the_ou
     let results = burst(&customer, BURST).await;
     assert!(results.iter().all(|(status, _)| *status == 200));
     {
-        use tracehop_shared::schema::outbox;
+        use tracehop_contracts::schema::outbox;
         let pending: i64 = outbox::table
             .filter(outbox::published_at.is_null())
             .count()
@@ -507,7 +507,7 @@ async fn a_database_outage_answers_503_quickly_and_leaves_no_charge_without_a_re
     // Give the reconciler time to settle charges made just before the outage.
     tokio::time::sleep(Duration::from_secs(6)).await;
     {
-        use tracehop_shared::schema::transactions;
+        use tracehop_contracts::schema::transactions;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let pending: i64 = transactions::table

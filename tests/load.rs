@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::TestStack;
 use diesel::{QueryDsl, RunQueryDsl};
 use tracehop::load::{self, LoadOptions, SlowStripe};
-use tracehop_shared::schema::transactions;
+use tracehop_contracts::schema::transactions;
 
 #[tokio::test]
 async fn load_report_matches_the_database_and_slow_stripe_shows_in_the_traces() {

@@ -69,7 +69,7 @@ async fn the_test_endpoint_propagates_trace_context() {
     .await
     .unwrap();
     let (peer, seen) = recording_peer().await;
-    let client = tracehop_shared::http::client::plain_client_builder()
+    let client = tracehop_telemetry::http::client::plain_client_builder()
         .build()
         .unwrap();
 

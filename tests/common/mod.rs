@@ -153,7 +153,7 @@ impl TestStack {
     }
 
     async fn stripe_admin(&self, what: &str) -> serde_json::Value {
-        tracehop_shared::http::client::plain_client_builder()
+        tracehop_telemetry::http::client::plain_client_builder()
             .build()
             .unwrap()
             .get(format!("{}/_admin/{what}", self.stack.stripe_sim_url()))
@@ -166,7 +166,7 @@ impl TestStack {
     }
 
     pub async fn stripe_faults(&self, faults: serde_json::Value) {
-        let response = tracehop_shared::http::client::plain_client_builder()
+        let response = tracehop_telemetry::http::client::plain_client_builder()
             .build()
             .unwrap_or_default()
             .post(format!("{}/_admin/faults", self.stack.stripe_sim_url()))

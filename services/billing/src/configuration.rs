@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tracehop_shared::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -64,7 +64,7 @@ impl Settings {
             ),
             pool_size: env_parse("DATABASE_POOL_SIZE", 10)?,
             nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),
-            nats_stream: env_or("NATS_STREAM", "ORDERS"),
+            nats_stream: env_or("NATS_STREAM", tracehop_contracts::events::ORDERS_STREAM),
             stripe: StripeSettings {
                 api_base: env_or("STRIPE_API_BASE", "http://127.0.0.1:12111"),
                 secret_key: env_or("STRIPE_SECRET_KEY", "sk_test_tracehop"),

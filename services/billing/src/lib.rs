@@ -15,7 +15,7 @@
 //! answered): it asks Stripe by order id and records or releases them.
 //!
 //! `GET /orders/{id}` reads an order with its notification status (the gateway checks ownership).
-//! All actors carry span context in [`tracehop_shared::actor::Traced`] envelopes and are supervised.
+//! All actors carry span context in [`tracehop_telemetry::actor::Traced`] envelopes and are supervised.
 
 #![forbid(unsafe_code)]
 

@@ -5,7 +5,7 @@ use billing::startup::Application;
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
-    tracehop_shared::service::run("billing-service", || async {
+    tracehop_telemetry::service::run("billing-service", || async {
         let application = Application::build(Settings::from_env()?).await?;
         application.run_until_stopped().await
     })

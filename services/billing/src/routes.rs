@@ -4,7 +4,7 @@ pub mod charge;
 pub mod orders;
 
 use actix::Addr;
-use tracehop_shared::db::Database;
+use tracehop_telemetry::db::Database;
 
 use crate::actors::BillingActor;
 

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use actix::Supervisor;
 use actix_web::web;
 use anyhow::Context as _;
-use tracehop_shared::db::Database;
-use tracehop_shared::http::server;
-use tracehop_shared::messaging::{self, StreamSettings};
+use tracehop_contracts::events::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
+use tracehop_telemetry::db::Database;
+use tracehop_telemetry::http::server;
+use tracehop_telemetry::messaging::{self, StreamSettings};
 
 use crate::actors::billing::BillingDeps;
 use crate::actors::{BillingActor, OutboxRelay, Reconciler, StripeClientActor};
@@ -25,10 +26,10 @@ impl Application {
             .await
             .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
         let jetstream = async_nats::jetstream::new(nats);
-        let stream_settings = StreamSettings {
-            stream: settings.nats_stream.clone(),
-            ..StreamSettings::default()
-        };
+        let stream_settings = StreamSettings::new(
+            &settings.nats_stream,
+            &[ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER],
+        );
         messaging::ensure_stream(&jetstream, &stream_settings)
             .await
             .context("creating the JetStream stream")?;

@@ -1,12 +1,13 @@
 //! Billing's rows: transactions (one per order), the outbox, and the initial notification row.
 //!
-//! Every function takes a connection from [`tracehop_shared::db::Database::run`] (so it runs on the blocking
+//! Every function takes a connection from [`tracehop_telemetry::db::Database::run`] (so it runs on the blocking
 //! pool) and wraps each statement in [`traced`].
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use tracehop_shared::db::{DbConnection, DbError, Statements, traced};
-use tracehop_shared::schema::{notifications, outbox, transactions};
+use tracehop_contracts::billing::{NotificationView, OrderView};
+use tracehop_contracts::schema::{notifications, outbox, transactions};
+use tracehop_telemetry::db::{DbConnection, DbError, Statements, traced};
 
 /// A transaction row.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -225,31 +226,6 @@ pub fn unpublished_events(
         .limit(limit)
         .select(OutboxEvent::as_select())
         .load(connection)?)
-}
-
-/// An order as the API shows it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderView {
-    pub order_id: uuid::Uuid,
-    pub user_id: uuid::Uuid,
-    pub amount_minor: i64,
-    pub currency: String,
-    pub status: String,
-    pub charge_id: Option<String>,
-    pub trace_id: String,
-    pub created_at: DateTime<Utc>,
-    pub notification: Option<NotificationView>,
-}
-
-/// The confirmation e-mail's state.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NotificationView {
-    pub status: String,
-    pub attempts: i32,
-    pub last_error: Option<String>,
-    pub sent_at: Option<DateTime<Utc>>,
 }
 
 /// An order with its notification.

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use tracehop_shared::config::{ConfigError, env_or, env_parse, listen_address};
-use tracehop_shared::http::server::RequestTrust;
+use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_telemetry::http::server::RequestTrust;
 
 #[derive(Debug, Clone)]
 pub struct Settings {

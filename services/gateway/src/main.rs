@@ -5,7 +5,7 @@ use gateway::startup::Application;
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
-    tracehop_shared::service::run("api-gateway", || async {
+    tracehop_telemetry::service::run("api-gateway", || async {
         let application = Application::build(Settings::from_env()?).await?;
         application.run_until_stopped().await
     })

@@ -1,7 +1,7 @@
 //! Building and running the gateway.
 
 use actix_web::web;
-use tracehop_shared::http::{TracedClient, server};
+use tracehop_telemetry::http::{TracedClient, server};
 
 use crate::configuration::Settings;
 use crate::routes;

@@ -1,23 +1,16 @@
 //! Calls to user-service and billing-service, and how their failures become gateway errors.
 
 use actix_web::http::StatusCode;
-use tracehop_shared::http::client::ClientError;
-use tracehop_shared::http::error::ErrorBody;
-use tracehop_shared::http::{ApiError, TracedClient};
+use tracehop_contracts::users::SessionUser;
+use tracehop_telemetry::http::client::ClientError;
+use tracehop_telemetry::http::error::ErrorBody;
+use tracehop_telemetry::http::{ApiError, TracedClient};
 
 /// Where the internal services are, and the one client (connection pool) used to reach them.
 pub struct Upstreams {
     pub client: TracedClient,
     pub users_url: String,
     pub billing_url: String,
-}
-
-/// The session owner, as user-service reports it.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionUser {
-    pub user_id: uuid::Uuid,
-    pub email: String,
 }
 
 impl Upstreams {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tracehop_shared::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -57,8 +57,11 @@ impl Settings {
             ),
             pool_size: env_parse("DATABASE_POOL_SIZE", 8)?,
             nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),
-            nats_stream: env_or("NATS_STREAM", "ORDERS"),
-            nats_consumer: env_or("NATS_CONSUMER", "notifications"),
+            nats_stream: env_or("NATS_STREAM", tracehop_contracts::events::ORDERS_STREAM),
+            nats_consumer: env_or(
+                "NATS_CONSUMER",
+                tracehop_contracts::events::NOTIFICATIONS_CONSUMER,
+            ),
             max_deliver: env_parse("NOTIFY_MAX_DELIVER", 5)?,
             ack_wait: Duration::from_millis(env_parse("NOTIFY_ACK_WAIT_MS", 30_000)?),
             backoff: Duration::from_millis(env_parse("NOTIFY_BACKOFF_MS", 1_000)?),

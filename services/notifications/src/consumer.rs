@@ -9,10 +9,11 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tracehop_shared::actor::Traced;
-use tracehop_shared::db::Database;
-use tracehop_shared::messaging::{self, ORDER_COMPLETED_DEAD_LETTER, OrderCompleted};
-use tracehop_shared::propagation::header_value;
+use tracehop_contracts::events::{ORDER_COMPLETED_DEAD_LETTER, OrderCompleted};
+use tracehop_telemetry::actor::Traced;
+use tracehop_telemetry::db::Database;
+use tracehop_telemetry::messaging;
+use tracehop_telemetry::propagation::header_value;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use chrono::Utc;
 use diesel::prelude::*;
-use tracehop_shared::actor::{Traced, reply_or_restart};
-use tracehop_shared::db::{Database, DbError, traced};
-use tracehop_shared::domain::{Amount, Currency};
-use tracehop_shared::messaging::OrderCompleted;
-use tracehop_shared::schema::notifications;
+use tracehop_contracts::domain::{Amount, Currency};
+use tracehop_contracts::events::OrderCompleted;
+use tracehop_contracts::schema::notifications;
+use tracehop_telemetry::actor::{Traced, reply_or_restart};
+use tracehop_telemetry::db::{Database, DbError, traced};
 use tracing::Instrument;
 
 use crate::mailer::{Email, MailError, Mailer, Sent};
@@ -85,7 +85,7 @@ impl Handler<Traced<SendConfirmation>> for NotifierActor {
     }
 }
 
-tracehop_shared::restart_on_request!(NotifierActor);
+tracehop_telemetry::restart_on_request!(NotifierActor);
 
 #[tracing::instrument(
     name = "notification.send_confirmation",
@@ -161,14 +161,14 @@ fn confirmation(event: &OrderCompleted) -> Email {
             event.order_id, event.charge_id
         ),
         order_id: event.order_id,
-        trace_id: tracehop_shared::telemetry::current_trace_id(),
+        trace_id: tracehop_telemetry::setup::current_trace_id(),
     }
 }
 
 /// Upserts the notification row: one more attempt, its outcome.
 fn record_attempt(
-    connection: &mut tracehop_shared::db::DbConnection,
-    statements: &tracehop_shared::db::Statements,
+    connection: &mut tracehop_telemetry::db::DbConnection,
+    statements: &tracehop_telemetry::db::Statements,
     event: &OrderCompleted,
     status: &str,
     error: Option<&str>,
@@ -214,8 +214,8 @@ fn record_attempt(
 
 /// Marks a notification as given up on (after the last delivery), unless it was sent meanwhile.
 pub fn mark_failed(
-    connection: &mut tracehop_shared::db::DbConnection,
-    statements: &tracehop_shared::db::Statements,
+    connection: &mut tracehop_telemetry::db::DbConnection,
+    statements: &tracehop_telemetry::db::Statements,
     order_id: uuid::Uuid,
     reason: &str,
 ) -> Result<(), DbError> {

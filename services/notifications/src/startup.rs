@@ -7,9 +7,10 @@ use actix::Supervisor;
 use actix_web::{HttpResponse, web};
 use anyhow::Context as _;
 use tokio::sync::watch;
-use tracehop_shared::db::Database;
-use tracehop_shared::http::server;
-use tracehop_shared::messaging::{self, ConsumerSettings, StreamSettings};
+use tracehop_contracts::events::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
+use tracehop_telemetry::db::Database;
+use tracehop_telemetry::http::server;
+use tracehop_telemetry::messaging::{self, ConsumerSettings, StreamSettings};
 
 use crate::configuration::Settings;
 use crate::consumer::{self, ConsumerDeps};
@@ -43,10 +44,10 @@ impl Application {
         let jetstream = async_nats::jetstream::new(nats);
         let stream = messaging::ensure_stream(
             &jetstream,
-            &StreamSettings {
-                stream: settings.nats_stream.clone(),
-                ..StreamSettings::default()
-            },
+            &StreamSettings::new(
+                &settings.nats_stream,
+                &[ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER],
+            ),
         )
         .await
         .context("creating the JetStream stream")?;
@@ -54,6 +55,7 @@ impl Application {
             &stream,
             &ConsumerSettings {
                 durable_name: settings.nats_consumer.clone(),
+                filter_subject: ORDER_COMPLETED.to_owned(),
                 ack_wait: settings.ack_wait,
                 // One more than we use: if we crash during the last attempt, the server still redelivers
                 // once and the loop dead-letters it instead of the message vanishing.

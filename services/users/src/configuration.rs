@@ -1,6 +1,6 @@
 //! user-service settings, from the environment.
 
-use tracehop_shared::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
 
 /// Everything the service needs to start.
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@ use users::startup::Application;
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
-    tracehop_shared::service::run("user-service", || async {
+    tracehop_telemetry::service::run("user-service", || async {
         let application = Application::build(Settings::from_env()?).await?;
         application.run_until_stopped().await
     })

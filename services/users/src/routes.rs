@@ -4,7 +4,7 @@ pub mod login;
 pub mod signup;
 pub mod validate;
 
-use tracehop_shared::db::Database;
+use tracehop_telemetry::db::Database;
 
 /// Shared by every handler.
 pub struct State {

@@ -1,8 +1,8 @@
 //! Building and running the HTTP server.
 
 use actix_web::web;
-use tracehop_shared::db::Database;
-use tracehop_shared::http::server;
+use tracehop_telemetry::db::Database;
+use tracehop_telemetry::http::server;
 
 use crate::configuration::Settings;
 use crate::routes;

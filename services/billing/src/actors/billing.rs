@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use sha2::{Digest, Sha256};
-use tracehop_shared::actor::{Traced, reply_or_restart};
-use tracehop_shared::db::{Database, DbError};
-use tracehop_shared::http::error::{Failure, record_failure};
-use tracehop_shared::messaging::{ORDER_COMPLETED, OrderCompleted};
-use tracehop_shared::propagation::SerializedContext;
+pub use tracehop_contracts::billing::ChargeReceipt;
+use tracehop_contracts::events::{ORDER_COMPLETED, OrderCompleted};
+use tracehop_telemetry::actor::{Traced, reply_or_restart};
+use tracehop_telemetry::db::{Database, DbError};
+use tracehop_telemetry::http::error::{Failure, record_failure};
+use tracehop_telemetry::propagation::SerializedContext;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -33,17 +34,6 @@ pub struct Charge {
     pub amount_minor: i64,
     pub currency: String,
     pub idempotency_key: String,
-}
-
-/// A recorded charge.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ChargeReceipt {
-    pub order_id: uuid::Uuid,
-    pub charge_id: String,
-    pub status: String,
-    /// True when this answer replays an earlier request with the same idempotency key.
-    pub replayed: bool,
 }
 
 /// Why a charge failed.
@@ -122,7 +112,7 @@ impl Handler<Traced<Charge>> for BillingActor {
     }
 }
 
-tracehop_shared::restart_on_request!(BillingActor);
+tracehop_telemetry::restart_on_request!(BillingActor);
 
 /// SHA-256 of what the request asked for; the same key with another fingerprint is refused.
 fn fingerprint(charge: &Charge) -> String {
@@ -170,7 +160,7 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
                 status: "pending".into(),
                 idempotency_key: charge.idempotency_key.clone(),
                 request_fingerprint: request_fingerprint.clone(),
-                trace_id: tracehop_shared::telemetry::current_trace_id(),
+                trace_id: tracehop_telemetry::setup::current_trace_id(),
             };
 
             // Claim the key; if someone else holds it, wait for their outcome (or for it to be released).

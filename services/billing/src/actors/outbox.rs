@@ -3,7 +3,7 @@
 //! Billing pokes the relay right after a charge is committed; a periodic sweep catches whatever that missed
 //! (NATS down, billing restarted between commit and publish). Publishing uses the event id as `Nats-Msg-Id`,
 //! so when both paths publish the same event JetStream keeps one (duplicate window: see
-//! [`tracehop_shared::messaging::StreamSettings`]).
+//! [`tracehop_telemetry::messaging::StreamSettings`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,10 +12,10 @@ use std::time::Duration;
 use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use async_nats::jetstream;
 use opentelemetry::Context as OtelContext;
-use tracehop_shared::actor::Traced;
-use tracehop_shared::db::Database;
-use tracehop_shared::messaging;
-use tracehop_shared::propagation::{SerializedContext, set_remote_parent};
+use tracehop_telemetry::actor::Traced;
+use tracehop_telemetry::db::Database;
+use tracehop_telemetry::messaging;
+use tracehop_telemetry::propagation::{SerializedContext, set_remote_parent};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 

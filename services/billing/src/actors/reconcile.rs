@@ -11,9 +11,9 @@
 use std::time::Duration;
 
 use actix::{Actor, Addr, AsyncContext, Context, Supervised};
-use tracehop_shared::actor::Traced;
-use tracehop_shared::db::Database;
-use tracehop_shared::propagation::SerializedContext;
+use tracehop_telemetry::actor::Traced;
+use tracehop_telemetry::db::Database;
+use tracehop_telemetry::propagation::SerializedContext;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use rand::Rng;
-use tracehop_shared::actor::{Traced, reply_or_restart};
-use tracehop_shared::http::TracedClient;
-use tracehop_shared::http::client::ClientError;
+use tracehop_telemetry::actor::{Traced, reply_or_restart};
+use tracehop_telemetry::http::TracedClient;
+use tracehop_telemetry::http::client::ClientError;
 use tracing::Instrument;
 
 use crate::configuration::StripeSettings;
@@ -131,7 +131,7 @@ impl Handler<Traced<CreateCharge>> for StripeClientActor {
     }
 }
 
-tracehop_shared::restart_on_request!(StripeClientActor);
+tracehop_telemetry::restart_on_request!(StripeClientActor);
 
 impl Handler<Traced<FindCharge>> for StripeClientActor {
     type Result = ResponseFuture<Result<Option<StripeCharge>, StripeError>>;

@@ -1,23 +1,13 @@
 //! `POST /charge`: charge a user (called by the gateway).
 
 use actix_web::{HttpResponse, web};
-use tracehop_shared::actor::Traced;
-use tracehop_shared::domain::{Amount, Currency, Email};
-use tracehop_shared::http::ApiError;
+use tracehop_contracts::billing::ChargeRequest;
+use tracehop_contracts::domain::{Amount, Currency, Email};
+use tracehop_telemetry::actor::Traced;
+use tracehop_telemetry::http::ApiError;
 
 use super::State;
 use crate::actors::{Charge, ChargeError, StripeError};
-
-/// What the gateway sends.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ChargeRequest {
-    pub user_id: uuid::Uuid,
-    pub email: String,
-    pub amount_minor: i64,
-    pub currency: String,
-    pub idempotency_key: String,
-}
 
 impl From<ChargeError> for ApiError {
     fn from(error: ChargeError) -> Self {

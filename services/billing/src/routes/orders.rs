@@ -1,7 +1,7 @@
 //! `GET /orders/{orderId}`: an order and its notification status.
 
 use actix_web::{HttpResponse, web};
-use tracehop_shared::http::ApiError;
+use tracehop_telemetry::http::ApiError;
 
 use super::State;
 use crate::store;

@@ -2,9 +2,11 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::value::RawValue;
-use tracehop_shared::domain::{Amount, Currency};
-use tracehop_shared::http::ApiError;
-use tracehop_shared::http::error::record_failure;
+use tracehop_contracts::billing::{ChargeReceipt, ChargeRequest};
+use tracehop_contracts::domain::{Amount, Currency};
+use tracehop_contracts::gateway::CheckoutResponse;
+use tracehop_telemetry::http::ApiError;
+use tracehop_telemetry::http::error::record_failure;
 
 use super::authorization;
 use crate::upstream::Upstreams;
@@ -18,29 +20,15 @@ pub struct CheckoutRequest {
     currency: String,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CheckoutResponse {
-    pub order_id: uuid::Uuid,
-    pub status: String,
-    pub trace_id: String,
-}
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ChargeReceipt {
-    order_id: uuid::Uuid,
-}
-
 /// What is wrong with a checkout body.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutInputError {
     #[error("total must be a decimal string like \"49.99\" or a JSON number")]
     TotalType,
     #[error("invalid total: {0}")]
-    Total(#[from] tracehop_shared::domain::MoneyError),
+    Total(#[from] tracehop_contracts::domain::MoneyError),
     #[error("{0}")]
-    Currency(#[from] tracehop_shared::domain::currency::UnknownCurrency),
+    Currency(#[from] tracehop_contracts::domain::currency::UnknownCurrency),
     #[error("Idempotency-Key must be 1 to 255 printable ASCII characters")]
     IdempotencyKey,
 }
@@ -128,13 +116,13 @@ async fn process(
                     reqwest::Method::POST,
                     &format!("{}/charge", upstreams.billing_url),
                 )
-                .json(&serde_json::json!({
-                    "userId": user.user_id,
-                    "email": user.email,
-                    "amountMinor": amount.minor_units(),
-                    "currency": amount.currency().code(),
-                    "idempotencyKey": idempotency_key,
-                }));
+                .json(&ChargeRequest {
+                    user_id: user.user_id,
+                    email: user.email,
+                    amount_minor: amount.minor_units(),
+                    currency: amount.currency().code().to_owned(),
+                    idempotency_key,
+                });
             let receipt: ChargeReceipt = upstreams
                 .call("billing-service", "/charge", request)
                 .await?;
@@ -142,7 +130,7 @@ async fn process(
             Ok(CheckoutResponse {
                 order_id: receipt.order_id,
                 status: "completed".into(),
-                trace_id: tracehop_shared::telemetry::current_trace_id(),
+                trace_id: tracehop_telemetry::setup::current_trace_id(),
             })
         }
         .await,

@@ -1,22 +1,11 @@
 //! `POST /login`: exchange credentials for a bearer token.
 
 use actix_web::{HttpResponse, web};
-use tracehop_shared::http::ApiError;
+use tracehop_contracts::gateway::TokenResponse;
+use tracehop_contracts::users::{LoginRequest, LoginResponse};
+use tracehop_telemetry::http::ApiError;
 
 use crate::upstream::Upstreams;
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoginRequest {
-    pub email: String,
-    pub password: String,
-}
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Session {
-    token: String,
-}
 
 pub async fn login(
     upstreams: web::Data<Upstreams>,
@@ -29,6 +18,8 @@ pub async fn login(
             &format!("{}/sessions", upstreams.users_url),
         )
         .json(&body.into_inner());
-    let session: Session = upstreams.call("user-service", "/sessions", request).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "token": session.token })))
+    let session: LoginResponse = upstreams.call("user-service", "/sessions", request).await?;
+    Ok(HttpResponse::Ok().json(TokenResponse {
+        token: session.token,
+    }))
 }

@@ -1,24 +1,11 @@
 //! `POST /signup`: create an account (user-service does the checks that need the database).
 
 use actix_web::{HttpResponse, web};
-use tracehop_shared::domain::Email;
-use tracehop_shared::http::ApiError;
+use tracehop_contracts::domain::Email;
+use tracehop_contracts::users::{SignupRequest, SignupResponse};
+use tracehop_telemetry::http::ApiError;
 
 use crate::upstream::Upstreams;
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignupRequest {
-    pub email: String,
-    pub name: String,
-    pub password: String,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SignupResponse {
-    pub user_id: uuid::Uuid,
-}
 
 pub async fn signup(
     upstreams: web::Data<Upstreams>,

@@ -2,27 +2,15 @@
 
 use actix_web::{HttpResponse, web};
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, RunQueryDsl};
-use tracehop_shared::db::{DbError, traced};
-use tracehop_shared::http::ApiError;
-use tracehop_shared::http::error::record_failure;
-use tracehop_shared::schema::{sessions, users};
+use tracehop_contracts::schema::{sessions, users};
+use tracehop_telemetry::db::{DbError, traced};
+use tracehop_telemetry::http::ApiError;
+use tracehop_telemetry::http::error::record_failure;
+
+use tracehop_contracts::users::{LoginRequest, LoginResponse};
 
 use super::State;
 use crate::{password, token};
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoginRequest {
-    email: String,
-    password: String,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LoginResponse {
-    pub token: String,
-    pub user_id: uuid::Uuid,
-}
 
 /// What can go wrong when logging in.
 #[derive(Debug, thiserror::Error)]

@@ -2,28 +2,16 @@
 
 use actix_web::{HttpResponse, web};
 use diesel::RunQueryDsl;
-use tracehop_shared::db::{DbError, traced};
-use tracehop_shared::domain::Email;
-use tracehop_shared::http::ApiError;
-use tracehop_shared::http::error::record_failure;
-use tracehop_shared::schema::users;
+use tracehop_contracts::domain::Email;
+use tracehop_contracts::schema::users;
+use tracehop_telemetry::db::{DbError, traced};
+use tracehop_telemetry::http::ApiError;
+use tracehop_telemetry::http::error::record_failure;
+
+use tracehop_contracts::users::{SignupRequest, SignupResponse};
 
 use super::State;
 use crate::password::{self, Password};
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignupRequest {
-    email: String,
-    name: String,
-    password: String,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SignupResponse {
-    pub user_id: uuid::Uuid,
-}
 
 /// What can go wrong when signing up.
 #[derive(Debug, thiserror::Error)]

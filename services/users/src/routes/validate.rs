@@ -2,22 +2,14 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, RunQueryDsl};
-use tracehop_shared::db::{DbError, traced};
-use tracehop_shared::http::ApiError;
-use tracehop_shared::http::error::record_failure;
-use tracehop_shared::schema::{sessions, users};
+use tracehop_contracts::schema::{sessions, users};
+use tracehop_contracts::users::SessionUser;
+use tracehop_telemetry::db::{DbError, traced};
+use tracehop_telemetry::http::ApiError;
+use tracehop_telemetry::http::error::record_failure;
 
 use super::State;
 use crate::token;
-
-/// The session's owner.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionUser {
-    pub user_id: uuid::Uuid,
-    pub email: String,
-    pub name: String,
-}
 
 /// What can go wrong when validating a session.
 #[derive(Debug, thiserror::Error)]

@@ -63,7 +63,7 @@ impl<E: SpanExporter> SpanExporter for GuardedExporter<E> {
             // The first failure, then one line per ~10 000 lost spans: visible, never a flood.
             if before == 0 || before / 10_000 != (before + size) / 10_000 {
                 eprintln!(
-                    "{{\"level\":\"WARN\",\"target\":\"tracehop_shared::telemetry\",\"message\":\"span export failed; spans are being dropped\",\"fields\":{{\"failed_spans_total\":{}}}}}",
+                    "{{\"level\":\"WARN\",\"target\":\"tracehop_telemetry::setup\",\"message\":\"span export failed; spans are being dropped\",\"fields\":{{\"failed_spans_total\":{}}}}}",
                     before + size
                 );
             }

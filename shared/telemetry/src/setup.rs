@@ -319,8 +319,8 @@ pub fn current_trace_id() -> String {
 /// exports a `u64` field as text; an `i64` stays a number.) Saturates at `i64::MAX`.
 ///
 /// ```
-/// assert_eq!(tracehop_shared::telemetry::int_attribute(42_usize), 42_i64);
-/// assert_eq!(tracehop_shared::telemetry::int_attribute(u64::MAX), i64::MAX);
+/// assert_eq!(tracehop_telemetry::setup::int_attribute(42_usize), 42_i64);
+/// assert_eq!(tracehop_telemetry::setup::int_attribute(u64::MAX), i64::MAX);
 /// ```
 pub fn int_attribute<T: TryInto<i64>>(value: T) -> i64 {
     value.try_into().unwrap_or(i64::MAX)

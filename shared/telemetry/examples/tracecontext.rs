@@ -1,6 +1,6 @@
 //! A W3C Trace Context test-suite endpoint, built on tracehop's shared HTTP middleware and client.
 //!
-//! `cargo run -p tracehop-shared --example tracecontext -- 7777` listens on 127.0.0.1:7777 and answers
+//! `cargo run -p tracehop-telemetry --example tracecontext -- 7777` listens on 127.0.0.1:7777 and answers
 //! `POST /test` with a JSON array of `{"url": ..., "arguments": [...]}`: for each entry, in order, it POSTs
 //! `arguments` as JSON to `url` with the propagated `traceparent`/`tracestate`, then answers 200. That is the
 //! protocol of <https://github.com/w3c/trace-context/tree/main/test>, so the public suite can be pointed at
@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
-use tracehop_shared::http::{ApiError, TracedClient, server};
+use tracehop_telemetry::http::{ApiError, TracedClient, server};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
         .as_deref()
         .unwrap_or("7777")
         .parse()?;
-    let telemetry = tracehop_shared::telemetry::init("tracecontext-test-endpoint")?;
+    let telemetry = tracehop_telemetry::setup::init("tracecontext-test-endpoint")?;
     let client = web::Data::new(TracedClient::new(Duration::from_secs(10))?);
     let (listener, port) = server::bind("127.0.0.1", port)?;
     tracing::info!(port, "trace context test endpoint listening");

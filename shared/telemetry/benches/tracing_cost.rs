@@ -1,4 +1,4 @@
-//! What tracing costs the thread that serves a request: the span builders of `tracehop-shared`, and an actix
+//! What tracing costs the thread that serves a request: the span builders of `tracehop-telemetry`, and an actix
 //! mailbox hop with and without the [`Traced`] envelope.
 //!
 //! Every case runs twice, under the subscriber the services install (`telemetry::dispatch_with_exporter`):
@@ -7,7 +7,7 @@
 //! `stack bench`, not here); `untraced` is the same subscriber with `OTEL_SDK_DISABLED=true` (spans still
 //! exist for the logs' `trace_id`, nothing is exported). The difference is what the OpenTelemetry layer adds.
 //!
-//! Run: `cargo bench -p tracehop-shared --bench tracing_cost` (results in BENCHMARKS.md, section 3).
+//! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, section 3).
 
 #![allow(clippy::expect_used)]
 
@@ -19,12 +19,19 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use diesel::prelude::*;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
-use tracehop_shared::actor::Traced;
-use tracehop_shared::db::{Statements, traced};
-use tracehop_shared::messaging::{Delivery, delivery_span, publish_span};
-use tracehop_shared::propagation::{NatsHeaderInjector, inject};
-use tracehop_shared::schema::transactions;
-use tracehop_shared::telemetry::{TelemetryGuard, dispatch_with_exporter};
+use tracehop_telemetry::actor::Traced;
+use tracehop_telemetry::db::{Statements, traced};
+use tracehop_telemetry::messaging::{Delivery, delivery_span, publish_span};
+use tracehop_telemetry::propagation::{NatsHeaderInjector, inject};
+
+// A table of the shape the services query, declared here: this crate knows no application's schema.
+diesel::table! {
+    transactions (id) {
+        id -> Uuid,
+        status -> Text,
+    }
+}
+use tracehop_telemetry::setup::{TelemetryGuard, dispatch_with_exporter};
 use tracing_actix_web::RootSpanBuilder;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -74,7 +81,7 @@ fn span_builders(c: &mut Criterion) {
         tracing::dispatcher::with_default(&dispatch, || {
             group.bench_function("http_server_root_span", |b| {
                 b.iter(|| {
-                    let span = tracehop_shared::http::server::SemconvRootSpan::on_request_start(
+                    let span = tracehop_telemetry::http::server::SemconvRootSpan::on_request_start(
                         black_box(&request),
                     );
                     drop(span.enter());
@@ -84,11 +91,11 @@ fn span_builders(c: &mut Criterion) {
                 with_parent(|| {
                     b.iter(|| {
                         let span =
-                            tracehop_shared::http::client::client_span(&outgoing, "/v1/charges");
+                            tracehop_telemetry::http::client::client_span(&outgoing, "/v1/charges");
                         let mut headers = reqwest::header::HeaderMap::new();
                         inject(
                             &span.context(),
-                            &mut tracehop_shared::propagation::HttpHeaderInjector(&mut headers),
+                            &mut tracehop_telemetry::propagation::HttpHeaderInjector(&mut headers),
                         );
                         drop(span.enter());
                         black_box(headers);

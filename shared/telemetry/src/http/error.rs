@@ -38,7 +38,7 @@ impl ApiError {
             status,
             code: code.into(),
             message: message.into(),
-            trace_id: crate::telemetry::current_trace_id(),
+            trace_id: crate::setup::current_trace_id(),
         }
     }
 
@@ -109,7 +109,7 @@ impl ResponseError for ApiError {
         // Prefer the id captured when the error was made; an error built outside any span (rare) falls back
         // to the span current while responding.
         let trace_id = if self.trace_id.chars().all(|c| c == '0') {
-            crate::telemetry::current_trace_id()
+            crate::setup::current_trace_id()
         } else {
             self.trace_id.clone()
         };
@@ -141,7 +141,7 @@ impl Failure for ApiError {
 /// Use it in place of `#[instrument(err)]` on spans whose errors can be the caller's:
 ///
 /// ```
-/// use tracehop_shared::http::{ApiError, error::record_failure};
+/// use tracehop_telemetry::http::{ApiError, error::record_failure};
 ///
 /// #[tracing::instrument(name = "session.validate", skip_all)]
 /// async fn validate(token: &str) -> Result<u64, ApiError> {

@@ -20,41 +20,28 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::propagation::{
     NatsHeaderExtractor, NatsHeaderInjector, extract, inject, set_remote_parent,
 };
-use crate::telemetry::int_attribute;
+use crate::setup::int_attribute;
 
-/// The event billing publishes once a charge is recorded.
-pub const ORDER_COMPLETED: &str = "order.completed";
-/// Where messages go after their last failed delivery (or when they cannot be parsed).
-pub const ORDER_COMPLETED_DEAD_LETTER: &str = "order.completed.dead";
-
-/// Payload of [`ORDER_COMPLETED`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderCompleted {
-    pub event_id: uuid::Uuid,
-    pub order_id: uuid::Uuid,
-    pub user_id: uuid::Uuid,
-    pub email: String,
-    pub amount_minor: i64,
-    pub currency: String,
-    pub charge_id: String,
-}
-
-/// JetStream settings, explicit rather than server defaults (see README, "Delivery guarantees").
+/// JetStream stream settings, explicit rather than server defaults.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
-    /// Stream name (one per deployment; tests use their own NATS server).
+    /// Stream name.
     pub stream: String,
-    /// How long JetStream remembers a `Nats-Msg-Id`: longer than the outbox relay keeps retrying one event.
+    /// The subjects it stores.
+    pub subjects: Vec<String>,
+    /// How long JetStream remembers a `Nats-Msg-Id`: longer than a publisher keeps retrying one message.
     pub duplicate_window: Duration,
     /// How long messages are kept.
     pub max_age: Duration,
 }
 
-impl Default for StreamSettings {
-    fn default() -> Self {
+impl StreamSettings {
+    /// A file-backed stream of `subjects`, remembering message ids for 30 minutes and keeping messages
+    /// for 7 days.
+    pub fn new(stream: impl Into<String>, subjects: &[&str]) -> Self {
         Self {
-            stream: "ORDERS".to_owned(),
+            stream: stream.into(),
+            subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
             duplicate_window: Duration::from_secs(30 * 60),
             max_age: Duration::from_secs(7 * 24 * 3600),
         }
@@ -86,17 +73,14 @@ pub async fn connect(
         .await
 }
 
-/// Creates the order stream, or updates an existing one to these settings: file storage, `order.completed` and its dead-letter subject.
+/// Creates the stream, or updates an existing one to these settings (file storage).
 pub async fn ensure_stream(
     context: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<stream::Stream, SetupError> {
     let config = stream::Config {
         name: settings.stream.clone(),
-        subjects: vec![
-            ORDER_COMPLETED.to_owned(),
-            ORDER_COMPLETED_DEAD_LETTER.to_owned(),
-        ],
+        subjects: settings.subjects.clone(),
         storage: stream::StorageType::File,
         duplicate_window: settings.duplicate_window,
         max_age: settings.max_age,
@@ -113,29 +97,33 @@ pub async fn ensure_stream(
         .map_err(|error| SetupError(error.to_string()))
 }
 
-/// Settings of the notifier's durable consumer.
+/// Settings of a durable pull consumer.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub durable_name: String,
+    /// The subject it consumes.
+    pub filter_subject: String,
     /// How long JetStream waits for an ack before redelivering: above the slowest e-mail send. (No server
     /// back-off list is set: NATS would use its first step *instead of* this ack wait. Redelivery delays come
     /// from the consumer's negative acks.)
     pub ack_wait: Duration,
-    /// Deliveries the server allows; the notifier dead-letters one earlier (see notification-service).
+    /// Deliveries the server allows (a consumer that dead-letters does so on its own last attempt).
     pub max_deliver: i64,
 }
 
-impl Default for ConsumerSettings {
-    fn default() -> Self {
+impl ConsumerSettings {
+    /// A consumer of `filter_subject` with a 30 s ack wait and 6 deliveries.
+    pub fn new(durable_name: impl Into<String>, filter_subject: impl Into<String>) -> Self {
         Self {
-            durable_name: "notifications".to_owned(),
+            durable_name: durable_name.into(),
+            filter_subject: filter_subject.into(),
             ack_wait: Duration::from_secs(30),
             max_deliver: 6,
         }
     }
 }
 
-/// Creates the durable pull consumer of [`ORDER_COMPLETED`], or updates an existing one to these settings.
+/// Creates the durable pull consumer, or updates an existing one to these settings.
 pub async fn ensure_consumer(
     stream: &stream::Stream,
     settings: &ConsumerSettings,
@@ -143,7 +131,7 @@ pub async fn ensure_consumer(
     stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(settings.durable_name.clone()),
-            filter_subject: ORDER_COMPLETED.to_owned(),
+            filter_subject: settings.filter_subject.clone(),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: settings.ack_wait,
             max_deliver: settings.max_deliver,

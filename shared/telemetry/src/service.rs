@@ -10,7 +10,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let telemetry = crate::telemetry::init(default_service_name)?;
+    let telemetry = crate::setup::init(default_service_name)?;
     let outcome = serve().await;
     if let Err(error) = &outcome {
         tracing::error!(

@@ -3,7 +3,7 @@
 //! OpenTelemetry's `TraceContextPropagator` is lenient where the specification is not: it accepts a
 //! `tracestate` with illegal keys, more than 32 members or duplicate keys, reads only the first of several
 //! `traceparent` headers, and drops the level 2 `random` flag. [`TraceContext`] replaces it (it is a
-//! [`TextMapPropagator`], installed by [`crate::telemetry`]) and is what every HTTP hop, every NATS hop and
+//! [`TextMapPropagator`], installed by [`crate::setup`]) and is what every HTTP hop, every NATS hop and
 //! the conformance endpoint use:
 //!
 //! - `traceparent`: exactly one header; version `00` is exactly 55 characters, a later version at least 55
@@ -23,7 +23,7 @@
 //! use opentelemetry::propagation::TextMapPropagator;
 //! use opentelemetry::trace::TraceContextExt;
 //! use std::collections::HashMap;
-//! use tracehop_shared::propagation::w3c::TraceContext;
+//! use tracehop_telemetry::propagation::w3c::TraceContext;
 //!
 //! let mut headers = HashMap::new();
 //! headers.insert(

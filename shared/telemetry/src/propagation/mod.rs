@@ -2,7 +2,7 @@
 //! all go through ([`w3c`]).
 //!
 //! Each adapter is tiny; having them in one place means there is exactly one way context enters and leaves a
-//! service. All of them go through the global propagator installed by [`crate::telemetry`]: the strict
+//! service. All of them go through the global propagator installed by [`crate::setup`]: the strict
 //! [`w3c::TraceContext`] (`traceparent`, `tracestate`) and OpenTelemetry's W3C Baggage propagator
 //! (`baggage`, at most 64 members and 8 192 bytes, as that specification says).
 //!
@@ -23,7 +23,7 @@ pub const MAX_HEADER_VALUE_LENGTH: usize = 512;
 /// [`MAX_HEADER_VALUE_LENGTH`] bytes (at a character boundary).
 ///
 /// ```
-/// use tracehop_shared::propagation::header_value;
+/// use tracehop_telemetry::propagation::header_value;
 /// assert_eq!(header_value("bad\r\ninput\0"), "bad  input ");
 /// assert_eq!(header_value(&"é".repeat(1000)).len(), 512);
 /// ```

@@ -1,0 +1,39 @@
+//! The public API's answers (the gateway's), as clients read them.
+
+use chrono::{DateTime, Utc};
+
+/// The answer to `POST /checkout`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckoutResponse {
+    pub order_id: uuid::Uuid,
+    pub status: String,
+    /// The trace recorded for this checkout.
+    pub trace_id: String,
+}
+
+/// The answer to `POST /login`.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct TokenResponse {
+    pub token: String,
+}
+
+/// The answer to `GET /orders/{orderId}`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderResponse {
+    pub order_id: uuid::Uuid,
+    /// Decimal text in the currency's minor digits (`"49.99"`).
+    pub amount: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub charge_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// `pending`, `sent` or `failed`.
+    pub notification: String,
+    pub notification_attempts: i32,
+    pub notification_error: Option<String>,
+    /// The trace of the checkout that created the order (not of the lookup).
+    pub checkout_trace_id: String,
+}
