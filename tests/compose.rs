@@ -42,7 +42,7 @@ fn source_text() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut text = String::new();
     walk(&root.join("services"), &mut text);
-    walk(&root.join("shared/src"), &mut text);
+    walk(&root.join("shared"), &mut text);
     text
 }
 

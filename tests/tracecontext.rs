@@ -1,4 +1,4 @@
-//! The W3C Trace Context endpoint (`shared/examples/tracecontext.rs`) propagates like the spec says: same
+//! The W3C Trace Context endpoint (`shared/telemetry/examples/tracecontext.rs`) propagates like the spec says: same
 //! trace id, a new parent id (its own client span), flags and `tracestate` kept; an invalid `traceparent`
 //! starts a new trace.
 
