@@ -2,15 +2,14 @@
 
 use std::sync::Arc;
 
-use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
+use actix::{Actor, Context, Handler, ResponseFuture, Supervised};
 use chrono::Utc;
 use diesel::prelude::*;
 use tracehop_contracts::domain::{Amount, Currency};
 use tracehop_contracts::events::OrderCompleted;
 use tracehop_contracts::schema::notifications;
-use tracehop_telemetry::actor::{Traced, reply_or_restart};
+use tracehop_telemetry::actor::{Traced, supervised_reply};
 use tracehop_telemetry::db::{Database, DbError, traced};
-use tracing::Instrument;
 
 use crate::mailer::{Email, MailError, Mailer, Sent};
 
@@ -40,6 +39,9 @@ pub enum NotifyError {
     Panicked(String),
 }
 
+/// Sends confirmation e-mails. Like billing's actor it holds no state beyond its handles: it is an actor for
+/// the traced, supervised hop (a panicking send fails one delivery, which JetStream redelivers, and the
+/// actor restarts), not for what it keeps.
 pub struct NotifierActor {
     database: Database,
     mailer: Arc<Mailer>,
@@ -69,18 +71,15 @@ impl Handler<Traced<SendConfirmation>> for NotifierActor {
         message: Traced<SendConfirmation>,
         context: &mut Self::Context,
     ) -> Self::Result {
-        let (SendConfirmation { event }, span) = message.into_parts::<Self>();
         let database = self.database.clone();
         let mailer = self.mailer.clone();
-        let me = context.address();
-        Box::pin(
-            async move {
-                reply_or_restart(me, send_confirmation(&database, &mailer, event), |panic| {
-                    Err(NotifyError::Panicked(panic))
-                })
-                .await
-            }
-            .instrument(span),
+        supervised_reply(
+            message,
+            context,
+            |SendConfirmation { event }| async move {
+                send_confirmation(&database, &mailer, event).await
+            },
+            |panic| Err(NotifyError::Panicked(panic)),
         )
     }
 }

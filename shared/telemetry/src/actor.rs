@@ -5,16 +5,44 @@
 //! `{Actor} handle {Message}` with the time the message waited in the mailbox (`actor.mailbox.wait_us`):
 //! queueing inside a service is as visible as a slow network hop.
 //!
-//! ```ignore
-//! let reply = billing.send(Traced::new(Charge { .. })).await?;
+//! [`supervised_reply`] is the whole pattern of a handler: take the message out of its envelope, run the
+//! work as a future inside the handler span, and turn a panic into an error answer plus a restart of the
+//! actor (under an actix `Supervisor`).
 //!
-//! impl Handler<Traced<Charge>> for BillingActor {
-//!     type Result = ResponseFuture<Result<Receipt, ChargeError>>;
-//!     fn handle(&mut self, msg: Traced<Charge>, _: &mut Context<Self>) -> Self::Result {
-//!         let (charge, span) = msg.into_parts::<Self>();
-//!         Box::pin(async move { .. }.instrument(span))
+//! ```
+//! use actix::prelude::*;
+//! use tracehop_telemetry::actor::{Traced, supervised_reply};
+//!
+//! struct Double(u32);
+//! impl Message for Double {
+//!     type Result = Result<u32, String>;
+//! }
+//!
+//! struct Doubler;
+//! impl Actor for Doubler {
+//!     type Context = Context<Self>;
+//! }
+//! impl Supervised for Doubler {}
+//! tracehop_telemetry::restart_on_request!(Doubler);
+//!
+//! impl Handler<Traced<Double>> for Doubler {
+//!     type Result = ResponseFuture<Result<u32, String>>;
+//!     fn handle(&mut self, message: Traced<Double>, context: &mut Context<Self>) -> Self::Result {
+//!         supervised_reply(
+//!             message,
+//!             context,
+//!             |Double(n)| async move { Ok(n * 2) },
+//!             |panic| Err(format!("doubler failed: {panic}")),
+//!         )
 //!     }
 //! }
+//!
+//! # actix::System::new().block_on(async {
+//! let doubler = Supervisor::start(|_| Doubler);
+//! // Sent from inside a span, the handler's span `Doubler handle Double` is its child.
+//! let answer = doubler.send(Traced::new(Double(21))).await.unwrap();
+//! assert_eq!(answer, Ok(42));
+//! # });
 //! ```
 
 use std::time::Instant;
@@ -76,10 +104,31 @@ impl<M> Traced<M> {
     }
 }
 
+/// A handler's answer for `message`, with the work done by the future `work` makes of it, inside the
+/// handler span (see [`Traced::into_parts`]). If the future panics, the actor is asked to restart
+/// ([`Restart`]) and the message is answered with `on_panic(panic message)`.
+pub fn supervised_reply<A, M, F>(
+    message: Traced<M>,
+    context: &mut actix::Context<A>,
+    work: impl FnOnce(M) -> F,
+    on_panic: impl FnOnce(String) -> F::Output + 'static,
+) -> actix::ResponseFuture<F::Output>
+where
+    A: actix::Actor<Context = actix::Context<A>> + actix::Handler<Restart>,
+    F: std::future::Future + 'static,
+    F::Output: 'static,
+{
+    use tracing::Instrument;
+    let (message, span) = message.into_parts::<A>();
+    let me = actix::AsyncContext::address(context);
+    let future = work(message);
+    Box::pin(async move { reply_or_restart(me, future, on_panic).await }.instrument(span))
+}
+
 /// Runs a handler's future and turns a panic into `Err(message)`, recorded as an error on the current
 /// (handler) span: one bad message must not take the actor's thread, and the whole service, down with it.
 /// The caller answers the in-flight request with an error and sends the actor a [`Restart`].
-pub async fn catch_panic<F: std::future::Future>(future: F) -> Result<F::Output, String> {
+async fn catch_panic<F: std::future::Future>(future: F) -> Result<F::Output, String> {
     use futures::FutureExt;
     std::panic::AssertUnwindSafe(future)
         .catch_unwind()
@@ -97,7 +146,7 @@ pub async fn catch_panic<F: std::future::Future>(future: F) -> Result<F::Output,
 
 /// The handler side of supervision: runs `future`; if it panics, asks the actor `me` to restart (see
 /// [`Restart`]) and answers the in-flight message with `on_panic(message)`.
-pub async fn reply_or_restart<A, T>(
+async fn reply_or_restart<A, T>(
     me: actix::Addr<A>,
     future: impl std::future::Future<Output = T>,
     on_panic: impl FnOnce(String) -> T,
@@ -117,7 +166,9 @@ where
     }
 }
 
-/// Asks an actor to stop after a failure; under an actix `Supervisor` that means a restart with fresh state.
+/// Asks an actor to stop after a failure; under an actix `Supervisor` that means a restart: actix calls
+/// `Supervised::restarting` and starts the *same* instance again, so state it keeps (a circuit breaker's
+/// counts) survives, and state it must not keep is reset in `restarting`.
 /// Implement it with [`restart_on_request!`](crate::restart_on_request).
 #[derive(Debug, Clone, actix::Message)]
 #[rtype(result = "()")]

@@ -161,10 +161,7 @@ impl Statements {
 
 /// Runs one diesel statement inside a CLIENT span named after its operation and table.
 ///
-/// ```ignore
-/// let query = diesel::insert_into(transactions::table).values(&row);
-/// traced(statements, &query, |q| q.execute(connection))?;
-/// ```
+/// The crate's README has a complete example (compiled as a doc test).
 pub fn traced<Q, R>(
     statements: &Statements,
     query: Q,

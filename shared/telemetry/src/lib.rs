@@ -31,3 +31,8 @@ pub mod service;
 pub mod setup;
 
 pub use setup::{TelemetryGuard, current_trace_id, init};
+
+// The README's examples compile as doc tests, so the walk-through cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeExamples;

@@ -3,15 +3,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Addr, AsyncContext, Context, Handler, ResponseFuture, Supervised};
+use actix::{Actor, Addr, Context, Handler, ResponseFuture, Supervised};
 use sha2::{Digest, Sha256};
 pub use tracehop_contracts::billing::ChargeReceipt;
 use tracehop_contracts::events::{ORDER_COMPLETED, OrderCompleted};
-use tracehop_telemetry::actor::{Traced, reply_or_restart};
+use tracehop_telemetry::actor::{Traced, supervised_reply};
 use tracehop_telemetry::db::{Database, DbError};
 use tracehop_telemetry::http::error::{Failure, record_failure};
 use tracehop_telemetry::propagation::SerializedContext;
-use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::outbox::{OutboxRelay, RelayEvent};
@@ -71,6 +70,10 @@ pub struct BillingDeps {
     pub panic_on_amount: Option<i64>,
 }
 
+/// Charges cards. It holds no state of its own; it is an actor because the design makes every in-process
+/// hop of a checkout an actor message (the envelope makes the hop a span with its mailbox wait), and
+/// because supervision turns a panicking charge into one failed request and a restart instead of a
+/// crashed service.
 pub struct BillingActor {
     deps: Arc<BillingDeps>,
 }
@@ -95,19 +98,16 @@ impl Handler<Traced<Charge>> for BillingActor {
     type Result = ResponseFuture<Result<ChargeReceipt, ChargeError>>;
 
     fn handle(&mut self, message: Traced<Charge>, context: &mut Self::Context) -> Self::Result {
-        let (charge, span) = message.into_parts::<Self>();
         let deps = self.deps.clone();
-        let me = context.address();
-        Box::pin(
-            async move {
-                reply_or_restart(me, charge_card(&deps, charge), |panic| {
-                    Err(ChargeError::Internal(format!(
-                        "billing actor failed: {panic}"
-                    )))
-                })
-                .await
-            }
-            .instrument(span),
+        supervised_reply(
+            message,
+            context,
+            |charge| async move { charge_card(&deps, charge).await },
+            |panic| {
+                Err(ChargeError::Internal(format!(
+                    "billing actor failed: {panic}"
+                )))
+            },
         )
     }
 }

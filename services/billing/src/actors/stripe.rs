@@ -10,12 +10,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
+use actix::{Actor, Context, Handler, ResponseFuture, Supervised};
 use rand::Rng;
-use tracehop_telemetry::actor::{Traced, reply_or_restart};
+use tracehop_telemetry::actor::{Traced, supervised_reply};
 use tracehop_telemetry::http::TracedClient;
 use tracehop_telemetry::http::client::ClientError;
-use tracing::Instrument;
 
 use crate::configuration::StripeSettings;
 
@@ -111,22 +110,20 @@ impl Handler<Traced<CreateCharge>> for StripeClientActor {
         message: Traced<CreateCharge>,
         context: &mut Self::Context,
     ) -> Self::Result {
-        let (charge, span) = message.into_parts::<Self>();
         let client = self.client.clone();
-        let me = context.address();
-        Box::pin(
-            async move {
-                reply_or_restart(me, client.create_charge(charge), |panic| {
-                    // Count it, so a half-open trial that panicked does not hold the circuit open.
-                    client.breaker.on_failure();
-                    Err(StripeError::Unavailable {
-                        attempts: 0,
-                        last_error: format!("Stripe client actor failed: {panic}"),
-                    })
+        let failed = self.client.clone();
+        supervised_reply(
+            message,
+            context,
+            |charge| async move { client.create_charge(charge).await },
+            move |panic| {
+                // Count it, so a half-open trial that panicked does not hold the circuit open.
+                failed.breaker.on_failure();
+                Err(StripeError::Unavailable {
+                    attempts: 0,
+                    last_error: format!("Stripe client actor failed: {panic}"),
                 })
-                .await
-            }
-            .instrument(span),
+            },
         )
     }
 }
@@ -136,10 +133,19 @@ tracehop_telemetry::restart_on_request!(StripeClientActor);
 impl Handler<Traced<FindCharge>> for StripeClientActor {
     type Result = ResponseFuture<Result<Option<StripeCharge>, StripeError>>;
 
-    fn handle(&mut self, message: Traced<FindCharge>, _: &mut Self::Context) -> Self::Result {
-        let (FindCharge { order_id }, span) = message.into_parts::<Self>();
+    fn handle(&mut self, message: Traced<FindCharge>, context: &mut Self::Context) -> Self::Result {
         let client = self.client.clone();
-        Box::pin(async move { client.find_charge(order_id).await }.instrument(span))
+        supervised_reply(
+            message,
+            context,
+            |FindCharge { order_id }| async move { client.find_charge(order_id).await },
+            |panic| {
+                Err(StripeError::Unavailable {
+                    attempts: 0,
+                    last_error: format!("Stripe client actor failed: {panic}"),
+                })
+            },
+        )
     }
 }
 
