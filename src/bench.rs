@@ -245,18 +245,18 @@ pub fn time_split(trace: &TraceView) -> Option<BTreeMap<&'static str, f64>> {
     let users = trace
         .named("POST /sessions/validate")
         .into_iter()
-        .find(|s| s.service == "api-gateway")?
+        .find(|s| s.service == "gateway")?
         .duration_us;
     let billing_call = trace
         .named("POST /charge")
         .into_iter()
-        .find(|s| s.service == "api-gateway")?
+        .find(|s| s.service == "gateway")?
         .duration_us;
     let stripe = total("POST /v1/charges");
     let billing_db: u64 = trace
         .spans
         .iter()
-        .filter(|s| s.service == "billing-service" && s.tag("db.system.name").is_some())
+        .filter(|s| s.service == "billing" && s.tag("db.system.name").is_some())
         .map(|s| s.duration_us)
         .sum();
     let publish = trace.named("publish order.completed").first().copied()?;

@@ -395,10 +395,10 @@ async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
         None => TraceBackend::Embedded,
     };
     let mut needed = vec![
-        (ports.gateway, "api-gateway"),
-        (ports.users, "user-service"),
-        (ports.billing, "billing-service"),
-        (ports.notifications, "notification-service"),
+        (ports.gateway, "gateway"),
+        (ports.users, "users"),
+        (ports.billing, "billing"),
+        (ports.notifications, "notifications"),
         (ports.stripe_sim, "stripe-sim"),
     ];
     if matches!(trace_backend, TraceBackend::Embedded) {
@@ -454,16 +454,16 @@ async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "  api-gateway            http://localhost:{}",
+        "  gateway            http://localhost:{}",
         ports.gateway
     );
-    println!("  user-service           http://localhost:{}", ports.users);
+    println!("  users           http://localhost:{}", ports.users);
     println!(
-        "  billing-service        http://localhost:{}",
+        "  billing        http://localhost:{}",
         ports.billing
     );
     println!(
-        "  notification-service   http://localhost:{}",
+        "  notifications   http://localhost:{}",
         ports.notifications
     );
     println!(
@@ -571,7 +571,7 @@ async fn demo(
             ));
         }
         Scenario::LostEmail => {
-            say("notification-service: every e-mail attempt fails for a while");
+            say("notifications: every e-mail attempt fails for a while");
             http.post(format!("{notifications}/_admin/faults"))
                 .json(&serde_json::json!({"failNext": 1000}))
                 .send()

@@ -301,10 +301,10 @@ impl TraceView {
 
 fn service_color(service: &str) -> &'static str {
     match service {
-        "api-gateway" => "\x1b[36m",
-        "user-service" => "\x1b[35m",
-        "billing-service" => "\x1b[33m",
-        "notification-service" => "\x1b[32m",
+        "gateway" => "\x1b[36m",
+        "users" => "\x1b[35m",
+        "billing" => "\x1b[33m",
+        "notifications" => "\x1b[32m",
         _ => "\x1b[37m",
     }
 }
@@ -324,7 +324,7 @@ mod tests {
     fn sample() -> Value {
         serde_json::json!({"data": [{
             "traceID": "abc",
-            "processes": {"p1": {"serviceName": "api-gateway"}, "p2": {"serviceName": "billing-service"}},
+            "processes": {"p1": {"serviceName": "gateway"}, "p2": {"serviceName": "billing"}},
             "spans": [
                 {"spanID": "1", "operationName": "POST /checkout", "startTime": 1000, "duration": 10000,
                  "processID": "p1", "tags": [{"key": "span.kind", "type": "string", "value": "server"}], "logs": []},
@@ -343,7 +343,7 @@ mod tests {
         assert_eq!(view.parent(child).unwrap().name, "POST /checkout");
         assert!(child.is_error());
         assert_eq!(view.roots().len(), 1);
-        assert_eq!(view.services(), vec!["api-gateway", "billing-service"]);
+        assert_eq!(view.services(), vec!["gateway", "billing"]);
         let drawn = view.waterfall(false);
         assert!(drawn.contains("  billing.charge"), "{drawn}");
         assert!(drawn.contains("2.00ms"), "{drawn}");

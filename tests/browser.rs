@@ -58,7 +58,7 @@ async fn the_jaeger_ui_shows_every_service_and_actor_hop_of_the_demo_trace() {
     test.trace(&trace_id, |t| {
         t.spans
             .iter()
-            .any(|s| s.name == "INSERT notifications" && s.service == "notification-service")
+            .any(|s| s.name == "INSERT notifications" && s.service == "notifications")
     })
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -77,10 +77,10 @@ async fn the_jaeger_ui_shows_every_service_and_actor_hop_of_the_demo_trace() {
         String::from_utf8_lossy(&output.stderr)
     );
     for expected in [
-        "api-gateway",
-        "user-service",
-        "billing-service",
-        "notification-service",
+        "gateway",
+        "users",
+        "billing",
+        "notifications",
         "BillingActor handle Charge",
         "StripeClientActor handle CreateCharge",
         "NotifierActor handle SendConfirmation",

@@ -19,7 +19,7 @@ fn has_everything(trace: &TraceView) -> bool {
         .iter()
         .all(|name| names.contains(name))
         // The notifier records the e-mail after sending it: wait for that statement too.
-        && trace.spans.iter().any(|s| s.name == "INSERT notifications" && s.service == "notification-service")
+        && trace.spans.iter().any(|s| s.name == "INSERT notifications" && s.service == "notifications")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,10 +56,10 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
     assert_eq!(trace.trace_id, trace_id);
     let services: HashSet<String> = trace.services().into_iter().collect();
     for service in [
-        "api-gateway",
-        "user-service",
-        "billing-service",
-        "notification-service",
+        "gateway",
+        "users",
+        "billing",
+        "notifications",
     ] {
         assert!(
             services.contains(service),
@@ -78,7 +78,7 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
     // Gateway: server span -> checkout.process.
     let root = roots[0];
     assert_eq!(root.name, "POST /checkout");
-    assert_eq!(root.service, "api-gateway");
+    assert_eq!(root.service, "gateway");
     assert_eq!(root.kind(), "server");
     assert_eq!(root.tag("http.request.method").as_deref(), Some("POST"));
     assert_eq!(root.tag("http.route").as_deref(), Some("/checkout"));
@@ -97,14 +97,14 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
     assert_eq!(process.tag("order.total").as_deref(), Some("49.99"));
     assert_eq!(process.tag("order.id").as_deref(), Some(order_id.as_str()));
 
-    // -> users call -> user-service server span -> session.validate (+ its query).
+    // -> users call -> users server span -> session.validate (+ its query).
     let users_call = trace
         .children(process)
         .into_iter()
         .find(|s| s.name == "POST /sessions/validate")
-        .expect("client call to user-service");
+        .expect("client call to users");
     assert_eq!(users_call.kind(), "client");
-    assert_eq!(users_call.service, "api-gateway");
+    assert_eq!(users_call.service, "gateway");
     assert!(
         users_call
             .tag("url.full")
@@ -118,7 +118,7 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
     assert!(users_call.tag("server.port").is_some());
     let users_server = trace.children(users_call);
     assert_eq!(users_server.len(), 1);
-    assert_eq!(users_server[0].service, "user-service");
+    assert_eq!(users_server[0].service, "users");
     assert_eq!(users_server[0].kind(), "server");
     let validate = one(&trace, "session.validate");
     assert_eq!(
@@ -142,7 +142,7 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
     assert_eq!(billing_call.kind(), "client");
     let billing_server = trace.children(billing_call);
     assert_eq!(billing_server.len(), 1);
-    assert_eq!(billing_server[0].service, "billing-service");
+    assert_eq!(billing_server[0].service, "billing");
     assert_eq!(billing_server[0].name, "POST /charge");
     let billing_actor = one(&trace, "BillingActor handle Charge");
     assert_eq!(
@@ -242,7 +242,7 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
         "publish joins the charge"
     );
     assert_eq!(publish.kind(), "producer");
-    assert_eq!(publish.service, "billing-service");
+    assert_eq!(publish.service, "billing");
     assert_eq!(publish.tag("messaging.system").as_deref(), Some("nats"));
     assert_eq!(
         publish.tag("messaging.destination.name").as_deref(),
@@ -259,7 +259,7 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
         Some(&publish.span_id)
     );
     assert_eq!(consume.kind(), "consumer");
-    assert_eq!(consume.service, "notification-service");
+    assert_eq!(consume.service, "notifications");
     assert_eq!(
         consume.tag("messaging.operation.type").as_deref(),
         Some("process")
@@ -333,7 +333,7 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_payment_provider_is_an_error_with_the_trace_id_and_an_error_span() {
-    let test = TestStack::boot(&[("STRIPE_MAX_ATTEMPTS", "3")]).await;
+    let test = TestStack::boot(&[("BILLING_STRIPE_MAX_ATTEMPTS", "3")]).await;
     let customer = test.customer().await;
     test.stripe_faults(serde_json::json!({"failNext": 3, "failStatus": 500}))
         .await;
@@ -558,7 +558,7 @@ async fn bad_input_gets_a_json_error_with_the_trace_id() {
     assert!(test.stripe_charges().await.is_empty());
 
     // A 4xx is an answer, not a failure: no server or internal span of that checkout is an ERROR, in the
-    // gateway or in user-service (only the gateway's client span, as the HTTP client conventions say).
+    // gateway or in users (only the gateway's client span, as the HTTP client conventions say).
     let trace_id = bad_token_trace.expect("bad token case");
     let trace = test
         .trace(&trace_id, |t| {

@@ -185,7 +185,7 @@ async fn assert_nothing_lost_nothing_twice(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_notifier_mid_burst_loses_no_email_and_sends_none_twice() {
-    let mut test = TestStack::boot(&[("NOTIFY_ACK_WAIT_MS", "2000")]).await;
+    let mut test = TestStack::boot(&[("NOTIFICATIONS_ACK_WAIT_MS", "2000")]).await;
     let customer = test.customer().await;
     let (running, done) = burst_until(&customer, 40).await;
     test.stack
@@ -239,7 +239,7 @@ async fn stopping_nats_mid_burst_delays_email_but_loses_none() {
 async fn billing_killed_between_commit_and_publish_still_delivers_through_the_outbox() {
     // Events are committed but held in the outbox (relay paused), then billing is SIGKILLed: exactly the
     // state of a crash between the database commit and the publish. Restarted normally, it relays them.
-    let mut test = TestStack::boot(&[("OUTBOX_RELAY_PAUSED", "true")]).await;
+    let mut test = TestStack::boot(&[("BILLING_OUTBOX_RELAY_PAUSED", "true")]).await;
     let customer = test.customer().await;
     let results = burst(&customer, BURST).await;
     assert!(results.iter().all(|(status, _)| *status == 200));
@@ -257,7 +257,7 @@ async fn billing_killed_between_commit_and_publish_still_delivers_through_the_ou
     test.stack
         .options
         .extra_env
-        .retain(|(key, _)| key != "OUTBOX_RELAY_PAUSED");
+        .retain(|(key, _)| key != "BILLING_OUTBOX_RELAY_PAUSED");
     test.stack
         .start_service("billing")
         .await
@@ -294,7 +294,7 @@ async fn billing_killed_between_commit_and_publish_still_delivers_through_the_ou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_first_stripe_attempt_is_retried_and_charged_once() {
-    let test = TestStack::boot(&[("STRIPE_ATTEMPT_TIMEOUT_MS", "2000")]).await;
+    let test = TestStack::boot(&[("BILLING_STRIPE_ATTEMPT_TIMEOUT_MS", "2000")]).await;
     let customer = test.customer().await;
     test.stripe_faults(serde_json::json!({"hangNext": 1, "hangMs": 4000}))
         .await;
@@ -455,8 +455,8 @@ async fn a_database_outage_answers_503_quickly_and_leaves_no_charge_without_a_re
     let server = format!("postgres://postgres@127.0.0.1:{port}/postgres");
     let test = TestStack::boot_on(
         &[
-            ("RECONCILE_AFTER_MS", "4000"),
-            ("RECONCILE_EVERY_MS", "500"),
+            ("BILLING_RECONCILE_AFTER_MS", "4000"),
+            ("BILLING_RECONCILE_EVERY_MS", "500"),
         ],
         "grpc",
         tracehop::stack::TraceBackend::Embedded,

@@ -59,10 +59,10 @@ impl TestStack {
         let state_dir = std::env::temp_dir().join(format!("tracehop-test-{}", &id[..12]));
         let mut env: Vec<(String, String)> = [
             // Short timeouts keep failure tests quick; defaults are documented in the README.
-            ("STRIPE_ATTEMPT_TIMEOUT_MS", "2000"),
-            ("STRIPE_BACKOFF_MS", "50"),
-            ("NOTIFY_BACKOFF_MS", "200"),
-            ("OUTBOX_SWEEP_MS", "500"),
+            ("BILLING_STRIPE_ATTEMPT_TIMEOUT_MS", "2000"),
+            ("BILLING_STRIPE_BACKOFF_MS", "50"),
+            ("NOTIFICATIONS_BACKOFF_MS", "200"),
+            ("BILLING_OUTBOX_SWEEP_MS", "500"),
             ("RUST_LOG", "info"),
         ]
         .iter()

@@ -1,4 +1,4 @@
-//! billing-service settings, from the environment.
+//! billing settings, from the environment.
 
 use std::time::Duration;
 
@@ -18,14 +18,14 @@ pub struct Settings {
     /// `NATS_STREAM` (default ORDERS).
     pub nats_stream: String,
     pub stripe: StripeSettings,
-    /// `OUTBOX_SWEEP_MS`: how often the relay looks for events that were not published right away.
+    /// `BILLING_OUTBOX_SWEEP_MS`: how often the relay looks for events that were not published right away.
     pub outbox_sweep: Duration,
-    /// `OUTBOX_RELAY_PAUSED=true`: record events but do not publish them (maintenance of NATS; the crash
+    /// `BILLING_OUTBOX_RELAY_PAUSED=true`: record events but do not publish them (maintenance of NATS; the crash
     /// tests use it to hold events in the outbox, then restart billing without it).
     pub outbox_paused: bool,
-    /// `RECONCILE_EVERY_MS` (default 10000): how often charges of unknown outcome are looked for.
+    /// `BILLING_RECONCILE_EVERY_MS` (default 10000): how often charges of unknown outcome are looked for.
     pub reconcile_every: Duration,
-    /// `RECONCILE_AFTER_MS` (default 120000): how old a `pending` charge must be to count as lost track of;
+    /// `BILLING_RECONCILE_AFTER_MS` (default 120000): how old a `pending` charge must be to count as lost track of;
     /// above the whole Stripe retry budget.
     pub reconcile_after: Duration,
     /// `BILLING_FAULT_PANIC_AMOUNT_MINOR`: a test hook; charging exactly this many minor units panics inside
@@ -40,15 +40,15 @@ pub struct StripeSettings {
     pub api_base: String,
     /// `STRIPE_SECRET_KEY`.
     pub secret_key: String,
-    /// `STRIPE_ATTEMPT_TIMEOUT_MS` (default 10000): one attempt gives up after this long.
+    /// `BILLING_STRIPE_ATTEMPT_TIMEOUT_MS` (default 10000): one attempt gives up after this long.
     pub attempt_timeout: Duration,
-    /// `STRIPE_MAX_ATTEMPTS` (default 3).
+    /// `BILLING_STRIPE_MAX_ATTEMPTS` (default 3).
     pub max_attempts: u32,
-    /// `STRIPE_BACKOFF_MS` (default 200): first retry delay, doubled each time, plus jitter.
+    /// `BILLING_STRIPE_BACKOFF_MS` (default 200): first retry delay, doubled each time, plus jitter.
     pub backoff: Duration,
-    /// `STRIPE_BREAKER_THRESHOLD` (default 5): consecutive failed charges that open the circuit.
+    /// `BILLING_STRIPE_BREAKER_THRESHOLD` (default 5): consecutive failed charges that open the circuit.
     pub breaker_threshold: u32,
-    /// `STRIPE_BREAKER_COOLDOWN_MS` (default 15000): how long the circuit stays open.
+    /// `BILLING_STRIPE_BREAKER_COOLDOWN_MS` (default 15000): how long the circuit stays open.
     pub breaker_cooldown: Duration,
 }
 
@@ -69,21 +69,21 @@ impl Settings {
                 api_base: env_or("STRIPE_API_BASE", "http://127.0.0.1:12111"),
                 secret_key: env_or("STRIPE_SECRET_KEY", "sk_test_tracehop"),
                 attempt_timeout: Duration::from_millis(env_parse(
-                    "STRIPE_ATTEMPT_TIMEOUT_MS",
+                    "BILLING_STRIPE_ATTEMPT_TIMEOUT_MS",
                     10_000,
                 )?),
-                max_attempts: env_parse("STRIPE_MAX_ATTEMPTS", 3)?,
-                backoff: Duration::from_millis(env_parse("STRIPE_BACKOFF_MS", 200)?),
-                breaker_threshold: env_parse("STRIPE_BREAKER_THRESHOLD", 5)?,
+                max_attempts: env_parse("BILLING_STRIPE_MAX_ATTEMPTS", 3)?,
+                backoff: Duration::from_millis(env_parse("BILLING_STRIPE_BACKOFF_MS", 200)?),
+                breaker_threshold: env_parse("BILLING_STRIPE_BREAKER_THRESHOLD", 5)?,
                 breaker_cooldown: Duration::from_millis(env_parse(
-                    "STRIPE_BREAKER_COOLDOWN_MS",
+                    "BILLING_STRIPE_BREAKER_COOLDOWN_MS",
                     15_000,
                 )?),
             },
-            outbox_sweep: Duration::from_millis(env_parse("OUTBOX_SWEEP_MS", 2_000)?),
-            outbox_paused: env_parse("OUTBOX_RELAY_PAUSED", false)?,
-            reconcile_every: Duration::from_millis(env_parse("RECONCILE_EVERY_MS", 10_000)?),
-            reconcile_after: Duration::from_millis(env_parse("RECONCILE_AFTER_MS", 120_000)?),
+            outbox_sweep: Duration::from_millis(env_parse("BILLING_OUTBOX_SWEEP_MS", 2_000)?),
+            outbox_paused: env_parse("BILLING_OUTBOX_RELAY_PAUSED", false)?,
+            reconcile_every: Duration::from_millis(env_parse("BILLING_RECONCILE_EVERY_MS", 10_000)?),
+            reconcile_after: Duration::from_millis(env_parse("BILLING_RECONCILE_AFTER_MS", 120_000)?),
             panic_on_amount: match std::env::var("BILLING_FAULT_PANIC_AMOUNT_MINOR") {
                 Ok(value) if !value.trim().is_empty() => {
                     Some(env_parse("BILLING_FAULT_PANIC_AMOUNT_MINOR", 0)?)

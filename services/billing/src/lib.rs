@@ -1,4 +1,4 @@
-//! # billing-service
+//! # billing
 //!
 //! `POST /charge` hands the request to the [`actors::BillingActor`] (span `billing.charge`), which
 //!

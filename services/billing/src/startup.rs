@@ -22,7 +22,7 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database = Database::connect(&settings.database_url, settings.pool_size)?;
-        let nats = messaging::connect(&settings.nats_url, "billing-service")
+        let nats = messaging::connect(&settings.nats_url, "billing")
             .await
             .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
         let jetstream = async_nats::jetstream::new(nats);
@@ -78,7 +78,7 @@ impl Application {
         .listen(listener)?
         .shutdown_timeout(30)
         .run();
-        tracing::info!(port, "billing-service listening");
+        tracing::info!(port, "billing listening");
         Ok(Self { server })
     }
 

@@ -1,4 +1,4 @@
-//! api-gateway settings, from the environment.
+//! gateway settings, from the environment.
 
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ pub struct Settings {
     pub users_url: String,
     /// `BILLING_URL` (default http://127.0.0.1:3002).
     pub billing_url: String,
-    /// `UPSTREAM_TIMEOUT_MS` (default 60000): must exceed billing's whole Stripe retry budget.
+    /// `GATEWAY_UPSTREAM_TIMEOUT_MS` (default 60000): must exceed billing's whole Stripe retry budget.
     pub upstream_timeout: Duration,
     /// What the gateway believes of its callers' headers (README, "Edge policy"):
     /// `GATEWAY_CONTINUE_CALLER_TRACE` (default false: a caller's `traceparent` becomes a span link of a new
@@ -30,7 +30,7 @@ impl Settings {
             port,
             users_url: env_or("USERS_URL", "http://127.0.0.1:3001"),
             billing_url: env_or("BILLING_URL", "http://127.0.0.1:3002"),
-            upstream_timeout: Duration::from_millis(env_parse("UPSTREAM_TIMEOUT_MS", 60_000)?),
+            upstream_timeout: Duration::from_millis(env_parse("GATEWAY_UPSTREAM_TIMEOUT_MS", 60_000)?),
             trust: RequestTrust {
                 continue_caller_trace: env_parse("GATEWAY_CONTINUE_CALLER_TRACE", false)?,
                 forwarded_headers: env_parse("GATEWAY_TRUST_FORWARDED_HEADERS", false)?,

@@ -1,7 +1,7 @@
-//! # api-gateway
+//! # gateway
 //!
-//! The public JSON API. It owns no data: it validates input at the edge, asks user-service who the bearer
-//! token belongs to, and asks billing-service to charge.
+//! The public JSON API. It owns no data: it validates input at the edge, asks users who the bearer
+//! token belongs to, and asks billing to charge.
 //!
 //! | route | what |
 //! | --- | --- |

@@ -1,11 +1,11 @@
-//! api-gateway binary: see the library for what it does.
+//! gateway binary: see the library for what it does.
 
 use gateway::configuration::Settings;
 use gateway::startup::Application;
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
-    tracehop_telemetry::service::run("api-gateway", || async {
+    tracehop_telemetry::service::run("gateway", || async {
         let application = Application::build(Settings::from_env()?).await?;
         application.run_until_stopped().await
     })

@@ -38,7 +38,7 @@ impl Application {
         .listen(listener)?
         .shutdown_timeout(30)
         .run();
-        tracing::info!(port, "api-gateway listening");
+        tracing::info!(port, "gateway listening");
         Ok(Self { server })
     }
 

@@ -1,4 +1,4 @@
-//! Calls to user-service and billing-service, and how their failures become gateway errors.
+//! Calls to users and billing, and how their failures become gateway errors.
 
 use actix_web::http::StatusCode;
 use tracehop_contracts::users::SessionUser;
@@ -31,7 +31,7 @@ impl Upstreams {
                 &format!("{}/sessions/validate", self.users_url),
             )
             .header(reqwest::header::AUTHORIZATION, authorization);
-        self.call("user-service", "/sessions/validate", request)
+        self.call("users", "/sessions/validate", request)
             .await
     }
 

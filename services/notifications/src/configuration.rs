@@ -1,4 +1,4 @@
-//! notification-service settings, from the environment.
+//! notifications settings, from the environment.
 
 use std::time::Duration;
 
@@ -19,13 +19,13 @@ pub struct Settings {
     pub nats_stream: String,
     /// `NATS_CONSUMER` (default notifications): the durable consumer name.
     pub nats_consumer: String,
-    /// `NOTIFY_MAX_DELIVER` (default 5): deliveries before a message is dead-lettered.
+    /// `NOTIFICATIONS_MAX_DELIVER` (default 5): deliveries before a message is dead-lettered.
     pub max_deliver: i64,
-    /// `NOTIFY_ACK_WAIT_MS` (default 30000): above the slowest e-mail send.
+    /// `NOTIFICATIONS_ACK_WAIT_MS` (default 30000): above the slowest e-mail send.
     pub ack_wait: Duration,
-    /// `NOTIFY_BACKOFF_MS` (default 1000): delay before the first redelivery, doubled each time.
+    /// `NOTIFICATIONS_BACKOFF_MS` (default 1000): delay before the first redelivery, doubled each time.
     pub backoff: Duration,
-    /// `NOTIFY_CONCURRENCY` (default 16): messages processed at once.
+    /// `NOTIFICATIONS_CONCURRENCY` (default 16): messages processed at once.
     pub concurrency: usize,
     pub mail: MailSettings,
 }
@@ -62,10 +62,10 @@ impl Settings {
                 "NATS_CONSUMER",
                 tracehop_contracts::events::NOTIFICATIONS_CONSUMER,
             ),
-            max_deliver: env_parse("NOTIFY_MAX_DELIVER", 5)?,
-            ack_wait: Duration::from_millis(env_parse("NOTIFY_ACK_WAIT_MS", 30_000)?),
-            backoff: Duration::from_millis(env_parse("NOTIFY_BACKOFF_MS", 1_000)?),
-            concurrency: env_parse("NOTIFY_CONCURRENCY", 16)?,
+            max_deliver: env_parse("NOTIFICATIONS_MAX_DELIVER", 5)?,
+            ack_wait: Duration::from_millis(env_parse("NOTIFICATIONS_ACK_WAIT_MS", 30_000)?),
+            backoff: Duration::from_millis(env_parse("NOTIFICATIONS_BACKOFF_MS", 1_000)?),
+            concurrency: env_parse("NOTIFICATIONS_CONCURRENCY", 16)?,
             mail: MailSettings {
                 smtp_url,
                 sink: env_or("MAIL_SINK", "mail"),

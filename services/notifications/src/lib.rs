@@ -1,4 +1,4 @@
-//! # notification-service
+//! # notifications
 //!
 //! A durable JetStream consumer of `order.completed`. Each delivery runs in a `process order.completed`
 //! CONSUMER span (child of billing's publish span, so the e-mail is part of the checkout trace) and is handed

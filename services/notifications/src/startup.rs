@@ -38,7 +38,7 @@ async fn set_faults(mailer: web::Data<Mailer>, faults: web::Json<Faults>) -> Htt
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database = Database::connect(&settings.database_url, settings.pool_size)?;
-        let nats = messaging::connect(&settings.nats_url, "notification-service")
+        let nats = messaging::connect(&settings.nats_url, "notifications")
             .await
             .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
         let jetstream = async_nats::jetstream::new(nats);
@@ -98,7 +98,7 @@ impl Application {
         .listen(listener)?
         .shutdown_timeout(10)
         .run();
-        tracing::info!(port, "notification-service listening");
+        tracing::info!(port, "notifications listening");
         Ok(Self {
             server,
             consumer,

@@ -1,4 +1,4 @@
-//! user-service settings, from the environment.
+//! users settings, from the environment.
 
 use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
 
@@ -12,7 +12,7 @@ pub struct Settings {
     pub database_url: String,
     /// `DATABASE_POOL_SIZE` (default 8).
     pub pool_size: u32,
-    /// `SESSION_TTL_HOURS` (default 24).
+    /// `USERS_SESSION_TTL_HOURS` (default 24).
     pub session_ttl_hours: i64,
 }
 
@@ -27,7 +27,7 @@ impl Settings {
                 "postgres://postgres@127.0.0.1:5432/tracehop",
             ),
             pool_size: env_parse("DATABASE_POOL_SIZE", 8)?,
-            session_ttl_hours: env_parse("SESSION_TTL_HOURS", 24)?,
+            session_ttl_hours: env_parse("USERS_SESSION_TTL_HOURS", 24)?,
         })
     }
 }

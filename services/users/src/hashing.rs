@@ -1,7 +1,7 @@
 //! A small fixed pool of threads for password hashing.
 //!
 //! Argon2id takes ~19 MiB and a core per hash. On the general blocking pool every thread that ever hashed
-//! keeps its malloc arena, so a sign-up burst left user-service at ~800 MiB (BENCHMARKS.md); a pool of one
+//! keeps its malloc arena, so a sign-up burst left users at ~800 MiB (BENCHMARKS.md); a pool of one
 //! thread per core bounds both the memory and the CPU that hashing can take from everything else.
 
 use std::sync::mpsc;

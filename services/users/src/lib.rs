@@ -1,4 +1,4 @@
-//! # user-service
+//! # users
 //!
 //! Users and sessions in PostgreSQL. Passwords are hashed with Argon2id (on the blocking pool: hashing is
 //! deliberately slow); session tokens are 256 random bits, handed out once and stored only as SHA-256.

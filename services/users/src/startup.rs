@@ -7,7 +7,7 @@ use tracehop_telemetry::http::server;
 use crate::configuration::Settings;
 use crate::routes;
 
-/// A bound, not yet running, user-service.
+/// A bound, not yet running, users.
 pub struct Application {
     server: actix_web::dev::Server,
 }
@@ -39,7 +39,7 @@ impl Application {
         .listen(listener)?
         .shutdown_timeout(10)
         .run();
-        tracing::info!(port, "user-service listening");
+        tracing::info!(port, "users listening");
         Ok(Self { server })
     }
 

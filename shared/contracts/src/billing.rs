@@ -1,4 +1,4 @@
-//! billing-service's HTTP API: `POST /charge` and `GET /orders/{orderId}`.
+//! billing's HTTP API: `POST /charge` and `GET /orders/{orderId}`.
 
 use chrono::{DateTime, Utc};
 

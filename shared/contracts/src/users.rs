@@ -1,4 +1,4 @@
-//! user-service's HTTP API: `POST /users`, `POST /sessions`, `POST /sessions/validate`.
+//! users's HTTP API: `POST /users`, `POST /sessions`, `POST /sessions/validate`.
 
 use std::fmt;
 

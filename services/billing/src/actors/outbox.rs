@@ -45,7 +45,7 @@ impl OutboxRelay {
         paused: bool,
     ) -> Self {
         if paused {
-            tracing::warn!("OUTBOX_RELAY_PAUSED: events are recorded but not published");
+            tracing::warn!("BILLING_OUTBOX_RELAY_PAUSED: events are recorded but not published");
         }
         Self {
             database,

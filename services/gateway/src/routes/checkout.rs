@@ -124,7 +124,7 @@ async fn process(
                     idempotency_key,
                 });
             let receipt: ChargeReceipt = upstreams
-                .call("billing-service", "/charge", request)
+                .call("billing", "/charge", request)
                 .await?;
             span.record("order.id", tracing::field::display(receipt.order_id));
             Ok(CheckoutResponse {

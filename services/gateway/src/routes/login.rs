@@ -18,7 +18,7 @@ pub async fn login(
             &format!("{}/sessions", upstreams.users_url),
         )
         .json(&body.into_inner());
-    let session: LoginResponse = upstreams.call("user-service", "/sessions", request).await?;
+    let session: LoginResponse = upstreams.call("users", "/sessions", request).await?;
     Ok(HttpResponse::Ok().json(TokenResponse {
         token: session.token,
     }))

@@ -27,7 +27,7 @@ pub async fn get_order(
                 &format!("{}/orders/{order_id}", upstreams.billing_url),
             );
             let order: OrderView = upstreams
-                .call("billing-service", "/orders/{order_id}", lookup)
+                .call("billing", "/orders/{order_id}", lookup)
                 .await?;
             if order.user_id != user.user_id {
                 return Err(ApiError::not_found("order_not_found", "no such order"));

@@ -1,4 +1,4 @@
-//! `POST /signup`: create an account (user-service does the checks that need the database).
+//! `POST /signup`: create an account (users does the checks that need the database).
 
 use actix_web::{HttpResponse, web};
 use tracehop_contracts::domain::Email;
@@ -21,6 +21,6 @@ pub async fn signup(
             &format!("{}/users", upstreams.users_url),
         )
         .json(&body);
-    let created: SignupResponse = upstreams.call("user-service", "/users", request).await?;
+    let created: SignupResponse = upstreams.call("users", "/users", request).await?;
     Ok(HttpResponse::Created().json(created))
 }
