@@ -454,16 +454,16 @@ async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "  gateway            http://localhost:{}",
+        "  gateway                http://localhost:{}",
         ports.gateway
     );
-    println!("  users           http://localhost:{}", ports.users);
+    println!("  users                  http://localhost:{}", ports.users);
     println!(
-        "  billing        http://localhost:{}",
+        "  billing                http://localhost:{}",
         ports.billing
     );
     println!(
-        "  notifications   http://localhost:{}",
+        "  notifications          http://localhost:{}",
         ports.notifications
     );
     println!(

@@ -29,7 +29,11 @@ async fn wait_for_notification(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_email_is_visible_dead_lettered_marked_failed_and_replayable() {
-    let test = TestStack::boot(&[("NOTIFICATIONS_MAX_DELIVER", "3"), ("NOTIFICATIONS_BACKOFF_MS", "100")]).await;
+    let test = TestStack::boot(&[
+        ("NOTIFICATIONS_MAX_DELIVER", "3"),
+        ("NOTIFICATIONS_BACKOFF_MS", "100"),
+    ])
+    .await;
     let customer = test.customer().await;
     let http = tracehop_telemetry::http::client::plain_client_builder()
         .build()

@@ -55,12 +55,7 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
     let trace = test.trace(&trace_id, has_everything).await;
     assert_eq!(trace.trace_id, trace_id);
     let services: HashSet<String> = trace.services().into_iter().collect();
-    for service in [
-        "gateway",
-        "users",
-        "billing",
-        "notifications",
-    ] {
+    for service in ["gateway", "users", "billing", "notifications"] {
         assert!(
             services.contains(service),
             "no spans from {service}: {services:?}"

@@ -518,7 +518,11 @@ fn every_deviation_is_in_the_readme() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exported_spans_follow_the_semantic_conventions() {
     let registry = Registry::load();
-    let test = TestStack::boot(&[("NOTIFICATIONS_MAX_DELIVER", "2"), ("NOTIFICATIONS_BACKOFF_MS", "100")]).await;
+    let test = TestStack::boot(&[
+        ("NOTIFICATIONS_MAX_DELIVER", "2"),
+        ("NOTIFICATIONS_BACKOFF_MS", "100"),
+    ])
+    .await;
     let customer = test.customer().await;
     let mut found = Vec::new();
 

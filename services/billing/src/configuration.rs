@@ -82,8 +82,14 @@ impl Settings {
             },
             outbox_sweep: Duration::from_millis(env_parse("BILLING_OUTBOX_SWEEP_MS", 2_000)?),
             outbox_paused: env_parse("BILLING_OUTBOX_RELAY_PAUSED", false)?,
-            reconcile_every: Duration::from_millis(env_parse("BILLING_RECONCILE_EVERY_MS", 10_000)?),
-            reconcile_after: Duration::from_millis(env_parse("BILLING_RECONCILE_AFTER_MS", 120_000)?),
+            reconcile_every: Duration::from_millis(env_parse(
+                "BILLING_RECONCILE_EVERY_MS",
+                10_000,
+            )?),
+            reconcile_after: Duration::from_millis(env_parse(
+                "BILLING_RECONCILE_AFTER_MS",
+                120_000,
+            )?),
             panic_on_amount: match std::env::var("BILLING_FAULT_PANIC_AMOUNT_MINOR") {
                 Ok(value) if !value.trim().is_empty() => {
                     Some(env_parse("BILLING_FAULT_PANIC_AMOUNT_MINOR", 0)?)

@@ -30,7 +30,10 @@ impl Settings {
             port,
             users_url: env_or("USERS_URL", "http://127.0.0.1:3001"),
             billing_url: env_or("BILLING_URL", "http://127.0.0.1:3002"),
-            upstream_timeout: Duration::from_millis(env_parse("GATEWAY_UPSTREAM_TIMEOUT_MS", 60_000)?),
+            upstream_timeout: Duration::from_millis(env_parse(
+                "GATEWAY_UPSTREAM_TIMEOUT_MS",
+                60_000,
+            )?),
             trust: RequestTrust {
                 continue_caller_trace: env_parse("GATEWAY_CONTINUE_CALLER_TRACE", false)?,
                 forwarded_headers: env_parse("GATEWAY_TRUST_FORWARDED_HEADERS", false)?,

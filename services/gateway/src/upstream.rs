@@ -31,8 +31,7 @@ impl Upstreams {
                 &format!("{}/sessions/validate", self.users_url),
             )
             .header(reqwest::header::AUTHORIZATION, authorization);
-        self.call("users", "/sessions/validate", request)
-            .await
+        self.call("users", "/sessions/validate", request).await
     }
 
     /// Calls an internal service and reads its JSON answer. Unreachable: 503. An error answer: passed on

@@ -123,9 +123,7 @@ async fn process(
                     currency: amount.currency().code().to_owned(),
                     idempotency_key,
                 });
-            let receipt: ChargeReceipt = upstreams
-                .call("billing", "/charge", request)
-                .await?;
+            let receipt: ChargeReceipt = upstreams.call("billing", "/charge", request).await?;
             span.record("order.id", tracing::field::display(receipt.order_id));
             Ok(CheckoutResponse {
                 order_id: receipt.order_id,
