@@ -1,8 +1,9 @@
 //! Replaying dead letters once their cause is fixed.
 //!
 //! The notifier moves a message to `order.completed.dead` after its last delivery (or when it cannot be
-//! parsed). [`replay`] publishes each one back to `order.completed` with its original trace headers, so the
-//! new delivery joins the same checkout trace, then deletes it from the dead-letter subject. Messages that
+//! parsed). [`replay`] publishes each one back to `order.completed` under a PRODUCER span whose parent is the
+//! checkout's context from the dead letter's headers, so the new delivery joins the same checkout trace, then
+//! deletes it from the dead-letter subject. Messages that
 //! were dead-lettered as malformed (reason `malformed message: ...`) are left alone: replaying them would
 //! only fail again.
 
@@ -12,6 +13,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use tracehop_contracts::events::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
+use tracehop_telemetry::{messaging, propagation};
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +23,8 @@ pub struct ReplayReport {
     pub skipped: usize,
 }
 
-/// Replays every dead letter in `stream` at `nats_url`.
+/// Replays every dead letter in `stream` at `nats_url`. The trace context travels through the global
+/// propagator, which [`tracehop_telemetry::init`] installs.
 pub async fn replay(nats_url: &str, stream: &str) -> anyhow::Result<ReplayReport> {
     let client = async_nats::connect(nats_url)
         .await
@@ -65,25 +68,24 @@ pub async fn replay(nats_url: &str, stream: &str) -> anyhow::Result<ReplayReport
                 .map_err(|error| anyhow::anyhow!("{error}"))?;
             continue;
         }
-        let mut replayed = async_nats::HeaderMap::new();
-        for name in ["traceparent", "tracestate", "baggage"] {
-            if let Some(value) = headers.get(name) {
-                replayed.insert(name, value.as_str());
-            }
-        }
         let original = headers
             .get(async_nats::header::NATS_MESSAGE_ID)
             .map(|value| value.as_str().trim_end_matches("-dead").to_owned())
             .unwrap_or_else(|| format!("seq-{sequence}"));
         // A fresh id: the original one is still inside JetStream's duplicate window.
-        replayed.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("{original}-replay-{}", uuid::Uuid::new_v4().simple()).as_str(),
-        );
-        jetstream
-            .publish_with_headers(ORDER_COMPLETED, replayed, message.payload.clone())
-            .await?
-            .await?;
+        let message_id = format!("{original}-replay-{}", uuid::Uuid::new_v4().simple());
+        // The dead letter carries the checkout's context: the replay's PRODUCER span, and so the new
+        // delivery, join the checkout's trace.
+        let checkout = propagation::extract(&propagation::NatsHeaderExtractor(&headers));
+        messaging::publish(
+            &jetstream,
+            ORDER_COMPLETED,
+            &message_id,
+            async_nats::HeaderMap::new(),
+            message.payload.clone(),
+            checkout,
+        )
+        .await?;
         stream.delete_message(sequence).await?;
         report.replayed += 1;
     }

@@ -24,7 +24,7 @@ use tracehop::process::{find_executable, port_open};
 use tracehop::stack::{NatsChoice, Ports, Stack, StackOptions, TraceBackend};
 use tracehop::trace_view::TraceView;
 
-const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tracehop";
+use tracehop_contracts::schema::DEFAULT_DATABASE_URL;
 const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 const DEFAULT_JAEGER: &str = "http://127.0.0.1:16686";
 
@@ -254,7 +254,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::ReplayDeadLetters { nats_url, stream } => {
-            let report = tracehop::dead_letters::replay(&nats_url, &stream).await?;
+            // The replay's PRODUCER spans go to the collector (OTEL_EXPORTER_OTLP_ENDPOINT, the embedded one
+            // by default) like any service's.
+            let telemetry = tracehop_telemetry::init("stack")?;
+            let report = tracehop::dead_letters::replay(&nats_url, &stream).await;
+            telemetry.shutdown().await;
+            let report = report?;
             println!(
                 "replayed {} dead letter(s); left {} malformed one(s) alone",
                 report.replayed, report.skipped

@@ -53,7 +53,7 @@ impl Settings {
             port,
             database_url: env_or(
                 "DATABASE_URL",
-                "postgres://postgres@127.0.0.1:5432/tracehop",
+                tracehop_contracts::schema::DEFAULT_DATABASE_URL,
             ),
             pool_size: env_parse("DATABASE_POOL_SIZE", 8)?,
             nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),

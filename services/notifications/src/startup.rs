@@ -58,7 +58,7 @@ impl Application {
                 filter_subject: ORDER_COMPLETED.to_owned(),
                 ack_wait: settings.ack_wait,
                 // One more than we use: if we crash during the last attempt, the server still redelivers
-                // once and the loop dead-letters it instead of the message vanishing.
+                // once more, and that delivery is sent or dead-lettered instead of the message vanishing.
                 max_deliver: settings.max_deliver + 1,
             },
         )

@@ -24,7 +24,7 @@ impl Settings {
             port,
             database_url: env_or(
                 "DATABASE_URL",
-                "postgres://postgres@127.0.0.1:5432/tracehop",
+                tracehop_contracts::schema::DEFAULT_DATABASE_URL,
             ),
             pool_size: env_parse("DATABASE_POOL_SIZE", 8)?,
             session_ttl_hours: env_parse("USERS_SESSION_TTL_HOURS", 24)?,

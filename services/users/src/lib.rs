@@ -1,7 +1,7 @@
 //! # users
 //!
-//! Users and sessions in PostgreSQL. Passwords are hashed with Argon2id (on the blocking pool: hashing is
-//! deliberately slow); session tokens are 256 random bits, handed out once and stored only as SHA-256.
+//! Users and sessions in PostgreSQL. Passwords are hashed with Argon2id (on a hashing pool of its own, one thread
+//! per core: hashing is deliberately slow); session tokens are 256 random bits, handed out once and stored only as SHA-256.
 //!
 //! | route | what |
 //! | --- | --- |

@@ -27,7 +27,7 @@ impl Password {
 #[error("password hashing failed: {0}")]
 pub struct HashError(String);
 
-/// Hashes with a fresh salt; CPU-bound, call it on the blocking pool.
+/// Hashes with a fresh salt; CPU-bound, call it on the hashing pool ([`crate::hashing`]).
 pub fn hash(password: &Password) -> Result<String, HashError> {
     let mut salt_bytes = [0_u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt_bytes);

@@ -2,8 +2,10 @@
 
 pub mod currency;
 pub mod email;
+pub mod idempotency;
 pub mod money;
 
 pub use currency::Currency;
 pub use email::Email;
+pub use idempotency::{IdempotencyKey, InvalidIdempotencyKey};
 pub use money::{Amount, MoneyError};

@@ -1,6 +1,9 @@
 //! Diesel table definitions for `migrations/` (what `diesel print-schema` prints), shared so that every
 //! service reads the same columns.
 
+/// The database every service and `stack` use when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tracehop";
+
 diesel::table! {
     users (id) {
         id -> Uuid,

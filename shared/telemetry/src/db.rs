@@ -223,15 +223,18 @@ struct Statement {
 
 thread_local! {
     /// Descriptions of the queries this thread has run, by diesel query type: a query whose SQL does not
-    /// depend on its values (most of them; diesel says so with a static `QueryId`) is rendered and parsed
-    /// once per thread, not once per execution.
+    /// depend on its values is rendered and parsed once per thread, not once per execution. Diesel says so
+    /// twice: with a static `QueryId`, and by marking the query safe to cache as a prepared statement (a
+    /// type with a static id can still render other SQL for other values, such as an `IN` list or a batch
+    /// insert; diesel marks those unsafe to cache).
     static DESCRIBED: std::cell::RefCell<std::collections::HashMap<std::any::TypeId, std::rc::Rc<Statement>>> =
         std::cell::RefCell::default();
 }
 
 impl Statement {
     fn of<Q: QueryFragment<Pg> + QueryId>(query: &Q) -> std::rc::Rc<Self> {
-        let Some(type_id) = Q::query_id() else {
+        let fixed_sql = query.is_safe_to_cache_prepared(&Pg).unwrap_or(false);
+        let (Some(type_id), true) = (Q::query_id(), fixed_sql) else {
             return std::rc::Rc::new(Self::describe(query));
         };
         DESCRIBED.with_borrow_mut(|described| {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use opentelemetry::Context;
+use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -153,8 +154,16 @@ pub async fn publish(
     parent: Context,
 ) -> Result<jetstream::publish::PublishAck, PublishError> {
     let span = publish_span(subject, message_id, payload.len());
-    set_remote_parent(&span, parent);
-    inject(&span.context(), &mut NatsHeaderInjector(&mut headers));
+    set_remote_parent(&span, parent.clone());
+    // Without a tracer (a tool that exports nothing) the span has no context: the parent's still travels,
+    // so the consumer stays in the trace.
+    let carried = span.context();
+    let carried = if carried.span().span_context().is_valid() {
+        carried
+    } else {
+        parent
+    };
+    inject(&carried, &mut NatsHeaderInjector(&mut headers));
     headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
     let outcome = async {
         let ack = context

@@ -2,7 +2,7 @@
 
 use actix_web::{HttpResponse, web};
 use tracehop_contracts::billing::ChargeRequest;
-use tracehop_contracts::domain::{Amount, Currency, Email};
+use tracehop_contracts::domain::{Amount, Currency, Email, IdempotencyKey};
 use tracehop_telemetry::actor::Traced;
 use tracehop_telemetry::http::ApiError;
 
@@ -45,13 +45,8 @@ pub async fn charge(
         .map_err(|error| ApiError::bad_request("invalid_amount", error.to_string()))?;
     let email = Email::parse(&request.email)
         .map_err(|error| ApiError::bad_request("invalid_email", error.to_string()))?;
-    let key = request.idempotency_key.trim();
-    if key.is_empty() || key.len() > 255 {
-        return Err(ApiError::bad_request(
-            "invalid_idempotency_key",
-            "idempotency key must be 1 to 255 characters",
-        ));
-    }
+    let key = IdempotencyKey::parse(&request.idempotency_key)
+        .map_err(|error| ApiError::bad_request("invalid_idempotency_key", error.to_string()))?;
     let receipt = state
         .billing
         .send(Traced::new(Charge {
@@ -59,7 +54,7 @@ pub async fn charge(
             email: email.as_str().to_owned(),
             amount_minor: amount.minor_units(),
             currency: currency.code().to_owned(),
-            idempotency_key: key.to_owned(),
+            idempotency_key: key.into_string(),
         }))
         .await
         .map_err(|error| ApiError::unavailable("billing_unavailable", error.to_string()))??;

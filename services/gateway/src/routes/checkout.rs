@@ -3,7 +3,7 @@
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::value::RawValue;
 use tracehop_contracts::billing::{ChargeReceipt, ChargeRequest};
-use tracehop_contracts::domain::{Amount, Currency};
+use tracehop_contracts::domain::{Amount, Currency, IdempotencyKey};
 use tracehop_contracts::gateway::CheckoutResponse;
 use tracehop_telemetry::http::ApiError;
 use tracehop_telemetry::http::error::record_failure;
@@ -57,20 +57,14 @@ fn parse_total(raw: &RawValue, currency: Currency) -> Result<Amount, CheckoutInp
     Ok(Amount::parse(&decimal, currency)?)
 }
 
-fn idempotency_key(request: &HttpRequest) -> Result<String, CheckoutInputError> {
+fn idempotency_key(request: &HttpRequest) -> Result<IdempotencyKey, CheckoutInputError> {
     match request.headers().get("idempotency-key") {
-        None => Ok(uuid::Uuid::new_v4().to_string()),
-        Some(value) => {
-            let key = value
-                .to_str()
-                .map_err(|_| CheckoutInputError::IdempotencyKey)?
-                .trim();
-            let printable = key.chars().all(|c| c.is_ascii_graphic() || c == ' ');
-            if key.is_empty() || key.len() > 255 || !printable {
-                return Err(CheckoutInputError::IdempotencyKey);
-            }
-            Ok(key.to_owned())
-        }
+        None => Ok(IdempotencyKey::generate()),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|key| IdempotencyKey::parse(key).ok())
+            .ok_or(CheckoutInputError::IdempotencyKey),
     }
 }
 
@@ -102,7 +96,7 @@ async fn process(
     upstreams: &Upstreams,
     authorization: Option<&str>,
     amount: Amount,
-    idempotency_key: String,
+    idempotency_key: IdempotencyKey,
 ) -> Result<CheckoutResponse, ApiError> {
     record_failure(
         async {
@@ -121,7 +115,7 @@ async fn process(
                     email: user.email,
                     amount_minor: amount.minor_units(),
                     currency: amount.currency().code().to_owned(),
-                    idempotency_key,
+                    idempotency_key: idempotency_key.into_string(),
                 });
             let receipt: ChargeReceipt = upstreams.call("billing", "/charge", request).await?;
             span.record("order.id", tracing::field::display(receipt.order_id));
