@@ -225,6 +225,57 @@ mod tests {
         assert_eq!(short_type_name::<Traced<Ping>>(), "Traced");
     }
 
+    /// Keeps what it is given, for reading back.
+    #[derive(Debug, Clone, Default)]
+    struct Keep(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanExporter for Keep {
+        async fn export(
+            &self,
+            batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn into_parts_makes_the_handler_span_a_child_with_its_mailbox_wait() {
+        let kept = Keep::default();
+        let (dispatch, guard) = crate::setup::dispatch_with_exporter("test", Some(kept.clone()));
+        let (sender, handler) = tracing::dispatcher::with_default(&dispatch, || {
+            let sender = tracing::info_span!("sender");
+            let envelope = sender.in_scope(|| Traced::new(Ping));
+            std::thread::sleep(std::time::Duration::from_millis(3));
+            let (Ping, handler) = envelope.into_parts::<PingActor>();
+            handler.in_scope(|| {});
+            (sender.context(), handler.context())
+        });
+        drop(dispatch);
+        guard.shutdown().await;
+        let spans = kept.0.lock().unwrap();
+        let handled = spans
+            .iter()
+            .find(|s| s.name == "PingActor handle Ping")
+            .expect("the handler span was exported");
+        let sender = sender.span().span_context().clone();
+        assert_eq!(handled.span_context.trace_id(), sender.trace_id());
+        assert_eq!(handled.parent_span_id, sender.span_id());
+        assert_eq!(
+            handler.span().span_context().span_id(),
+            handled.span_context.span_id()
+        );
+        let wait = handled
+            .attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == "actor.mailbox.wait_us")
+            .map(|kv| kv.value.clone());
+        match wait {
+            Some(opentelemetry::Value::I64(us)) => assert!(us >= 3_000, "waited {us} µs"),
+            other => panic!("actor.mailbox.wait_us is an int: {other:?}"),
+        }
+    }
+
     #[test]
     fn envelope_carries_the_senders_context() {
         let span_context = SpanContext::new(
