@@ -43,6 +43,13 @@ pub fn header_value(text: &str) -> String {
     cleaned
 }
 
+/// Every value of a header, in order (`None` when it is absent). A value that is not text counts as empty,
+/// so that several headers stay several: the W3C parser must see that there were two `traceparent`s.
+fn every_value<'a>(values: impl Iterator<Item = &'a str>) -> Option<Vec<&'a str>> {
+    let values: Vec<&str> = values.collect();
+    (!values.is_empty()).then_some(values)
+}
+
 /// Reads context from actix-web request headers.
 pub struct ActixHeaderExtractor<'a>(pub &'a actix_web::http::header::HeaderMap);
 
@@ -54,12 +61,11 @@ impl Extractor for ActixHeaderExtractor<'_> {
         self.0.keys().map(|name| name.as_str()).collect()
     }
     fn get_all(&self, key: &str) -> Option<Vec<&str>> {
-        let values: Vec<&str> = self
-            .0
-            .get_all(key)
-            .map(|value| value.to_str().unwrap_or_default())
-            .collect();
-        (!values.is_empty()).then_some(values)
+        every_value(
+            self.0
+                .get_all(key)
+                .map(|value| value.to_str().unwrap_or_default()),
+        )
     }
 }
 
@@ -88,13 +94,12 @@ impl Extractor for HttpHeaderExtractor<'_> {
         self.0.keys().map(|name| name.as_str()).collect()
     }
     fn get_all(&self, key: &str) -> Option<Vec<&str>> {
-        let values: Vec<&str> = self
-            .0
-            .get_all(key)
-            .iter()
-            .map(|value| value.to_str().unwrap_or_default())
-            .collect();
-        (!values.is_empty()).then_some(values)
+        every_value(
+            self.0
+                .get_all(key)
+                .iter()
+                .map(|value| value.to_str().unwrap_or_default()),
+        )
     }
 }
 
@@ -118,8 +123,7 @@ impl Extractor for NatsHeaderExtractor<'_> {
         self.0.iter().map(|(name, _)| name.as_ref()).collect()
     }
     fn get_all(&self, key: &str) -> Option<Vec<&str>> {
-        let values: Vec<&str> = self.0.get_all(key).map(|value| value.as_str()).collect();
-        (!values.is_empty()).then_some(values)
+        every_value(self.0.get_all(key).map(|value| value.as_str()))
     }
 }
 
