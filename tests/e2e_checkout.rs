@@ -19,7 +19,7 @@ fn has_everything(trace: &TraceView) -> bool {
         .iter()
         .all(|name| names.contains(name))
         // The notifier records the e-mail after sending it: wait for that statement too.
-        && trace.spans.iter().any(|s| s.name == "INSERT notifications" && s.service == "notifications")
+        && trace.spans.iter().any(|s| s.name == "UPDATE notifications" && s.service == "notifications")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

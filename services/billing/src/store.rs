@@ -135,8 +135,13 @@ pub struct OutboxEvent {
     pub trace_context: String,
 }
 
-/// Records a successful charge: the transaction becomes `charged`, the `order.completed` event goes into the
-/// outbox and the notification starts `pending`, all in one database transaction.
+/// Records a successful charge: the transaction goes from `pending` to `charged`, the `order.completed` event
+/// goes into the outbox and the notification starts `pending`, all in one database transaction.
+///
+/// Recording is idempotent, whoever records (the checkout, a retry after a database blip, the reconciler):
+/// only a `pending` transaction changes, and the event's id is derived from the order, so a second record
+/// adds no second event (which would carry a second `Nats-Msg-Id` that JetStream does not deduplicate).
+/// Returns whether this call recorded it.
 pub fn save_charged(
     connection: &mut DbConnection,
     statements: &Statements,
@@ -144,15 +149,24 @@ pub fn save_charged(
     charge_id: &str,
     email: &str,
     event: OutboxEvent,
-) -> Result<(), DbError> {
+) -> Result<bool, DbError> {
     connection.transaction::<_, DbError, _>(|connection| {
-        let query = diesel::update(transactions::table.find(order_id)).set((
+        let query = diesel::update(
+            transactions::table
+                .find(order_id)
+                .filter(transactions::status.eq("pending")),
+        )
+        .set((
             transactions::status.eq("charged"),
             transactions::charge_id.eq(charge_id),
             transactions::updated_at.eq(diesel::dsl::now),
         ));
-        traced(statements, query, |query| query.execute(connection))?;
-        let query = diesel::insert_into(outbox::table).values(event);
+        if traced(statements, query, |query| query.execute(connection))? == 0 {
+            return Ok(false);
+        }
+        let query = diesel::insert_into(outbox::table)
+            .values(event)
+            .on_conflict_do_nothing();
         traced(statements, query, |query| query.execute(connection))?;
         let query = diesel::insert_into(notifications::table)
             .values((
@@ -162,7 +176,7 @@ pub fn save_charged(
             ))
             .on_conflict_do_nothing();
         traced(statements, query, |query| query.execute(connection))?;
-        Ok(())
+        Ok(true)
     })
 }
 

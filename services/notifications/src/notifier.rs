@@ -164,7 +164,9 @@ fn confirmation(event: &OrderCompleted) -> Email {
     }
 }
 
-/// Upserts the notification row: one more attempt, its outcome.
+/// Records one more attempt and its outcome on the notification row. Billing writes the row with the
+/// charge, so an update is all it takes; an insert follows only when no row was changed (a row written by
+/// nobody, or a failed attempt on an order already sent, which the insert then leaves alone).
 fn record_attempt(
     connection: &mut tracehop_telemetry::db::DbConnection,
     statements: &tracehop_telemetry::db::Statements,
@@ -173,21 +175,6 @@ fn record_attempt(
     error: Option<&str>,
 ) -> Result<(), DbError> {
     let sent_at = (status == "sent").then(Utc::now);
-    let query = diesel::insert_into(notifications::table)
-        .values((
-            notifications::order_id.eq(event.order_id),
-            notifications::email.eq(&event.email),
-            notifications::status.eq(status),
-            notifications::attempts.eq(1),
-            notifications::last_error.eq(error),
-            notifications::sent_at.eq(sent_at),
-        ))
-        .on_conflict(notifications::order_id)
-        .do_nothing();
-    if traced(statements, query, |query| query.execute(connection))? == 1 {
-        return Ok(());
-    }
-    // A failed attempt never turns a `sent` notification back (a concurrent delivery may have sent it).
     let changes = (
         notifications::status.eq(status),
         notifications::attempts.eq(notifications::attempts + 1),
@@ -196,9 +183,10 @@ fn record_attempt(
         notifications::updated_at.eq(diesel::dsl::now),
     );
     let this_order = notifications::order_id.eq(event.order_id);
-    if status == "sent" {
+    // A failed attempt never turns a `sent` notification back (a concurrent delivery may have sent it).
+    let updated = if status == "sent" {
         let query = diesel::update(notifications::table.filter(this_order)).set(changes);
-        traced(statements, query, |query| query.execute(connection))?;
+        traced(statements, query, |query| query.execute(connection))?
     } else {
         let query = diesel::update(
             notifications::table
@@ -206,6 +194,20 @@ fn record_attempt(
                 .filter(notifications::status.ne("sent")),
         )
         .set(changes);
+        traced(statements, query, |query| query.execute(connection))?
+    };
+    if updated == 0 {
+        let query = diesel::insert_into(notifications::table)
+            .values((
+                notifications::order_id.eq(event.order_id),
+                notifications::email.eq(&event.email),
+                notifications::status.eq(status),
+                notifications::attempts.eq(1),
+                notifications::last_error.eq(error),
+                notifications::sent_at.eq(sent_at),
+            ))
+            .on_conflict(notifications::order_id)
+            .do_nothing();
         traced(statements, query, |query| query.execute(connection))?;
     }
     Ok(())

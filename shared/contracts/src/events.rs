@@ -23,10 +23,31 @@ pub struct OrderCompleted {
     pub charge_id: String,
 }
 
+impl OrderCompleted {
+    /// The event id of an order's `order.completed`: derived from the order (UUID v5), so however often a
+    /// charge is recorded, its event has one id, one outbox row and one `Nats-Msg-Id`.
+    pub fn event_id_of(order_id: uuid::Uuid) -> uuid::Uuid {
+        uuid::Uuid::new_v5(&order_id, ORDER_COMPLETED.as_bytes())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_order_has_one_event_id() {
+        let order = uuid::Uuid::new_v4();
+        assert_eq!(
+            OrderCompleted::event_id_of(order),
+            OrderCompleted::event_id_of(order)
+        );
+        assert_ne!(
+            OrderCompleted::event_id_of(order),
+            OrderCompleted::event_id_of(uuid::Uuid::new_v4())
+        );
+    }
 
     proptest! {
         #[test]

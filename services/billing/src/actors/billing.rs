@@ -310,7 +310,7 @@ pub async fn record_charge(
     trace_context: SerializedContext,
 ) -> Result<(), ChargeError> {
     let event = OrderCompleted {
-        event_id: uuid::Uuid::new_v4(),
+        event_id: OrderCompleted::event_id_of(order.order_id),
         order_id: order.order_id,
         user_id: order.user_id,
         email: order.email.clone(),
@@ -353,7 +353,7 @@ async fn save_transaction(
     };
     let charge_id = charge_id.to_owned();
     let email = email.to_owned();
-    database
+    let recorded = database
         .run(move |connection, statements| {
             store::save_charged(
                 connection,
@@ -365,5 +365,8 @@ async fn save_transaction(
             )
         })
         .await?;
+    if !recorded {
+        tracing::info!(%order_id, "the charge was already recorded");
+    }
     Ok(())
 }
