@@ -2,21 +2,21 @@
 
 use std::time::Duration;
 
+use tracehop_contracts::events::ORDERS_STREAM;
+use tracehop_contracts::schema::DEFAULT_DATABASE_URL;
 use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_telemetry::db::DatabaseSettings;
+use tracehop_telemetry::messaging::NatsSettings;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub host: String,
     /// `BILLING_PORT` (default 3002).
     pub port: u16,
-    /// `DATABASE_URL`.
-    pub database_url: String,
-    /// `DATABASE_POOL_SIZE` (default 10).
-    pub pool_size: u32,
-    /// `NATS_URL` (default nats://127.0.0.1:4222).
-    pub nats_url: String,
-    /// `NATS_STREAM` (default ORDERS).
-    pub nats_stream: String,
+    /// `DATABASE_URL`, `DATABASE_POOL_SIZE` (default 10).
+    pub database: DatabaseSettings,
+    /// `NATS_URL`, `NATS_STREAM` (default ORDERS).
+    pub nats: NatsSettings,
     pub stripe: StripeSettings,
     /// `BILLING_OUTBOX_SWEEP_MS`: how often the relay looks for events that were not published right away.
     pub outbox_sweep: Duration,
@@ -58,13 +58,8 @@ impl Settings {
         Ok(Self {
             host,
             port,
-            database_url: env_or(
-                "DATABASE_URL",
-                tracehop_contracts::schema::DEFAULT_DATABASE_URL,
-            ),
-            pool_size: env_parse("DATABASE_POOL_SIZE", 10)?,
-            nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),
-            nats_stream: env_or("NATS_STREAM", tracehop_contracts::events::ORDERS_STREAM),
+            database: DatabaseSettings::from_env(DEFAULT_DATABASE_URL, 10)?,
+            nats: NatsSettings::from_env(ORDERS_STREAM),
             stripe: StripeSettings {
                 api_base: env_or("STRIPE_API_BASE", "http://127.0.0.1:12111"),
                 secret_key: env_or("STRIPE_SECRET_KEY", "sk_test_tracehop"),

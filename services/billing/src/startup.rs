@@ -4,11 +4,9 @@ use std::sync::Arc;
 
 use actix::Supervisor;
 use actix_web::web;
-use anyhow::Context as _;
 use tracehop_contracts::events::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
 use tracehop_telemetry::db::Database;
 use tracehop_telemetry::http::server;
-use tracehop_telemetry::messaging::{self, StreamSettings};
 
 use crate::actors::billing::BillingDeps;
 use crate::actors::{BillingActor, OutboxRelay, Reconciler, StripeClientActor};
@@ -21,18 +19,11 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let database = Database::connect(&settings.database_url, settings.pool_size)?;
-        let nats = messaging::connect(&settings.nats_url, "billing")
-            .await
-            .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
-        let jetstream = async_nats::jetstream::new(nats);
-        let stream_settings = StreamSettings::new(
-            &settings.nats_stream,
-            &[ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER],
-        );
-        messaging::ensure_stream(&jetstream, &stream_settings)
-            .await
-            .context("creating the JetStream stream")?;
+        let database = Database::connect(&settings.database.url, settings.database.pool_size)?;
+        let (jetstream, _) = settings
+            .nats
+            .open_stream("billing", &[ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER])
+            .await?;
 
         // A supervised actor keeps its instance across restarts (`Supervised::restarting`), so the closure
         // only hands over the one built here.

@@ -2,21 +2,21 @@
 
 use std::time::Duration;
 
+use tracehop_contracts::events::ORDERS_STREAM;
+use tracehop_contracts::schema::DEFAULT_DATABASE_URL;
 use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_telemetry::db::DatabaseSettings;
+use tracehop_telemetry::messaging::NatsSettings;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub host: String,
     /// `NOTIFICATIONS_PORT` (default 3003).
     pub port: u16,
-    /// `DATABASE_URL`.
-    pub database_url: String,
-    /// `DATABASE_POOL_SIZE` (default 8).
-    pub pool_size: u32,
-    /// `NATS_URL`.
-    pub nats_url: String,
-    /// `NATS_STREAM` (default ORDERS).
-    pub nats_stream: String,
+    /// `DATABASE_URL`, `DATABASE_POOL_SIZE` (default 8).
+    pub database: DatabaseSettings,
+    /// `NATS_URL`, `NATS_STREAM` (default ORDERS).
+    pub nats: NatsSettings,
     /// `NATS_CONSUMER` (default notifications): the durable consumer name.
     pub nats_consumer: String,
     /// `NOTIFICATIONS_MAX_DELIVER` (default 5): deliveries before a message is dead-lettered.
@@ -51,13 +51,8 @@ impl Settings {
         Ok(Self {
             host,
             port,
-            database_url: env_or(
-                "DATABASE_URL",
-                tracehop_contracts::schema::DEFAULT_DATABASE_URL,
-            ),
-            pool_size: env_parse("DATABASE_POOL_SIZE", 8)?,
-            nats_url: env_or("NATS_URL", "nats://127.0.0.1:4222"),
-            nats_stream: env_or("NATS_STREAM", tracehop_contracts::events::ORDERS_STREAM),
+            database: DatabaseSettings::from_env(DEFAULT_DATABASE_URL, 8)?,
+            nats: NatsSettings::from_env(ORDERS_STREAM),
             nats_consumer: env_or(
                 "NATS_CONSUMER",
                 tracehop_contracts::events::NOTIFICATIONS_CONSUMER,

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracehop_contracts::events::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
 use tracehop_telemetry::db::Database;
 use tracehop_telemetry::http::server;
-use tracehop_telemetry::messaging::{self, ConsumerSettings, StreamSettings};
+use tracehop_telemetry::messaging::{self, ConsumerSettings};
 
 use crate::configuration::Settings;
 use crate::consumer::{self, ConsumerDeps};
@@ -37,20 +37,14 @@ async fn set_faults(mailer: web::Data<Mailer>, faults: web::Json<Faults>) -> Htt
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let database = Database::connect(&settings.database_url, settings.pool_size)?;
-        let nats = messaging::connect(&settings.nats_url, "notifications")
-            .await
-            .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
-        let jetstream = async_nats::jetstream::new(nats);
-        let stream = messaging::ensure_stream(
-            &jetstream,
-            &StreamSettings::new(
-                &settings.nats_stream,
+        let database = Database::connect(&settings.database.url, settings.database.pool_size)?;
+        let (jetstream, stream) = settings
+            .nats
+            .open_stream(
+                "notifications",
                 &[ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER],
-            ),
-        )
-        .await
-        .context("creating the JetStream stream")?;
+            )
+            .await?;
         let pull = messaging::ensure_consumer(
             &stream,
             &ConsumerSettings {

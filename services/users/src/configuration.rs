@@ -1,6 +1,8 @@
 //! users settings, from the environment.
 
-use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_contracts::schema::DEFAULT_DATABASE_URL;
+use tracehop_telemetry::config::{ConfigError, env_parse, listen_address};
+use tracehop_telemetry::db::DatabaseSettings;
 
 /// Everything the service needs to start.
 #[derive(Debug, Clone)]
@@ -8,10 +10,8 @@ pub struct Settings {
     pub host: String,
     /// `USERS_PORT` (default 3001; 0 picks a free port).
     pub port: u16,
-    /// `DATABASE_URL`.
-    pub database_url: String,
-    /// `DATABASE_POOL_SIZE` (default 8).
-    pub pool_size: u32,
+    /// `DATABASE_URL`, `DATABASE_POOL_SIZE` (default 8).
+    pub database: DatabaseSettings,
     /// `USERS_SESSION_TTL_HOURS` (default 24).
     pub session_ttl_hours: i64,
 }
@@ -22,11 +22,7 @@ impl Settings {
         Ok(Self {
             host,
             port,
-            database_url: env_or(
-                "DATABASE_URL",
-                tracehop_contracts::schema::DEFAULT_DATABASE_URL,
-            ),
-            pool_size: env_parse("DATABASE_POOL_SIZE", 8)?,
+            database: DatabaseSettings::from_env(DEFAULT_DATABASE_URL, 8)?,
             session_ttl_hours: env_parse("USERS_SESSION_TTL_HOURS", 24)?,
         })
     }

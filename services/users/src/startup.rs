@@ -14,7 +14,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let database = Database::connect(&settings.database_url, settings.pool_size)?;
+        let database = Database::connect(&settings.database.url, settings.database.pool_size)?;
         let (listener, port) = server::bind(&settings.host, settings.port)?;
         let state = web::Data::new(routes::State {
             database,

@@ -25,6 +25,27 @@ pub struct Database {
     namespace: String,
 }
 
+/// Where the database is and how many connections to keep: `DATABASE_URL` and `DATABASE_POOL_SIZE`, read the
+/// same way by every service.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub pool_size: u32,
+}
+
+impl DatabaseSettings {
+    /// From the environment, with a service's defaults.
+    pub fn from_env(
+        default_url: &str,
+        default_pool_size: u32,
+    ) -> Result<Self, crate::config::ConfigError> {
+        Ok(Self {
+            url: crate::config::env_or("DATABASE_URL", default_url),
+            pool_size: crate::config::env_parse("DATABASE_POOL_SIZE", default_pool_size)?,
+        })
+    }
+}
+
 /// Why a database call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -23,6 +23,41 @@ use crate::propagation::{
 };
 use crate::setup::int_attribute;
 
+/// Where NATS is and which stream to use: `NATS_URL` (default `nats://127.0.0.1:4222`) and `NATS_STREAM`.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub url: String,
+    pub stream: String,
+}
+
+impl NatsSettings {
+    /// From the environment, with the deployment's default stream name.
+    pub fn from_env(default_stream: &str) -> Self {
+        Self {
+            url: crate::config::env_or("NATS_URL", "nats://127.0.0.1:4222"),
+            stream: crate::config::env_or("NATS_STREAM", default_stream),
+        }
+    }
+
+    /// Connects as `client_name` and creates (or updates) the stream of `subjects`: the JetStream context
+    /// to publish with, and the stream to consume from.
+    pub async fn open_stream(
+        &self,
+        client_name: &str,
+        subjects: &[&str],
+    ) -> anyhow::Result<(jetstream::Context, stream::Stream)> {
+        use anyhow::Context as _;
+        let nats = connect(&self.url, client_name)
+            .await
+            .with_context(|| format!("connecting to NATS at {}", self.url))?;
+        let jetstream = jetstream::new(nats);
+        let stream = ensure_stream(&jetstream, &StreamSettings::new(&self.stream, subjects))
+            .await
+            .context("creating the JetStream stream")?;
+        Ok((jetstream, stream))
+    }
+}
+
 /// JetStream stream settings, explicit rather than server defaults.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
