@@ -8,6 +8,7 @@
 //!   database created and migrated with the same `migrations/` that `diesel migration run` applies.
 //! - [`process`]: child processes that are always stopped (SIGTERM, then SIGKILL), logs to files.
 //! - [`stack`]: the whole stack in dependency order, each service awaited on `/healthz`.
+//! - [`supervise`]: `stack up` as a supervisor: signals at any moment, crashed services restarted, status.
 //! - [`dead_letters`]: replaying dead-lettered notifications once their cause is fixed.
 //! - [`client`]: a small API client (signup, login, checkout, order) for demos, tests and load.
 //! - [`bench`]: the benchmark session behind BENCHMARKS.md.
@@ -24,4 +25,5 @@ pub mod infra;
 pub mod load;
 pub mod process;
 pub mod stack;
+pub mod supervise;
 pub mod trace_view;

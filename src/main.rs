@@ -1,7 +1,8 @@
 //! `stack`: run tracehop locally, look at traces, replay the seed's stories.
 //!
 //! ```text
-//! stack up [--no-demo]             everything, in the foreground, until Ctrl-C
+//! stack up [--no-demo]             everything, in the foreground, supervised, until Ctrl-C
+//! stack status                     every process of a running `stack up`: health, pid, restarts, uptime
 //! stack trace <trace-id>           a terminal waterfall from any Jaeger query API
 //! stack demo <scenario>            checkout | slow-stripe | lost-email, against a running stack
 //! stack migrate                    create the database and apply migrations/ (what docker compose runs)
@@ -22,6 +23,7 @@ use tracehop::collector::{Collector, CollectorAddresses};
 use tracehop::infra::{self, PrivatePostgres};
 use tracehop::process::{find_executable, port_open};
 use tracehop::stack::{NatsChoice, Ports, Stack, StackOptions, TraceBackend};
+use tracehop::supervise::Interrupt;
 use tracehop::trace_view::TraceView;
 
 use tracehop_contracts::schema::DEFAULT_DATABASE_URL;
@@ -43,6 +45,19 @@ enum Command {
         #[arg(long)]
         no_demo: bool,
         /// Where logs, the NATS store, a private PostgreSQL and the mail sink live.
+        #[arg(long, default_value = ".tracehop")]
+        state_dir: PathBuf,
+        /// The embedded collector's OTLP/gRPC port (the services' ports are their `*_PORT` variables).
+        #[arg(long, default_value_t = 4317)]
+        otlp_grpc_port: u16,
+        #[arg(long, default_value_t = 4318)]
+        otlp_http_port: u16,
+        /// The Jaeger UI's port.
+        #[arg(long, default_value_t = 16686)]
+        ui_port: u16,
+    },
+    /// Every process of a running `stack up`: state, health, pid, restarts, uptime.
+    Status {
         #[arg(long, default_value = ".tracehop")]
         state_dir: PathBuf,
     },
@@ -164,7 +179,17 @@ enum Scenario {
 async fn main() -> anyhow::Result<()> {
     tracehop_telemetry::http::client::install_crypto_provider();
     match Cli::parse().command {
-        Command::Up { no_demo, state_dir } => up(no_demo, state_dir).await,
+        Command::Up {
+            no_demo,
+            state_dir,
+            otlp_grpc_port,
+            otlp_http_port,
+            ui_port,
+        } => {
+            let ports = Ports::from_env(otlp_grpc_port, otlp_http_port, ui_port)?;
+            up(no_demo, state_dir, ports).await
+        }
+        Command::Status { state_dir } => tracehop::supervise::print_status(&state_dir).await,
         Command::Trace { trace_id, jaeger } => {
             let trace = TraceView::fetch(&jaeger, &trace_id).await?;
             print!("{}", trace.waterfall(color()));
@@ -379,10 +404,11 @@ async fn prepare(database_url: &str, state_dir: &std::path::Path) -> anyhow::Res
     Ok(())
 }
 
-async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
+async fn up(no_demo: bool, state_dir: PathBuf, ports: Ports) -> anyhow::Result<()> {
+    // Listening from the first moment: a Ctrl-C or SIGTERM during any phase stops what was started so far.
+    let interrupt = Interrupt::install()?;
     std::fs::create_dir_all(state_dir.join("logs"))?;
     let state_dir = std::fs::canonicalize(&state_dir)?;
-    let ports = Ports::DEFAULT;
 
     let external_otlp = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
         .ok()
@@ -440,10 +466,15 @@ async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
 
     let database_url =
         std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
-    let postgres = ensure_postgres(&database_url, &state_dir).await?;
+    let postgres = interrupt
+        .run(
+            "starting PostgreSQL",
+            ensure_postgres(&database_url, &state_dir),
+        )
+        .await?;
 
     say("starting collector, stripe-sim, users, billing, notifications, gateway");
-    let stack = Stack::start(StackOptions {
+    let started = Stack::start(StackOptions {
         state_dir: state_dir.clone(),
         ports,
         nats,
@@ -453,9 +484,11 @@ async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
         otlp_protocol: std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
             .unwrap_or_else(|_| "grpc".to_owned()),
         extra_env: Vec::new(),
-    })
-    .await
-    .context("the stack did not start (everything started so far has been stopped)")?;
+    });
+    let mut stack = interrupt
+        .run("starting the stack", started)
+        .await
+        .context("the stack did not start (everything started so far has been stopped)")?;
 
     println!();
     println!(
@@ -488,16 +521,24 @@ async fn up(no_demo: bool, state_dir: PathBuf) -> anyhow::Result<()> {
     println!("  sent e-mail            {}", stack.mail_sink.display());
     println!();
 
-    if !no_demo
-        && let Err(error) = demo_checkout(&stack.gateway_url(), stack.jaeger_url.as_deref()).await
-    {
-        eprintln!("demo checkout failed: {error:#}");
+    if !no_demo {
+        let demo = async {
+            demo_checkout(&stack.gateway_url(), stack.jaeger_url.as_deref()).await?;
+            Ok(())
+        };
+        if let Err(error) = interrupt.run("running the demo checkout", demo).await {
+            eprintln!("demo checkout: {error:#}");
+        }
     }
-    say("running; press Ctrl-C to stop");
-    shutdown_signal().await;
+    let status = tracehop::supervise::status_path(&state_dir);
+    if !interrupt.heard() {
+        say("running; press Ctrl-C to stop (`stack status` from another terminal)");
+        tracehop::supervise::supervise(&mut stack, &interrupt, &status).await;
+    }
     say("stopping services (they flush their spans), NATS and the collector");
     drop(stack);
     drop(postgres);
+    let _ = std::fs::remove_file(&status);
     say("stopped");
     Ok(())
 }

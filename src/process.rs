@@ -1,5 +1,10 @@
 //! Child processes that never outlive their owner: SIGTERM on drop (so services flush their spans), SIGKILL
 //! if they do not exit in time. Output goes to a log file per process.
+//!
+//! Each child runs in a process group of its own, so a Ctrl-C at the terminal reaches only the owner, which
+//! then stops its children in order (the last spans flushed, NATS after the services that use it) instead of
+//! everything dying at once. Every live child is registered, so a second Ctrl-C can kill them all at once
+//! ([`kill_all`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -7,6 +12,30 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+
+/// The pids of the children alive now (spawned and not yet stopped, killed or reaped).
+static LIVE: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn register(pid: u32) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.push(pid);
+    }
+}
+
+fn forget(pid: u32) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.retain(|p| *p != pid);
+    }
+}
+
+/// SIGKILL to every live child: the forced end of a shutdown that is taking too long (a second Ctrl-C).
+/// Their owners still reap them and go on stopping what is left.
+pub fn kill_all() {
+    let pids: Vec<u32> = LIVE.lock().map(|live| live.clone()).unwrap_or_default();
+    for pid in pids {
+        signal(pid, "KILL");
+    }
+}
 
 /// A running child.
 pub struct ChildProcess {
@@ -26,12 +55,15 @@ impl ChildProcess {
             .append(true)
             .open(log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
+        use std::os::unix::process::CommandExt as _;
         let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
+        register(child.id());
         Ok(Self {
             name: name.to_owned(),
             log_path: log_path.to_owned(),
@@ -45,9 +77,10 @@ impl ChildProcess {
 
     /// Whether the process has exited (and with what).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|child| child.try_wait().ok().flatten())
+        let child = self.child.as_mut()?;
+        let status = child.try_wait().ok().flatten()?;
+        forget(child.id());
+        Some(status)
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL.
@@ -55,6 +88,7 @@ impl ChildProcess {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        let _reaped = Forget(child.id());
         if child.try_wait().ok().flatten().is_some() {
             return;
         }
@@ -75,6 +109,7 @@ impl ChildProcess {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            forget(child.id());
         }
     }
 
@@ -101,6 +136,15 @@ fn without_backtraces(text: &str) -> Vec<&str> {
             !in_backtrace
         })
         .collect()
+}
+
+/// Unregisters a child however its stop ends.
+struct Forget(u32);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        forget(self.0);
+    }
 }
 
 impl Drop for ChildProcess {

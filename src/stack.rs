@@ -42,6 +42,31 @@ impl Ports {
         jaeger_ui: 16686,
     };
 
+    /// The defaults, or the services' own `*_PORT` variables where set (the collector's from the
+    /// arguments given).
+    pub fn from_env(otlp_grpc: u16, otlp_http: u16, jaeger_ui: u16) -> anyhow::Result<Ports> {
+        let port = |name: &str, default: u16| -> anyhow::Result<u16> {
+            match std::env::var(name) {
+                Ok(value) if !value.trim().is_empty() => value
+                    .trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{name} is not a port: {value:?}")),
+                _ => Ok(default),
+            }
+        };
+        let defaults = Self::DEFAULT;
+        Ok(Ports {
+            gateway: port("GATEWAY_PORT", defaults.gateway)?,
+            users: port("USERS_PORT", defaults.users)?,
+            billing: port("BILLING_PORT", defaults.billing)?,
+            notifications: port("NOTIFICATIONS_PORT", defaults.notifications)?,
+            stripe_sim: port("STRIPE_SIM_PORT", defaults.stripe_sim)?,
+            otlp_grpc,
+            otlp_http,
+            jaeger_ui,
+        })
+    }
+
     /// Free ports for a test stack.
     pub fn free() -> anyhow::Result<Ports> {
         use crate::process::free_port;
@@ -223,7 +248,8 @@ impl Stack {
         env
     }
 
-    fn health_url(&self, name: &str) -> String {
+    /// The `/healthz` URL of a service.
+    pub fn health_url(&self, name: &str) -> String {
         let ports = self.options.ports;
         let port = match name {
             "stripe-sim" => ports.stripe_sim,

@@ -181,20 +181,20 @@ impl TestStack {
 impl Drop for TestStack {
     fn drop(&mut self) {
         self.stack.stop();
-        // Best effort, synchronous (Drop cannot await): remove this test's database and files.
-        use diesel::{Connection, RunQueryDsl};
-        let admin =
-            tracehop::infra::with_database(&self.stack.options.database_server_url, "postgres");
-        if let Ok(mut connection) = diesel::PgConnection::establish(&admin) {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.database_name
-            ))
-            .execute(&mut connection);
-        }
+        drop_database(&self.stack.options.database_server_url, &self.database_name);
         if std::env::var_os("TRACEHOP_KEEP_TEST_STATE").is_none() {
             let _ = std::fs::remove_dir_all(&self.state_dir);
         }
+    }
+}
+
+/// Best effort, synchronous (a `Drop` cannot await): removes a test's database.
+pub fn drop_database(server_url: &str, name: &str) {
+    use diesel::{Connection, RunQueryDsl};
+    let admin = tracehop::infra::with_database(server_url, "postgres");
+    if let Ok(mut connection) = diesel::PgConnection::establish(&admin) {
+        let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut connection);
     }
 }
 
