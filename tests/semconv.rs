@@ -37,6 +37,7 @@ const CUSTOM: &[&str] = &[
     "notification.duplicate",
     "mail.transport",
     "outbox.late",
+    "retention.deleted",
     "messaging.nats.",
     "db.client.connection.wait_us",
     "db.client.connection.pool.connections",

@@ -23,6 +23,10 @@ pub struct Settings {
     /// `BILLING_OUTBOX_RELAY_PAUSED=true`: record events but do not publish them (maintenance of NATS; the crash
     /// tests use it to hold events in the outbox, then restart billing without it).
     pub outbox_paused: bool,
+    /// `BILLING_OUTBOX_RETENTION_HOURS` (default 168): published outbox events older than this are deleted.
+    pub outbox_retention: Duration,
+    /// `BILLING_RETENTION_EVERY_MS` (default 600000): how often.
+    pub retention_every: Duration,
     /// `BILLING_RECONCILE_EVERY_MS` (default 10000): how often charges of unknown outcome are looked for.
     pub reconcile_every: Duration,
     /// `BILLING_RECONCILE_AFTER_MS` (default 120000): how old a `pending` charge must be to count as lost track of;
@@ -59,7 +63,7 @@ impl Settings {
             host,
             port,
             database: DatabaseSettings::from_env(DEFAULT_DATABASE_URL, 10)?,
-            nats: NatsSettings::from_env(ORDERS_STREAM),
+            nats: NatsSettings::from_env(ORDERS_STREAM)?,
             stripe: StripeSettings {
                 api_base: env_or("STRIPE_API_BASE", "http://127.0.0.1:12111"),
                 secret_key: env_or("STRIPE_SECRET_KEY", "sk_test_tracehop"),
@@ -77,6 +81,13 @@ impl Settings {
             },
             outbox_sweep: Duration::from_millis(env_parse("BILLING_OUTBOX_SWEEP_MS", 2_000)?),
             outbox_paused: env_parse("BILLING_OUTBOX_RELAY_PAUSED", false)?,
+            outbox_retention: Duration::from_secs(
+                3600 * env_parse("BILLING_OUTBOX_RETENTION_HOURS", 168_u64)?,
+            ),
+            retention_every: Duration::from_millis(env_parse(
+                "BILLING_RETENTION_EVERY_MS",
+                600_000,
+            )?),
             reconcile_every: Duration::from_millis(env_parse(
                 "BILLING_RECONCILE_EVERY_MS",
                 10_000,

@@ -19,6 +19,11 @@ pub struct Settings {
     pub nats: NatsSettings,
     /// `NATS_CONSUMER` (default notifications): the durable consumer name.
     pub nats_consumer: String,
+    /// `NOTIFICATIONS_RETENTION_DAYS` (default 30): sent or failed notification records older than this
+    /// are deleted.
+    pub retention: Duration,
+    /// `NOTIFICATIONS_RETENTION_EVERY_MS` (default 600000): how often.
+    pub retention_every: Duration,
     /// `NOTIFICATIONS_MAX_DELIVER` (default 5): deliveries before a message is dead-lettered.
     pub max_deliver: i64,
     /// `NOTIFICATIONS_ACK_WAIT_MS` (default 30000): above the slowest e-mail send.
@@ -52,11 +57,18 @@ impl Settings {
             host,
             port,
             database: DatabaseSettings::from_env(DEFAULT_DATABASE_URL, 8)?,
-            nats: NatsSettings::from_env(ORDERS_STREAM),
+            nats: NatsSettings::from_env(ORDERS_STREAM)?,
             nats_consumer: env_or(
                 "NATS_CONSUMER",
                 tracehop_contracts::events::NOTIFICATIONS_CONSUMER,
             ),
+            retention: Duration::from_secs(
+                86_400 * env_parse("NOTIFICATIONS_RETENTION_DAYS", 30_u64)?,
+            ),
+            retention_every: Duration::from_millis(env_parse(
+                "NOTIFICATIONS_RETENTION_EVERY_MS",
+                600_000,
+            )?),
             max_deliver: env_parse("NOTIFICATIONS_MAX_DELIVER", 5)?,
             ack_wait: Duration::from_millis(env_parse("NOTIFICATIONS_ACK_WAIT_MS", 30_000)?),
             backoff: Duration::from_millis(env_parse("NOTIFICATIONS_BACKOFF_MS", 1_000)?),

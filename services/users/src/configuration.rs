@@ -14,6 +14,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// `USERS_SESSION_TTL_HOURS` (default 24).
     pub session_ttl_hours: i64,
+    /// `USERS_RETENTION_EVERY_MS` (default 600000): how often expired sessions are deleted.
+    pub retention_every: std::time::Duration,
 }
 
 impl Settings {
@@ -24,6 +26,10 @@ impl Settings {
             port,
             database: DatabaseSettings::from_env(DEFAULT_DATABASE_URL, 8)?,
             session_ttl_hours: env_parse("USERS_SESSION_TTL_HOURS", 24)?,
+            retention_every: std::time::Duration::from_millis(env_parse(
+                "USERS_RETENTION_EVERY_MS",
+                600_000,
+            )?),
         })
     }
 }

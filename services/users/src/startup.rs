@@ -1,7 +1,8 @@
 //! Building and running the HTTP server.
 
 use actix_web::web;
-use tracehop_telemetry::db::Database;
+use diesel::RunQueryDsl;
+use tracehop_telemetry::db::{Database, Retention, spawn_retention, traced};
 use tracehop_telemetry::http::server;
 
 use crate::configuration::Settings;
@@ -15,6 +16,26 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database = Database::connect(&settings.database.url, settings.database.pool_size)?;
+        // Expired sessions are deleted, a batch per statement.
+        let retention = Retention {
+            name: "sessions",
+            every: settings.retention_every,
+            batch: 1000,
+        };
+        spawn_retention(
+            database.clone(),
+            retention,
+            |connection, statements, batch| {
+                let query = diesel::sql_query(
+                    "DELETE FROM sessions WHERE ctid IN \
+                 (SELECT ctid FROM sessions WHERE expires_at < now() LIMIT $1)",
+                )
+                .bind::<diesel::sql_types::BigInt, _>(batch);
+                Ok(traced(statements, query, |query| {
+                    query.execute(connection)
+                })?)
+            },
+        );
         let (listener, port) = server::bind(&settings.host, settings.port)?;
         let state = web::Data::new(routes::State {
             database,

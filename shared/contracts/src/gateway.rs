@@ -30,7 +30,7 @@ pub struct OrderResponse {
     pub status: String,
     pub charge_id: Option<String>,
     pub created_at: DateTime<Utc>,
-    /// `pending`, `sent` or `failed`.
+    /// `pending`, `sent`, `failed`, or `purged` (its record is older than the notifications' retention).
     pub notification: String,
     pub notification_attempts: i32,
     pub notification_error: Option<String>,

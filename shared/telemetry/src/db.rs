@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use diesel::pg::{Pg, PgConnection};
 use diesel::query_builder::{QueryFragment, QueryId};
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
-use tracing::Span;
+use tracing::{Instrument, Span};
 
 /// The pool type every service uses.
 pub type DbPool = Pool<ConnectionManager<PgConnection>>;
@@ -365,4 +365,92 @@ mod tests {
         assert_eq!(database_name("postgres://u@h/db?sslmode=disable"), "db");
         assert_eq!(database_name("postgres://u@h"), "postgres");
     }
+}
+
+/// A retention rule: what a service deletes, how often, and how much per statement.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// Names the job's spans: `retention {name}`.
+    pub name: &'static str,
+    /// How often a round runs.
+    pub every: Duration,
+    /// Rows per `DELETE` (a round repeats it until fewer are deleted).
+    pub batch: i64,
+}
+
+/// Runs `purge` every `retention.every` until the process ends: each round is a span `retention {name}`
+/// (INTERNAL, `retention.deleted` = rows deleted), and each batch one statement, a child span.
+/// `purge(connection, statements, batch)` deletes at most `batch` rows and says how many it did.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use diesel::RunQueryDsl;
+/// use diesel::sql_types::{BigInt, Timestamptz};
+/// use tracehop_telemetry::db::{Database, Retention, traced, spawn_retention};
+///
+/// # async fn run(database: Database) {
+/// let rule = Retention { name: "events", every: Duration::from_secs(600), batch: 1000 };
+/// spawn_retention(database, rule, |connection, statements, batch| {
+///     // PostgreSQL's DELETE has no LIMIT: the batch is chosen by a sub-select on `ctid`.
+///     let query = diesel::sql_query(
+///         "DELETE FROM events WHERE ctid IN \
+///          (SELECT ctid FROM events WHERE created_at < $1 LIMIT $2)",
+///     )
+///     .bind::<Timestamptz, _>(chrono::Utc::now() - chrono::Duration::days(7))
+///     .bind::<BigInt, _>(batch);
+///     Ok(traced(statements, query, |q| q.execute(connection))?)
+/// });
+/// # }
+/// ```
+pub fn spawn_retention<F>(database: Database, retention: Retention, purge: F)
+where
+    F: Fn(&mut DbConnection, &Statements, i64) -> Result<usize, DbError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(retention.every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let span = tracing::info_span!(
+                "db.retention",
+                otel.name = %format!("retention {}", retention.name),
+                otel.kind = "internal",
+                otel.status_code = tracing::field::Empty,
+                retention.deleted = tracing::field::Empty,
+            );
+            let mut deleted = 0_usize;
+            loop {
+                let purge = purge.clone();
+                let batch = retention.batch;
+                let round = database
+                    .run(move |connection, statements| purge(connection, statements, batch))
+                    .instrument(span.clone())
+                    .await;
+                match round {
+                    Ok(count) => {
+                        deleted += count;
+                        if i64::try_from(count).unwrap_or(i64::MAX) < retention.batch {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        span.record("otel.status_code", "ERROR");
+                        span.in_scope(|| tracing::warn!(error = %error, "retention round failed"));
+                        break;
+                    }
+                }
+            }
+            span.record(
+                "retention.deleted",
+                i64::try_from(deleted).unwrap_or(i64::MAX),
+            );
+            if deleted > 0 {
+                span.in_scope(|| tracing::info!(deleted, "retention: old rows deleted"));
+            }
+        }
+    });
 }

@@ -23,20 +23,27 @@ use crate::propagation::{
 };
 use crate::setup::int_attribute;
 
-/// Where NATS is and which stream to use: `NATS_URL` (default `nats://127.0.0.1:4222`) and `NATS_STREAM`.
+/// Where NATS is, which stream to use and its limits: `NATS_URL` (default `nats://127.0.0.1:4222`),
+/// `NATS_STREAM`, `NATS_STREAM_MAX_AGE_HOURS` (default 168) and `NATS_STREAM_MAX_BYTES` (default 1 GiB).
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
     pub url: String,
     pub stream: String,
+    pub max_age: Duration,
+    pub max_bytes: i64,
 }
 
 impl NatsSettings {
     /// From the environment, with the deployment's default stream name.
-    pub fn from_env(default_stream: &str) -> Self {
-        Self {
+    pub fn from_env(default_stream: &str) -> Result<Self, crate::config::ConfigError> {
+        Ok(Self {
             url: crate::config::env_or("NATS_URL", "nats://127.0.0.1:4222"),
             stream: crate::config::env_or("NATS_STREAM", default_stream),
-        }
+            max_age: Duration::from_secs(
+                3600 * crate::config::env_parse("NATS_STREAM_MAX_AGE_HOURS", 168_u64)?,
+            ),
+            max_bytes: crate::config::env_parse("NATS_STREAM_MAX_BYTES", 1 << 30)?,
+        })
     }
 
     /// Connects as `client_name` and creates (or updates) the stream of `subjects`: the JetStream context
@@ -51,7 +58,12 @@ impl NatsSettings {
             .await
             .with_context(|| format!("connecting to NATS at {}", self.url))?;
         let jetstream = jetstream::new(nats);
-        let stream = ensure_stream(&jetstream, &StreamSettings::new(&self.stream, subjects))
+        let settings = StreamSettings {
+            max_age: self.max_age,
+            max_bytes: self.max_bytes,
+            ..StreamSettings::new(&self.stream, subjects)
+        };
+        let stream = ensure_stream(&jetstream, &settings)
             .await
             .context("creating the JetStream stream")?;
         Ok((jetstream, stream))
@@ -69,17 +81,22 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// How long messages are kept.
     pub max_age: Duration,
+    /// The most bytes kept. When full the stream refuses new messages (discard policy `new`) rather than
+    /// dropping old ones: a refused publish stays in its publisher's outbox and is retried, while an old
+    /// message dropped might not have been delivered yet.
+    pub max_bytes: i64,
 }
 
 impl StreamSettings {
     /// A file-backed stream of `subjects`, remembering message ids for 30 minutes and keeping messages
-    /// for 7 days.
+    /// for 7 days, 1 GiB at most.
     pub fn new(stream: impl Into<String>, subjects: &[&str]) -> Self {
         Self {
             stream: stream.into(),
             subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
             duplicate_window: Duration::from_secs(30 * 60),
             max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 1 << 30,
         }
     }
 }
@@ -120,6 +137,8 @@ pub async fn ensure_stream(
         storage: stream::StorageType::File,
         duplicate_window: settings.duplicate_window,
         max_age: settings.max_age,
+        max_bytes: settings.max_bytes,
+        discard: stream::DiscardPolicy::New,
         ..Default::default()
     };
     // Create, or bring an existing stream to these settings (a reused store gets today's configuration).

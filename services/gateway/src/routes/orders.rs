@@ -38,6 +38,13 @@ pub async fn get_order(
                 .map(|amount| amount.decimal())
                 .unwrap_or_else(|| order.amount_minor.to_string());
             let notification = order.notification.as_ref();
+            // A charged order's notification row is written with the charge, so a charged order
+            // without one had its record deleted by retention (NOTIFICATIONS_RETENTION_DAYS).
+            let notification_state = match notification {
+                Some(notification) => notification.status.clone(),
+                None if order.status == "charged" => "purged".to_owned(),
+                None => "pending".to_owned(),
+            };
             Ok(HttpResponse::Ok().json(OrderResponse {
                 order_id: order.order_id,
                 amount,
@@ -46,8 +53,7 @@ pub async fn get_order(
                 status: order.status,
                 charge_id: order.charge_id,
                 created_at: order.created_at,
-                notification: notification
-                    .map_or_else(|| "pending".to_owned(), |n| n.status.clone()),
+                notification: notification_state,
                 notification_attempts: notification.map_or(0, |n| n.attempts),
                 notification_error: notification.and_then(|n| n.last_error.clone()),
                 checkout_trace_id: order.trace_id,
