@@ -343,7 +343,11 @@ mod tests {
         assert_eq!(view.parent(child).unwrap().name, "POST /checkout");
         assert!(child.is_error());
         assert_eq!(view.roots().len(), 1);
-        assert_eq!(view.services(), vec!["billing", "gateway"], "sorted by name");
+        assert_eq!(
+            view.services(),
+            vec!["billing", "gateway"],
+            "sorted by name"
+        );
         let drawn = view.waterfall(false);
         assert!(drawn.contains("  billing.charge"), "{drawn}");
         assert!(drawn.contains("2.00ms"), "{drawn}");

@@ -209,12 +209,10 @@ pub async fn trace_response(
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let traceparent = w3c::traceparent(&Span::current().context());
     let mut response = next.call(request).await?;
-    if let Some(traceparent) = traceparent {
-        if let Ok(value) = HeaderValue::from_str(&traceparent) {
-            response
-                .headers_mut()
-                .insert(HeaderName::from_static("traceresponse"), value);
-        }
+    if let Some(value) = traceparent.and_then(|value| HeaderValue::from_str(&value).ok()) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("traceresponse"), value);
     }
     Ok(response)
 }
