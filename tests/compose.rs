@@ -159,10 +159,6 @@ fn compose_names_every_service_with_its_port() {
     ];
     for (service, port, prefix) in expected {
         let definition = &compose["services"][service];
-        assert!(
-            ports_of(definition).contains(&format!("{port}:{port}")),
-            "{service} publishes {port}"
-        );
         assert_eq!(
             env_value(definition, &format!("{prefix}_PORT")),
             Some(port.to_string()),
@@ -182,13 +178,6 @@ fn compose_names_every_service_with_its_port() {
             definition["restart"].as_str(),
             Some("on-failure"),
             "{service} restarts on failure"
-        );
-    }
-    let jaeger = ports_of(&compose["services"]["jaeger"]);
-    for port in [ports.jaeger_ui, ports.otlp_grpc, ports.otlp_http] {
-        assert!(
-            jaeger.contains(&format!("{port}:{port}")),
-            "jaeger publishes {port}"
         );
     }
     assert!(
@@ -317,10 +306,73 @@ fn compose_starts_things_in_dependency_order() {
         nats_command.contains("-js"),
         "JetStream enabled: {nats_command}"
     );
-    assert!(ports_of(&services["nats"]).contains(&"4222:4222".to_owned()));
     assert!(services["postgres"]["healthcheck"].is_mapping());
     let volumes = compose["volumes"].as_mapping().expect("volumes");
     assert!(volumes.contains_key("nats-data") && volumes.contains_key("pg-data"));
+}
+
+#[test]
+fn only_the_gateway_the_jaeger_ui_and_the_inbox_are_published_and_only_on_loopback() {
+    let compose = compose();
+    let mut published: Vec<(String, String)> = Vec::new();
+    for (name, definition) in compose["services"].as_mapping().expect("services") {
+        for port in ports_of(definition) {
+            published.push((name.as_str().unwrap_or_default().to_owned(), port));
+        }
+    }
+    published.sort();
+    let expected: Vec<(String, String)> = [
+        ("gateway", "127.0.0.1:3000:3000"),
+        ("jaeger", "127.0.0.1:16686:16686"),
+        ("mailpit", "127.0.0.1:8025:8025"),
+    ]
+    .iter()
+    .map(|(name, port)| ((*name).to_owned(), (*port).to_owned()))
+    .collect();
+    assert_eq!(published, expected);
+}
+
+#[test]
+fn no_secret_is_committed_and_the_services_run_unprivileged() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose = compose();
+    let services = &compose["services"];
+    assert_eq!(
+        env_value(&services["postgres"], "POSTGRES_PASSWORD").as_deref(),
+        Some("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env (see .env.example)}"),
+        "the password comes from .env"
+    );
+    for (name, definition) in services.as_mapping().expect("services") {
+        if let Some(url) = env_value(definition, "DATABASE_URL") {
+            assert!(
+                url.starts_with("postgres://postgres:${POSTGRES_PASSWORD}@postgres:5432/"),
+                "{name:?} DATABASE_URL carries a password of its own: {url}"
+            );
+        }
+    }
+    let ignored = std::fs::read_to_string(root.join(".gitignore")).unwrap();
+    assert!(
+        ignored.lines().any(|line| line == "/.env"),
+        ".env is not ignored"
+    );
+    let example = std::fs::read_to_string(root.join(".env.example")).unwrap();
+    assert!(example.contains("POSTGRES_PASSWORD="));
+    let tracked = std::process::Command::new("git")
+        .args(["ls-files", ".env"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(tracked.stdout.is_empty(), ".env is committed");
+    // The services: read-only root filesystem, and the image's non-root user.
+    for service in SERVICES.iter().chain(["migrate"].iter()) {
+        assert_eq!(
+            services[*service]["read_only"].as_bool(),
+            Some(true),
+            "{service} root filesystem"
+        );
+    }
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    assert!(dockerfile.lines().any(|line| line == "USER tracehop"));
 }
 
 #[test]
