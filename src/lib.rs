@@ -14,6 +14,7 @@
 //! - [`bench`]: the benchmark session behind BENCHMARKS.md.
 //! - [`load`]: the load generator (open and closed loop, HDR histograms).
 //! - [`trace_view`]: a trace from any Jaeger query API, as a tree and as a terminal waterfall.
+//! - [`why`]: a trace's critical path, each service's share of it, and one line that blames.
 
 #![forbid(unsafe_code)]
 
@@ -27,3 +28,4 @@ pub mod process;
 pub mod stack;
 pub mod supervise;
 pub mod trace_view;
+pub mod why;

@@ -4,6 +4,7 @@
 //! stack up [--no-demo]             everything, in the foreground, supervised, until Ctrl-C
 //! stack status                     every process of a running `stack up`: health, pid, restarts, uptime
 //! stack trace <trace-id>           a terminal waterfall from any Jaeger query API
+//! stack why <trace-id>             what the trace waited on: critical path, shares, one line that blames
 //! stack demo <scenario>            checkout | slow-stripe | lost-email, against a running stack
 //! stack migrate                    create the database and apply migrations/ (what docker compose runs)
 //! stack prepare                    make sure PostgreSQL and nats-server are available (used by ./dev test)
@@ -63,6 +64,12 @@ enum Command {
     },
     /// Draw a trace as a terminal waterfall.
     Trace {
+        trace_id: String,
+        #[arg(long, default_value = DEFAULT_JAEGER, env = "JAEGER_URL")]
+        jaeger: String,
+    },
+    /// What a trace waited on: its critical path, each service's share, and one line that blames.
+    Why {
         trace_id: String,
         #[arg(long, default_value = DEFAULT_JAEGER, env = "JAEGER_URL")]
         jaeger: String,
@@ -193,6 +200,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Trace { trace_id, jaeger } => {
             let trace = TraceView::fetch(&jaeger, &trace_id).await?;
             print!("{}", trace.waterfall(color()));
+            Ok(())
+        }
+        Command::Why { trace_id, jaeger } => {
+            let trace = TraceView::fetch(&jaeger, &trace_id).await?;
+            print!("{}", tracehop::why::Why::of(&trace).report());
             Ok(())
         }
         Command::Demo {

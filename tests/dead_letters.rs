@@ -78,6 +78,19 @@ async fn a_lost_email_is_visible_dead_lettered_marked_failed_and_replayable() {
         .map(|s| s.tag("messaging.nats.delivery_count").unwrap_or_default())
         .collect();
     assert_eq!(counts, ["1", "2", "3"]);
+    // What the whole story waited on crosses the NATS hop: the deliveries are on the critical path.
+    let why = tracehop::why::Why::of(&trace);
+    assert!(
+        why.path
+            .iter()
+            .any(|step| step.name == "publish order.completed")
+            && why
+                .path
+                .iter()
+                .any(|step| step.name == "process order.completed"),
+        "{}",
+        why.report()
+    );
     let publish = common::one(&trace, "publish order.completed");
     for delivery in &deliveries {
         assert!(

@@ -341,6 +341,22 @@ async fn a_slow_first_stripe_attempt_is_retried_and_charged_once() {
     );
     let stripe = common::one(&trace, "stripe.create_charge");
     assert_eq!(stripe.tag("stripe.attempts").as_deref(), Some("2"));
+    // `stack why` blames the first attempt, from the collector's query API like a user would.
+    let why = std::process::Command::new(tracehop::process::bin_dir().unwrap().join("stack"))
+        .args(["why", &trace_id, "--jaeger", &test.jaeger()])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&why.stdout).to_string();
+    let blame = why
+        .lines()
+        .find(|l| l.starts_with("why: "))
+        .unwrap_or_default();
+    assert!(
+        blame.contains(": billing › ")
+            && blame.contains("› POST /v1/charges attempt 1 timed out after 2.")
+            && blame.ends_with(", retried"),
+        "{why}"
+    );
     // The hung request completes later and finds the idempotency key: still one charge.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(test.stripe_charges().await.len(), 1);
