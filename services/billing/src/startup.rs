@@ -4,9 +4,8 @@ use std::sync::Arc;
 
 use actix::Supervisor;
 use actix_web::web;
-use diesel::RunQueryDsl;
 use tracehop_contracts::events::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
-use tracehop_telemetry::db::{Database, Retention, spawn_retention, traced};
+use tracehop_telemetry::db::{Database, Retention, spawn_age_retention};
 use tracehop_telemetry::http::server;
 
 use crate::actors::billing::BillingDeps;
@@ -23,27 +22,20 @@ impl Application {
         let database = Database::connect(&settings.database.url, settings.database.pool_size)?;
         // Published outbox events are kept `BILLING_OUTBOX_RETENTION_HOURS`, then deleted; an unpublished
         // one is never deleted.
-        let keep = chrono::Duration::from_std(settings.outbox_retention)?;
         let retention = Retention {
             name: "outbox",
             every: settings.retention_every,
             batch: 1000,
         };
-        spawn_retention(
+        let published = "published_at IS NOT NULL";
+        spawn_age_retention(
             database.clone(),
             retention,
-            move |connection, statements, batch| {
-                let query = diesel::sql_query(
-                    "DELETE FROM outbox WHERE ctid IN (SELECT ctid FROM outbox \
-                 WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)",
-                )
-                .bind::<diesel::sql_types::Timestamptz, _>(chrono::Utc::now() - keep)
-                .bind::<diesel::sql_types::BigInt, _>(batch);
-                Ok(traced(statements, query, |query| {
-                    query.execute(connection)
-                })?)
-            },
-        );
+            "outbox",
+            "published_at",
+            published,
+            settings.outbox_retention,
+        )?;
         let (jetstream, _) = settings
             .nats
             .open_stream("billing", &[ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER])

@@ -6,10 +6,9 @@ use std::time::Duration;
 use actix::Supervisor;
 use actix_web::{HttpResponse, web};
 use anyhow::Context as _;
-use diesel::RunQueryDsl;
 use tokio::sync::watch;
 use tracehop_contracts::events::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
-use tracehop_telemetry::db::{Database, Retention, spawn_retention, traced};
+use tracehop_telemetry::db::{Database, Retention, spawn_age_retention};
 use tracehop_telemetry::http::server;
 use tracehop_telemetry::messaging::{self, ConsumerSettings};
 
@@ -40,27 +39,20 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database = Database::connect(&settings.database.url, settings.database.pool_size)?;
         // Finished notification records (sent or given up on) are kept `NOTIFICATIONS_RETENTION_DAYS`.
-        let keep = chrono::Duration::from_std(settings.retention)?;
         let retention = Retention {
             name: "notifications",
             every: settings.retention_every,
             batch: 1000,
         };
-        spawn_retention(
+        let finished = "status IN ('sent', 'failed')";
+        spawn_age_retention(
             database.clone(),
             retention,
-            move |connection, statements, batch| {
-                let query = diesel::sql_query(
-                    "DELETE FROM notifications WHERE ctid IN (SELECT ctid FROM notifications \
-                 WHERE status IN ('sent', 'failed') AND updated_at < $1 LIMIT $2)",
-                )
-                .bind::<diesel::sql_types::Timestamptz, _>(chrono::Utc::now() - keep)
-                .bind::<diesel::sql_types::BigInt, _>(batch);
-                Ok(traced(statements, query, |query| {
-                    query.execute(connection)
-                })?)
-            },
-        );
+            "notifications",
+            "updated_at",
+            finished,
+            settings.retention,
+        )?;
         let (jetstream, stream) = settings
             .nats
             .open_stream(

@@ -1,8 +1,7 @@
 //! Building and running the HTTP server.
 
 use actix_web::web;
-use diesel::RunQueryDsl;
-use tracehop_telemetry::db::{Database, Retention, spawn_retention, traced};
+use tracehop_telemetry::db::{Database, Retention, spawn_age_retention};
 use tracehop_telemetry::http::server;
 
 use crate::configuration::Settings;
@@ -22,20 +21,14 @@ impl Application {
             every: settings.retention_every,
             batch: 1000,
         };
-        spawn_retention(
+        spawn_age_retention(
             database.clone(),
             retention,
-            |connection, statements, batch| {
-                let query = diesel::sql_query(
-                    "DELETE FROM sessions WHERE ctid IN \
-                 (SELECT ctid FROM sessions WHERE expires_at < now() LIMIT $1)",
-                )
-                .bind::<diesel::sql_types::BigInt, _>(batch);
-                Ok(traced(statements, query, |query| {
-                    query.execute(connection)
-                })?)
-            },
-        );
+            "sessions",
+            "expires_at",
+            "TRUE",
+            std::time::Duration::ZERO,
+        )?;
         let (listener, port) = server::bind(&settings.host, settings.port)?;
         let state = web::Data::new(routes::State {
             database,

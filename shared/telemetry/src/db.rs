@@ -378,6 +378,35 @@ pub struct Retention {
     pub batch: i64,
 }
 
+/// Deletes, on `retention`'s schedule, the rows of `table` whose `age_column` is older than `keep` and that
+/// match `condition` (SQL, `TRUE` for all): the usual rule, on top of [`spawn_retention`]. `table`,
+/// `age_column` and `condition` are the service's own constants, never outside input.
+pub fn spawn_age_retention(
+    database: Database,
+    retention: Retention,
+    table: &'static str,
+    age_column: &'static str,
+    condition: &'static str,
+    keep: Duration,
+) -> Result<(), chrono::OutOfRangeError> {
+    let keep = chrono::Duration::from_std(keep)?;
+    // PostgreSQL's DELETE has no LIMIT: the batch is chosen by a sub-select on `ctid`.
+    let sql = format!(
+        "DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} \
+         WHERE ({condition}) AND {age_column} < $1 LIMIT $2)"
+    );
+    spawn_retention(database, retention, move |connection, statements, batch| {
+        use diesel::RunQueryDsl;
+        let query = diesel::sql_query(sql.as_str())
+            .bind::<diesel::sql_types::Timestamptz, _>(chrono::Utc::now() - keep)
+            .bind::<diesel::sql_types::BigInt, _>(batch);
+        Ok(traced(statements, query, |query| {
+            query.execute(connection)
+        })?)
+    });
+    Ok(())
+}
+
 /// Runs `purge` every `retention.every` until the process ends: each round is a span `retention {name}`
 /// (INTERNAL, `retention.deleted` = rows deleted), and each batch one statement, a child span.
 /// `purge(connection, statements, batch)` deletes at most `batch` rows and says how many it did.
