@@ -108,9 +108,24 @@ impl Up {
     /// Processes started by this `stack up` (they all carry its state folder, in their command line or
     /// their environment) and ports still listening.
     fn leftovers(&self) -> Vec<String> {
+        let mut found: Vec<String> = self
+            .processes()
+            .into_iter()
+            .map(|(pid, command_line)| format!("process {pid}: {command_line}"))
+            .collect();
+        for port in &self.ports {
+            if port_open("127.0.0.1", *port) {
+                found.push(format!("port {port} still listening"));
+            }
+        }
+        found
+    }
+
+    /// `(pid, command line)` of every process that carries this stack's state folder.
+    fn processes(&self) -> Vec<(u32, String)> {
         let marker = self.state_dir.display().to_string();
         let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
@@ -123,12 +138,7 @@ impl Up {
             };
             let command_line = read("cmdline");
             if command_line.contains(&marker) || read("environ").contains(&marker) {
-                found.push(format!("process {pid}: {command_line}"));
-            }
-        }
-        for port in &self.ports {
-            if port_open("127.0.0.1", *port) {
-                found.push(format!("port {port} still listening"));
+                found.push((pid, command_line));
             }
         }
         found
@@ -142,9 +152,22 @@ impl Up {
 }
 
 impl Drop for Up {
+    /// Even when the test failed: `stack up` is asked to stop (so it stops its children), then killed, and
+    /// whatever still carries its state folder is killed too. A SIGKILL alone would leave its services
+    /// running: they are in process groups of their own.
     fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            signal(self.child.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for (pid, _) in self.processes() {
+            signal(pid, "KILL");
+        }
         common::drop_database(&common::database_server_url(), &self.database);
         if std::env::var_os("TRACEHOP_KEEP_TEST_STATE").is_none() {
             let _ = std::fs::remove_dir_all(&self.state_dir);
