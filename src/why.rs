@@ -36,6 +36,9 @@ pub struct Why {
     pub by_service: Vec<(String, u64)>,
     /// One line that blames.
     pub blame: String,
+    /// Spans whose parent is missing besides the root (0 for a whole trace): their subtrees are not on the
+    /// path.
+    pub incomplete: usize,
 }
 
 impl Why {
@@ -57,10 +60,11 @@ impl Why {
             fill_subtree_end(root, &children, &mut subtree_end, trace.spans.len());
         }
         let mut path = Vec::new();
-        // Several roots (a trace whose consumer started a new one, a missing parent): the latest first.
+        // Several roots mean spans whose parent has not arrived (yet): the walk starts from the earliest,
+        // the request's entry point, and the report says the trace is incomplete.
         let mut roots = trace.roots();
-        roots
-            .sort_by_key(|root| std::cmp::Reverse(subtree_end.get(root.span_id.as_str()).copied()));
+        roots.sort_by_key(|root| root.start_us);
+        let incomplete = roots.len().saturating_sub(1);
         if let Some(root) = roots.first() {
             let cursor = subtree_end
                 .get(root.span_id.as_str())
@@ -89,6 +93,7 @@ impl Why {
             path,
             by_service,
             blame,
+            incomplete,
         }
     }
 
@@ -102,6 +107,13 @@ impl Why {
             self.trace_id,
             seconds(self.end_to_end_us)
         );
+        if self.incomplete > 0 {
+            let _ = writeln!(
+                out,
+                "(incomplete: {} span(s) without their parent; spans may still be arriving)",
+                self.incomplete
+            );
+        }
         let _ = writeln!(
             out,
             "critical path (time the trace waited on each span alone):"
@@ -378,6 +390,44 @@ mod tests {
             "10.0 s of 11.4 s: billing › billing.charge › stripe.create_charge › POST /v1/charges attempt 1 timed out after 10.0 s, retried"
         );
         assert_eq!(why.by_service[0].0, "billing");
+    }
+
+    #[test]
+    fn an_incomplete_trace_starts_from_its_entry_point_and_says_so() {
+        let view = trace(vec![
+            span(
+                "1",
+                None,
+                "gateway",
+                "POST /checkout",
+                0,
+                3_000_000,
+                json!([]),
+            ),
+            span(
+                "2",
+                Some("1"),
+                "billing",
+                "billing.charge",
+                100_000,
+                2_800_000,
+                json!([]),
+            ),
+            // Its parent (`db.save_transaction`) has not arrived yet.
+            span(
+                "9",
+                Some("8"),
+                "billing",
+                "INSERT outbox",
+                2_500_000,
+                1_000,
+                json!([]),
+            ),
+        ]);
+        let why = Why::of(&view);
+        assert_eq!(why.incomplete, 1);
+        assert_eq!(why.path[0].name, "POST /checkout");
+        assert!(why.report().contains("incomplete"));
     }
 
     #[test]

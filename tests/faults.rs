@@ -341,6 +341,13 @@ async fn a_slow_first_stripe_attempt_is_retried_and_charged_once() {
     );
     let stripe = common::one(&trace, "stripe.create_charge");
     assert_eq!(stripe.tag("stripe.attempts").as_deref(), Some("2"));
+    // The whole trace first (spans arrive in batches from four processes), then `stack why`.
+    test.trace(&trace_id, |t| {
+        t.roots().len() == 1
+            && !t.named("POST /checkout").is_empty()
+            && !t.named("notification.send_confirmation").is_empty()
+    })
+    .await;
     // `stack why` blames the first attempt, from the collector's query API like a user would.
     let why = std::process::Command::new(tracehop::process::bin_dir().unwrap().join("stack"))
         .args(["why", &trace_id, "--jaeger", &test.jaeger()])
