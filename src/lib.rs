@@ -9,6 +9,7 @@
 //! - [`process`]: child processes that are always stopped (SIGTERM, then SIGKILL), logs to files.
 //! - [`stack`]: the whole stack in dependency order, each service awaited on `/healthz`.
 //! - [`supervise`]: `stack up` as a supervisor: signals at any moment, crashed services restarted, status.
+//! - [`secrets`]: development secrets (the service-token key pair), made once per state folder.
 //! - [`dead_letters`]: replaying dead-lettered notifications once their cause is fixed.
 //! - [`client`]: a small API client (signup, login, checkout, order) for demos, tests and load.
 //! - [`bench`]: the benchmark session behind BENCHMARKS.md.
@@ -25,6 +26,7 @@ pub mod dead_letters;
 pub mod infra;
 pub mod load;
 pub mod process;
+pub mod secrets;
 pub mod stack;
 pub mod supervise;
 pub mod trace_view;

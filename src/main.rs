@@ -161,6 +161,16 @@ enum Command {
         #[arg(long, env = "NATS_STREAM", default_value = "ORDERS")]
         stream: String,
     },
+    /// Make the service-token key pair (once: existing keys are kept). Docker compose runs it into its
+    /// volumes; `stack up` and the tests make their own under their state folder.
+    Secrets {
+        /// Where the gateway's private key goes (`service-token.key.pem`, mode 0600).
+        #[arg(long, default_value = ".tracehop/secrets")]
+        private_dir: PathBuf,
+        /// Where the public key for users and billing goes (`service-token.pub.pem`).
+        #[arg(long, default_value = ".tracehop/secrets")]
+        public_dir: PathBuf,
+    },
     /// Run only the embedded collector (OTLP in, Jaeger UI out).
     Collector {
         #[arg(long, default_value_t = 4317)]
@@ -214,6 +224,18 @@ async fn main() -> anyhow::Result<()> {
             stripe_sim,
             notifications,
         } => demo(scenario, &gateway, &jaeger, &stripe_sim, &notifications).await,
+        Command::Secrets {
+            private_dir,
+            public_dir,
+        } => {
+            let keys = tracehop::secrets::ServiceKeys::ensure(&private_dir, &public_dir)?;
+            println!(
+                "service-token keys: {} (private), {} (public)",
+                keys.private_key_file.display(),
+                keys.public_key_file.display()
+            );
+            Ok(())
+        }
         Command::Migrate { database_url } => {
             let name = tracehop_telemetry::db::database_name(&database_url);
             infra::create_database(&database_url, &name).await?;

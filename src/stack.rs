@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::collector::{Collector, CollectorAddresses};
 use crate::infra::{self, PrivateNats};
 use crate::process::{ChildProcess, wait_healthy, workspace_binary};
+use crate::secrets::ServiceKeys;
 
 /// The services' binaries, in start order.
 pub const SERVICES: [&str; 5] = ["stripe-sim", "users", "billing", "notifications", "gateway"];
@@ -131,6 +132,8 @@ pub struct Stack {
     pub jaeger_url: Option<String>,
     pub otlp_endpoint: String,
     pub mail_sink: PathBuf,
+    /// The service-token key pair (`<state>/secrets`).
+    pub keys: ServiceKeys,
     // Field order is drop order: services first, then NATS, then the collector.
     services: Vec<ChildProcess>,
     pub nats: Option<PrivateNats>,
@@ -188,6 +191,8 @@ impl Stack {
         infra::migrate(&database_url).await?;
 
         let mail_sink = options.state_dir.join("mail");
+        let secrets = options.state_dir.join("secrets");
+        let keys = ServiceKeys::ensure(&secrets, &secrets)?;
         let mut stack = Self {
             options,
             database_url,
@@ -195,6 +200,7 @@ impl Stack {
             jaeger_url,
             otlp_endpoint,
             mail_sink,
+            keys,
             services: Vec::new(),
             nats,
             collector,
@@ -243,6 +249,18 @@ impl Stack {
             ("STRIPE_SECRET_KEY".into(), "sk_test_tracehop".into()),
             ("MAIL_SINK".into(), self.mail_sink.display().to_string()),
         ];
+        // Only the gateway signs service tokens; users and billing check them.
+        match name {
+            "gateway" => env.push((
+                "SERVICE_TOKEN_SIGNING_KEY_FILE".into(),
+                self.keys.private_key_file.display().to_string(),
+            )),
+            "users" | "billing" => env.push((
+                "SERVICE_TOKEN_PUBLIC_KEY_FILE".into(),
+                self.keys.public_key_file.display().to_string(),
+            )),
+            _ => {}
+        }
         env.retain(|(key, _)| !(name == "stripe-sim" && key.starts_with("OTEL_")));
         env.extend(self.options.extra_env.iter().cloned());
         env

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tracehop_contracts::events::ORDERS_STREAM;
 use tracehop_contracts::schema::DEFAULT_DATABASE_URL;
-use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address, required};
 use tracehop_telemetry::db::DatabaseSettings;
 use tracehop_telemetry::messaging::NatsSettings;
 
@@ -32,9 +32,11 @@ pub struct Settings {
     /// `BILLING_RECONCILE_AFTER_MS` (default 120000): how old a `pending` charge must be to count as lost track of;
     /// above the whole Stripe retry budget.
     pub reconcile_after: Duration,
-    /// `BILLING_FAULT_PANIC_AMOUNT_MINOR`: a test hook; charging exactly this many minor units panics inside
-    /// the BillingActor (the supervision test). Unset in normal operation.
+    /// `BILLING_FAULT_PANIC_AMOUNT_MINOR`: a test hook, only in builds with the `fault-injection` feature;
+    /// charging exactly this many minor units panics inside the BillingActor (the supervision test).
     pub panic_on_amount: Option<i64>,
+    /// `SERVICE_TOKEN_PUBLIC_KEY_FILE` (required): the gateway's public key(s), PEM (README, "Security model").
+    pub service_token_public_key_file: String,
 }
 
 /// How billing talks to the payment provider.
@@ -96,12 +98,30 @@ impl Settings {
                 "BILLING_RECONCILE_AFTER_MS",
                 120_000,
             )?),
-            panic_on_amount: match std::env::var("BILLING_FAULT_PANIC_AMOUNT_MINOR") {
-                Ok(value) if !value.trim().is_empty() => {
-                    Some(env_parse("BILLING_FAULT_PANIC_AMOUNT_MINOR", 0)?)
-                }
-                _ => None,
-            },
+            panic_on_amount: panic_on_amount()?,
+            service_token_public_key_file: required("SERVICE_TOKEN_PUBLIC_KEY_FILE")?,
         })
     }
+}
+
+/// The panic hook's amount: read only in builds with the `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
+fn panic_on_amount() -> Result<Option<i64>, ConfigError> {
+    match std::env::var("BILLING_FAULT_PANIC_AMOUNT_MINOR") {
+        Ok(value) if !value.trim().is_empty() => {
+            Ok(Some(env_parse("BILLING_FAULT_PANIC_AMOUNT_MINOR", 0)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A production build has no panic hook; setting its variable there is a mistake worth a warning.
+#[cfg(not(feature = "fault-injection"))]
+fn panic_on_amount() -> Result<Option<i64>, ConfigError> {
+    if std::env::var_os("BILLING_FAULT_PANIC_AMOUNT_MINOR").is_some() {
+        tracing::warn!(
+            "BILLING_FAULT_PANIC_AMOUNT_MINOR is ignored: this build has no fault-injection feature"
+        );
+    }
+    Ok(None)
 }

@@ -70,16 +70,26 @@ impl Application {
 
         let (listener, port) = server::bind(&settings.host, settings.port)?;
         let state = web::Data::new(routes::State { database, billing });
+        let verifier = web::Data::new(tracehop_identity::Verifier::from_file(
+            &settings.service_token_public_key_file,
+            "billing",
+        )?);
         let server = actix_web::HttpServer::new(move || {
             let state = state.clone();
+            let verifier = verifier.clone();
             server::app(server::RequestTrust::INTERNAL, move |config| {
-                config
-                    .app_data(state)
-                    .route("/charge", web::post().to(routes::charge::charge))
-                    .route(
-                        "/orders/{order_id}",
-                        web::get().to(routes::orders::get_order),
-                    );
+                config.app_data(state).app_data(verifier).service(
+                    // Only the gateway's calls get in (tracehop-identity), before any body is read.
+                    web::scope("")
+                        .wrap(actix_web::middleware::from_fn(
+                            tracehop_identity::authenticate,
+                        ))
+                        .route("/charge", web::post().to(routes::charge::charge))
+                        .route(
+                            "/orders/{order_id}",
+                            web::get().to(routes::orders::get_order),
+                        ),
+                );
             })
         })
         .listen(listener)?

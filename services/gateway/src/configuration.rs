@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address, required};
 use tracehop_telemetry::http::server::RequestTrust;
 
 #[derive(Debug, Clone)]
@@ -20,6 +20,9 @@ pub struct Settings {
     /// `GATEWAY_CONTINUE_CALLER_TRACE` (default false: a caller's `traceparent` becomes a span link of a new
     /// trace) and `GATEWAY_TRUST_FORWARDED_HEADERS` (default false: `client.address` is the connection's peer).
     pub trust: RequestTrust,
+    /// `SERVICE_TOKEN_SIGNING_KEY_FILE` (required): the Ed25519 private key (PKCS#8 PEM) that signs the
+    /// gateway's service tokens to users and billing (README, "Security model").
+    pub signing_key_file: String,
 }
 
 impl Settings {
@@ -34,6 +37,7 @@ impl Settings {
                 "GATEWAY_UPSTREAM_TIMEOUT_MS",
                 60_000,
             )?),
+            signing_key_file: required("SERVICE_TOKEN_SIGNING_KEY_FILE")?,
             trust: RequestTrust {
                 continue_caller_trace: env_parse("GATEWAY_CONTINUE_CALLER_TRACE", false)?,
                 forwarded_headers: env_parse("GATEWAY_TRUST_FORWARDED_HEADERS", false)?,

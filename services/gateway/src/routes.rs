@@ -2,6 +2,7 @@
 
 pub mod checkout;
 pub mod login;
+pub mod logout;
 pub mod orders;
 pub mod signup;
 

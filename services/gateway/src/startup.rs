@@ -14,10 +14,12 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let client = TracedClient::new(settings.upstream_timeout)?;
+        let issuer = tracehop_identity::Issuer::from_file(&settings.signing_key_file, "gateway")?;
         let upstreams = web::Data::new(Upstreams {
             client,
             users_url: settings.users_url.trim_end_matches('/').to_owned(),
             billing_url: settings.billing_url.trim_end_matches('/').to_owned(),
+            issuer,
         });
         let trust = settings.trust;
         let (listener, port) = server::bind(&settings.host, settings.port)?;
@@ -28,6 +30,7 @@ impl Application {
                     .app_data(upstreams)
                     .route("/signup", web::post().to(routes::signup::signup))
                     .route("/login", web::post().to(routes::login::login))
+                    .route("/logout", web::post().to(routes::logout::logout))
                     .route("/checkout", web::post().to(routes::checkout::checkout))
                     .route(
                         "/orders/{order_id}",

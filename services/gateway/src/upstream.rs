@@ -1,47 +1,92 @@
 //! Calls to users and billing, and how their failures become gateway errors.
+//!
+//! Every call carries a service token (`tracehop-identity`) made for the one service it goes to, naming
+//! the signed-in user when there is one: that is how users and billing know the call came through here.
 
 use actix_web::http::StatusCode;
-use tracehop_contracts::users::SessionUser;
+use tracehop_contracts::domain::Secret;
+use tracehop_contracts::users::{SessionToken, SessionUser};
+use tracehop_identity::{EndUser, Issuer};
 use tracehop_telemetry::http::client::ClientError;
 use tracehop_telemetry::http::error::ErrorBody;
 use tracehop_telemetry::http::{ApiError, TracedClient};
 
-/// Where the internal services are, and the one client (connection pool) used to reach them.
+/// An internal service the gateway calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    Users,
+    Billing,
+}
+
+impl Upstream {
+    /// The service's name: the audience of its tokens, and what errors name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Upstream::Users => "users",
+            Upstream::Billing => "billing",
+        }
+    }
+}
+
+/// Where the internal services are, the one client (connection pool) used to reach them, and the key that
+/// signs the gateway's service tokens.
 pub struct Upstreams {
     pub client: TracedClient,
     pub users_url: String,
     pub billing_url: String,
+    pub issuer: Issuer,
 }
 
 impl Upstreams {
-    /// Who does `authorization` (the raw header) belong to? 401 when nobody.
+    /// A request to `path` of `upstream`, carrying a service token for it (on behalf of `user`, if given).
+    pub fn request(
+        &self,
+        upstream: Upstream,
+        method: reqwest::Method,
+        path: &str,
+        user: Option<&EndUser>,
+    ) -> Result<reqwest::RequestBuilder, ApiError> {
+        let base = match upstream {
+            Upstream::Users => &self.users_url,
+            Upstream::Billing => &self.billing_url,
+        };
+        let token = self
+            .issuer
+            .token(upstream.name(), user)
+            .map_err(ApiError::internal)?;
+        Ok(self
+            .client
+            .request(method, &format!("{base}{path}"))
+            .bearer_auth(token))
+    }
+
+    /// Who does `authorization` (the client's raw header) belong to? 401 when nobody.
     pub async fn validate_session(
         &self,
         authorization: Option<&str>,
     ) -> Result<SessionUser, ApiError> {
-        let Some(authorization) = authorization else {
-            return Err(ApiError::unauthorized(
-                "missing Authorization: Bearer <token>",
-            ));
-        };
+        let token = session_token(authorization)?;
         let request = self
-            .client
             .request(
+                Upstream::Users,
                 reqwest::Method::POST,
-                &format!("{}/sessions/validate", self.users_url),
-            )
-            .header(reqwest::header::AUTHORIZATION, authorization);
-        self.call("users", "/sessions/validate", request).await
+                "/sessions/validate",
+                None,
+            )?
+            .json(&SessionToken { token });
+        self.call(Upstream::Users, "/sessions/validate", request)
+            .await
     }
 
     /// Calls an internal service and reads its JSON answer. Unreachable: 503. An error answer: passed on
     /// with its status and code. An unreadable answer: 502.
     pub async fn call<T: serde::de::DeserializeOwned>(
         &self,
-        service: &'static str,
+        upstream: Upstream,
         url_template: &'static str,
         request: reqwest::RequestBuilder,
     ) -> Result<T, ApiError> {
+        let service = upstream.name();
         let response = self
             .client
             .send(url_template, request)
@@ -51,30 +96,59 @@ impl Upstreams {
             return Err(relay_error(service, response).await);
         }
         response.json::<T>().await.map_err(|error| {
-            ApiError::bad_gateway("bad_upstream_response", format!("{service}: {error}"))
+            tracing::error!(service, error = %error, "unreadable upstream answer");
+            ApiError::bad_gateway(
+                "bad_upstream_response",
+                format!("{service} answered something unreadable"),
+            )
         })
     }
 }
 
-/// A service that could not be reached: 503, with which one.
+/// The session token of `Authorization: Bearer <token>`; 401 without one.
+pub fn session_token(authorization: Option<&str>) -> Result<Secret, ApiError> {
+    authorization
+        .and_then(|header| header.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty() && token.len() <= 256)
+        .map(Secret::new)
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))
+}
+
+/// A service that could not be reached: 503, with which one (the cause stays in the log: it names
+/// internal addresses).
 fn unreachable_service(service: &str, error: &ClientError) -> ApiError {
     tracing::error!(service, error = %error, "upstream unreachable");
     ApiError::unavailable(
         "upstream_unavailable",
-        format!("{service} is unavailable ({})", error.kind()),
+        format!("{service} is unavailable ({}); retry later", error.kind()),
     )
 }
 
 /// An upstream error answer, passed on with its status and code (they are already meant for clients);
-/// anything unreadable becomes a 502.
+/// anything unreadable becomes a 502. A 401 from an internal service means the gateway's own service token
+/// was refused, a misconfiguration of ours, not the client's fault.
 async fn relay_error(service: &str, response: reqwest::Response) -> ApiError {
     let status =
         StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    match response.json::<ErrorBody>().await {
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    let error = match response.json::<ErrorBody>().await {
+        Ok(body) if body.error == tracehop_identity::SERVICE_UNAUTHORIZED => {
+            tracing::error!(service, "the service token was refused: check SERVICE_TOKEN_* keys");
+            ApiError::bad_gateway("upstream_refused", format!("{service} refused the gateway"))
+        }
         Ok(body) => ApiError::new(status, body.error, body.message),
         Err(_) => ApiError::bad_gateway(
             "bad_upstream_response",
             format!("{service} answered {status} without an error body"),
         ),
+    };
+    match retry_after {
+        Some(seconds) => error.with_retry_after(seconds),
+        None => error,
     }
 }

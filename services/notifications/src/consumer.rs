@@ -106,8 +106,12 @@ async fn handle(deps: &ConsumerDeps, message: jetstream::Message) {
                 }
                 return;
             }
-            Ok(Err(error)) => error.to_string(),
-            Err(error) => format!("notifier unavailable: {error}"),
+            Ok(Err(error)) => {
+                // The detail (SQL error, panic message) for the log only; the trace gets the code.
+                crate::mailer::log_detail("delivery failed", &format!("{error:?}"));
+                error.code().to_owned()
+            }
+            Err(_) => "notifier_unavailable".to_owned(),
         };
         mark_error(&failure);
         if delivered >= deps.max_deliver {

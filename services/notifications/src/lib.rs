@@ -11,8 +11,9 @@
 //!   `order.completed.dead` and the notification is marked `failed`.
 //! - A message that cannot be parsed goes to the dead-letter subject with the reason, and is never retried.
 //!
-//! HTTP: `GET /healthz`, and `POST /_admin/faults` `{"failNext": n}` (make the next n sends fail, for the
-//! `lost-email` demo and the tests).
+//! HTTP: `GET /healthz`; with the `fault-injection` feature (on by default, off in the Dockerfile's build)
+//! also `POST /_admin/faults` `{"failNext": n}` (make the next n sends fail, for the `lost-email` demo and the
+//! tests). A production build answers 404 there.
 
 #![forbid(unsafe_code)]
 

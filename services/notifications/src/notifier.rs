@@ -28,15 +28,29 @@ pub enum Delivery {
     AlreadySent,
 }
 
-/// Why the confirmation was not sent (the message will be redelivered).
+/// Why the confirmation was not sent (the message will be redelivered). Displayed as its [`code`]: the
+/// details (SQL errors, panic messages) stay in the log.
+///
+/// [`code`]: NotifyError::code
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
-    #[error("sending failed: {0}")]
+    #[error("{0}")]
     Mail(#[from] MailError),
-    #[error("database: {0}")]
+    #[error("{}", .0.code())]
     Database(#[from] DbError),
-    #[error("notifier failed: {0}")]
+    #[error("notifier_panicked")]
     Panicked(String),
+}
+
+impl NotifyError {
+    /// The stable code stored in `notifications.last_error`, dead-letter reasons and span status.
+    pub fn code(&self) -> &'static str {
+        match self {
+            NotifyError::Mail(error) => error.code(),
+            NotifyError::Database(error) => error.code(),
+            NotifyError::Panicked(_) => "notifier_panicked",
+        }
+    }
 }
 
 /// Sends confirmation e-mails. Like billing's actor it holds no state beyond its handles: it is an actor for
@@ -126,10 +140,10 @@ async fn send_confirmation(
         span.record("notification.duplicate", true);
     }
     if let Err(error) = sent {
-        let message = error.to_string();
+        let code = error.code();
         let recorded = database
             .run(move |connection, statements| {
-                record_attempt(connection, statements, &event, "pending", Some(&message))
+                record_attempt(connection, statements, &event, "pending", Some(code))
             })
             .await;
         if let Err(db_error) = recorded {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Supervisor;
-use actix_web::{HttpResponse, web};
+use actix_web::web;
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tracehop_contracts::events::{ORDER_COMPLETED, ORDER_COMPLETED_DEAD_LETTER};
@@ -23,16 +23,31 @@ pub struct Application {
     shutdown: watch::Sender<bool>,
 }
 
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Faults {
-    fail_next: u32,
+/// The service's own routes: none but the test hook, which exists only with the `fault-injection` feature.
+pub fn routes(config: &mut web::ServiceConfig) {
+    #[cfg(feature = "fault-injection")]
+    config.route("/_admin/faults", web::post().to(faults::set_faults));
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = config;
 }
 
-async fn set_faults(mailer: web::Data<Mailer>, faults: web::Json<Faults>) -> HttpResponse {
-    mailer.fail_next(faults.fail_next);
-    tracing::warn!(fail_next = faults.fail_next, "mail fault injected");
-    HttpResponse::Ok().json(serde_json::json!({"failNext": faults.fail_next}))
+#[cfg(feature = "fault-injection")]
+mod faults {
+    use actix_web::{HttpResponse, web};
+
+    use crate::mailer::Mailer;
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct Faults {
+        fail_next: u32,
+    }
+
+    pub async fn set_faults(mailer: web::Data<Mailer>, faults: web::Json<Faults>) -> HttpResponse {
+        mailer.fail_next(faults.fail_next);
+        tracing::warn!(fail_next = faults.fail_next, "mail fault injected");
+        HttpResponse::Ok().json(serde_json::json!({"failNext": faults.fail_next}))
+    }
 }
 
 impl Application {
@@ -99,9 +114,7 @@ impl Application {
         let server = actix_web::HttpServer::new(move || {
             let mailer = mailer.clone();
             server::app(server::RequestTrust::INTERNAL, move |config| {
-                config
-                    .app_data(mailer)
-                    .route("/_admin/faults", web::post().to(set_faults));
+                config.app_data(mailer).configure(routes);
             })
         })
         .listen(listener)?
@@ -127,5 +140,28 @@ impl Application {
         }
         served?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::test;
+
+    use super::*;
+
+    /// The route table as built: with the feature the hook answers (here 400: no body), without it 404.
+    #[actix_rt::test]
+    async fn the_fault_hook_exists_only_with_its_feature() {
+        let app = test::init_service(server::app(server::RequestTrust::INTERNAL, routes)).await;
+        let request = test::TestRequest::post()
+            .uri("/_admin/faults")
+            .set_json(serde_json::json!({"failNext": 4_294_967_295_u32}))
+            .to_request();
+        let status = test::call_service(&app, request).await.status().as_u16();
+        if cfg!(feature = "fault-injection") {
+            assert_ne!(status, 404);
+        } else {
+            assert_eq!(status, 404, "a production build has no fault hook");
+        }
     }
 }

@@ -161,16 +161,25 @@ pub fn build(settings: Settings) -> std::io::Result<Running> {
             .route("/v1/charges", web::post().to(create_charge))
             .route("/v1/charges/search", web::get().to(search_charges))
             .route("/v1/charges/{id}", web::get().to(get_charge))
-            .route("/_admin/faults", web::get().to(get_faults))
-            .route("/_admin/faults", web::post().to(set_faults))
-            .route("/_admin/faults", web::delete().to(reset_faults))
-            .route("/_admin/charges", web::get().to(list_charges))
-            .route("/_admin/trace-headers", web::get().to(list_trace_headers))
+            .configure(admin_routes)
     })
     .listen(listener)?
     .shutdown_timeout(2)
     .run();
     Ok(Running { port, server })
+}
+
+/// The test hooks under `/_admin`: only with the `fault-injection` feature (a production image has none).
+fn admin_routes(config: &mut web::ServiceConfig) {
+    #[cfg(feature = "fault-injection")]
+    config
+        .route("/_admin/faults", web::get().to(get_faults))
+        .route("/_admin/faults", web::post().to(set_faults))
+        .route("/_admin/faults", web::delete().to(reset_faults))
+        .route("/_admin/charges", web::get().to(list_charges))
+        .route("/_admin/trace-headers", web::get().to(list_trace_headers));
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = config;
 }
 
 fn stripe_error(status: u16, kind: &str, code: Option<&str>, message: &str) -> HttpResponse {
@@ -425,6 +434,7 @@ async fn search_charges(
     HttpResponse::Ok().json(serde_json::json!({"object": "search_result", "data": found}))
 }
 
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 async fn get_faults(state: web::Data<State>) -> HttpResponse {
     match state.faults.lock() {
         Ok(faults) => HttpResponse::Ok().json(&*faults),
@@ -432,6 +442,7 @@ async fn get_faults(state: web::Data<State>) -> HttpResponse {
     }
 }
 
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 async fn set_faults(state: web::Data<State>, faults: web::Json<Faults>) -> HttpResponse {
     match state.faults.lock() {
         Ok(mut current) => {
@@ -443,6 +454,7 @@ async fn set_faults(state: web::Data<State>, faults: web::Json<Faults>) -> HttpR
     }
 }
 
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 async fn reset_faults(state: web::Data<State>) -> HttpResponse {
     match state.faults.lock() {
         Ok(mut current) => {
@@ -453,6 +465,7 @@ async fn reset_faults(state: web::Data<State>) -> HttpResponse {
     }
 }
 
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 async fn list_charges(state: web::Data<State>) -> HttpResponse {
     match state.ledger.lock() {
         Ok(ledger) => HttpResponse::Ok().json(serde_json::json!({
@@ -485,6 +498,7 @@ fn record_trace_headers(state: &State, request: &HttpRequest) {
     }
 }
 
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 async fn list_trace_headers(state: web::Data<State>) -> HttpResponse {
     match state.trace_headers.lock() {
         Ok(log) => HttpResponse::Ok().json(serde_json::json!({"data": *log})),

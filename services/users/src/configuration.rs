@@ -1,7 +1,7 @@
 //! users settings, from the environment.
 
 use tracehop_contracts::schema::DEFAULT_DATABASE_URL;
-use tracehop_telemetry::config::{ConfigError, env_parse, listen_address};
+use tracehop_telemetry::config::{ConfigError, env_parse, listen_address, required};
 use tracehop_telemetry::db::DatabaseSettings;
 
 /// Everything the service needs to start.
@@ -16,6 +16,15 @@ pub struct Settings {
     pub session_ttl_hours: i64,
     /// `USERS_RETENTION_EVERY_MS` (default 600000): how often expired sessions are deleted.
     pub retention_every: std::time::Duration,
+    /// `SERVICE_TOKEN_PUBLIC_KEY_FILE` (required): the gateway's public key(s), PEM (README, "Security model").
+    pub service_token_public_key_file: String,
+    /// `USERS_HASHING_QUEUE` (default 32): logins and sign-ups that may wait for a hashing thread; more get 503.
+    pub hashing_queue: usize,
+    /// `USERS_LOGIN_FAILURES_PER_ACCOUNT` (default 5) and `USERS_LOGIN_FAILURES_PER_ADDRESS` (default 50)
+    /// within `USERS_LOGIN_THROTTLE_WINDOW_SECS` (default 900): then 429 until the window ends.
+    pub login_failures_per_account: u32,
+    pub login_failures_per_address: u32,
+    pub login_throttle_window: std::time::Duration,
 }
 
 impl Settings {
@@ -29,6 +38,14 @@ impl Settings {
             retention_every: std::time::Duration::from_millis(env_parse(
                 "USERS_RETENTION_EVERY_MS",
                 600_000,
+            )?),
+            service_token_public_key_file: required("SERVICE_TOKEN_PUBLIC_KEY_FILE")?,
+            hashing_queue: env_parse("USERS_HASHING_QUEUE", 32)?,
+            login_failures_per_account: env_parse("USERS_LOGIN_FAILURES_PER_ACCOUNT", 5)?,
+            login_failures_per_address: env_parse("USERS_LOGIN_FAILURES_PER_ADDRESS", 50)?,
+            login_throttle_window: std::time::Duration::from_secs(env_parse(
+                "USERS_LOGIN_THROTTLE_WINDOW_SECS",
+                900,
             )?),
         })
     }

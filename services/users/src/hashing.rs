@@ -1,8 +1,11 @@
-//! A small fixed pool of threads for password hashing.
+//! A small fixed pool of threads for password hashing, with a bounded queue.
 //!
 //! Argon2id takes ~19 MiB and a core per hash. On the general blocking pool every thread that ever hashed
 //! keeps its malloc arena, so a sign-up burst left users at ~800 MiB (BENCHMARKS.md); a pool of one
 //! thread per core bounds both the memory and the CPU that hashing can take from everything else.
+//!
+//! The queue in front of it is bounded too: when it is full a login or sign-up is refused at once with
+//! [`Busy`] (answered 503 with `Retry-After`) instead of waiting behind a flood until the gateway's timeout.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -11,18 +14,37 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// The pool; cheap to share behind `web::Data`.
 pub struct HashingPool {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: Mutex<mpsc::SyncSender<Job>>,
 }
 
-/// The pool's threads are gone (only at shutdown).
+/// Why a hash did not run.
 #[derive(Debug, thiserror::Error)]
-#[error("password hashing pool stopped")]
-pub struct PoolStopped;
+pub enum HashingError {
+    /// The queue is full: try again in a moment.
+    #[error("password hashing is busy")]
+    Busy,
+    /// The pool's threads are gone (only at shutdown).
+    #[error("password hashing pool stopped")]
+    Stopped,
+}
+
+impl From<HashingError> for tracehop_telemetry::http::ApiError {
+    fn from(error: HashingError) -> Self {
+        match error {
+            HashingError::Busy => tracehop_telemetry::http::ApiError::unavailable(
+                "busy",
+                "too many logins and sign-ups in progress; retry shortly",
+            )
+            .with_retry_after(1),
+            HashingError::Stopped => tracehop_telemetry::http::ApiError::internal(error),
+        }
+    }
+}
 
 impl HashingPool {
-    /// Starts `threads` hashing threads.
-    pub fn new(threads: usize) -> std::io::Result<Self> {
-        let (sender, receiver) = mpsc::channel::<Job>();
+    /// Starts `threads` hashing threads behind a queue of `queue` waiting jobs.
+    pub fn new(threads: usize, queue: usize) -> std::io::Result<Self> {
+        let (sender, receiver) = mpsc::sync_channel::<Job>(queue);
         let receiver = Arc::new(Mutex::new(receiver));
         for index in 0..threads.max(1) {
             let receiver = receiver.clone();
@@ -46,8 +68,9 @@ impl HashingPool {
         })
     }
 
-    /// Runs `work` on a hashing thread, inside the caller's span, and awaits its result.
-    pub async fn run<T, F>(&self, work: F) -> Result<T, PoolStopped>
+    /// Runs `work` on a hashing thread, inside the caller's span, and awaits its result; [`HashingError::Busy`]
+    /// at once when the queue is full.
+    pub async fn run<T, F>(&self, work: F) -> Result<T, HashingError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
@@ -59,9 +82,45 @@ impl HashingPool {
         });
         self.jobs
             .lock()
-            .map_err(|_| PoolStopped)?
-            .send(job)
-            .map_err(|_| PoolStopped)?;
-        answer.await.map_err(|_| PoolStopped)
+            .map_err(|_| HashingError::Stopped)?
+            .try_send(job)
+            .map_err(|error| match error {
+                mpsc::TrySendError::Full(_) => HashingError::Busy,
+                mpsc::TrySendError::Disconnected(_) => HashingError::Stopped,
+            })?;
+        answer.await.map_err(|_| HashingError::Stopped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_says_busy_at_once() {
+        let pool = HashingPool::new(1, 1);
+        let pool = Arc::new(pool.unwrap());
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let wait = Arc::new(Mutex::new(wait));
+        // One job running (blocked), one waiting: the queue is full.
+        let running = {
+            let pool = pool.clone();
+            let wait = wait.clone();
+            tokio::spawn(async move { pool.run(move || wait.lock().unwrap().recv().ok()).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let queued = {
+            let pool = pool.clone();
+            let wait = wait.clone();
+            tokio::spawn(async move { pool.run(move || wait.lock().unwrap().recv().ok()).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(matches!(pool.run(|| ()).await, Err(HashingError::Busy)));
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        assert!(running.await.unwrap().is_ok());
+        assert!(queued.await.unwrap().is_ok());
+        assert!(pool.run(|| 7).await.is_ok());
     }
 }

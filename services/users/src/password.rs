@@ -1,20 +1,22 @@
 //! Argon2id password hashing.
 
 use argon2::Argon2;
+use tracehop_contracts::domain::Secret;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
-/// A password as typed, checked for length only (longer is better; we do not impose character classes).
-pub struct Password(String);
+/// A password as typed, checked for length only: at least 12 characters (OWASP ASVS 2.1.1), at most 128
+/// (2.1.2); longer is better and we impose no character classes (2.1.9). Never prints.
+pub struct Password(Secret);
 
 /// Why a password was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("password must be 8 to 128 characters")]
+#[error("password must be 12 to 128 characters")]
 pub struct InvalidPassword;
 
 impl Password {
-    pub fn parse(input: String) -> Result<Self, InvalidPassword> {
-        let length = input.chars().count();
-        if (8..=128).contains(&length) {
+    pub fn parse(input: Secret) -> Result<Self, InvalidPassword> {
+        let length = input.expose().chars().count();
+        if (12..=128).contains(&length) {
             Ok(Self(input))
         } else {
             Err(InvalidPassword)
@@ -33,7 +35,7 @@ pub fn hash(password: &Password) -> Result<String, HashError> {
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt_bytes);
     let salt = SaltString::encode_b64(&salt_bytes).map_err(|error| HashError(error.to_string()))?;
     Argon2::default()
-        .hash_password(password.0.as_bytes(), &salt)
+        .hash_password(password.0.expose().as_bytes(), &salt)
         .map(|hash| hash.to_string())
         .map_err(|error| HashError(error.to_string()))
 }
@@ -54,7 +56,7 @@ pub fn verify(password: &str, stored: &str) -> bool {
 pub fn dummy_hash() -> &'static str {
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DUMMY.get_or_init(|| {
-        let placeholder = Password(crate::token::generate());
+        let placeholder = Password(Secret::new(crate::token::generate()));
         hash(&placeholder).unwrap_or_default()
     })
 }
@@ -65,7 +67,7 @@ mod tests {
 
     #[test]
     fn hash_then_verify() {
-        let password = Password::parse("correct horse battery".into()).unwrap();
+        let password = Password::parse(Secret::new("correct horse battery")).unwrap();
         let stored = hash(&password).unwrap();
         assert!(stored.starts_with("$argon2id$"));
         assert!(verify("correct horse battery", &stored));
@@ -75,8 +77,9 @@ mod tests {
 
     #[test]
     fn length_rules() {
-        assert!(Password::parse("short".into()).is_err());
-        assert!(Password::parse("x".repeat(129)).is_err());
-        assert!(Password::parse("12345678".into()).is_ok());
+        assert!(Password::parse(Secret::new("short")).is_err());
+        assert!(Password::parse(Secret::new("12345678901")).is_err());
+        assert!(Password::parse(Secret::new("x".repeat(129))).is_err());
+        assert!(Password::parse(Secret::new("123456789012")).is_ok());
     }
 }

@@ -1,6 +1,7 @@
 //! One module per route.
 
 pub mod login;
+pub mod revoke;
 pub mod signup;
 pub mod validate;
 
@@ -12,4 +13,6 @@ pub struct State {
     pub session_ttl: chrono::Duration,
     /// Where Argon2 runs: one thread per core (see [`crate::hashing`]).
     pub hashing: crate::hashing::HashingPool,
+    /// Failed logins per account and per client address.
+    pub throttle: crate::throttle::LoginThrottle,
 }

@@ -35,19 +35,36 @@ impl Application {
             session_ttl: chrono::Duration::hours(settings.session_ttl_hours),
             hashing: crate::hashing::HashingPool::new(
                 std::thread::available_parallelism().map_or(2, |cores| cores.get()),
+                settings.hashing_queue,
             )?,
+            throttle: crate::throttle::LoginThrottle::new(
+                settings.login_failures_per_account,
+                settings.login_failures_per_address,
+                settings.login_throttle_window,
+            ),
         });
+        let verifier = web::Data::new(tracehop_identity::Verifier::from_file(
+            &settings.service_token_public_key_file,
+            "users",
+        )?);
         let server = actix_web::HttpServer::new(move || {
             let state = state.clone();
+            let verifier = verifier.clone();
             server::app(server::RequestTrust::INTERNAL, move |config| {
-                config
-                    .app_data(state)
-                    .route("/users", web::post().to(routes::signup::signup))
-                    .route("/sessions", web::post().to(routes::login::login))
-                    .route(
-                        "/sessions/validate",
-                        web::post().to(routes::validate::validate),
-                    );
+                config.app_data(state).app_data(verifier).service(
+                    // Only the gateway's calls get in (tracehop-identity), before any body is read.
+                    web::scope("")
+                        .wrap(actix_web::middleware::from_fn(
+                            tracehop_identity::authenticate,
+                        ))
+                        .route("/users", web::post().to(routes::signup::signup))
+                        .route("/sessions", web::post().to(routes::login::login))
+                        .route(
+                            "/sessions/validate",
+                            web::post().to(routes::validate::validate),
+                        )
+                        .route("/sessions/revoke", web::post().to(routes::revoke::revoke)),
+                );
             })
         })
         .listen(listener)?

@@ -2,12 +2,12 @@
 
 use chrono::{DateTime, Utc};
 
-/// `POST /charge`, sent by the gateway for a checkout.
+/// `POST /charge`, sent by the gateway for a checkout. Whom to charge and where to send the receipt are not
+/// in the body: they come from the gateway's signed service token (`tracehop-identity`), which a caller
+/// cannot write.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChargeRequest {
-    pub user_id: uuid::Uuid,
-    pub email: String,
     pub amount_minor: i64,
     pub currency: String,
     pub idempotency_key: String,

@@ -13,9 +13,9 @@ pub struct CheckoutResponse {
 }
 
 /// The answer to `POST /login`.
-#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TokenResponse {
-    pub token: String,
+    pub token: crate::domain::Secret,
 }
 
 /// The answer to `GET /orders/{orderId}`.

@@ -1,25 +1,15 @@
-//! users's HTTP API: `POST /users`, `POST /sessions`, `POST /sessions/validate`.
+//! users's HTTP API: `POST /users`, `POST /sessions`, `POST /sessions/validate`, `POST /sessions/revoke`.
+//! Every call carries the gateway's service token (`tracehop-identity`); session tokens travel in bodies.
 
-use std::fmt;
+use crate::domain::Secret;
 
 /// `POST /users` (and the gateway's `POST /signup`).
-#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignupRequest {
     pub email: String,
     pub name: String,
-    pub password: String,
-}
-
-/// Never prints the password.
-impl fmt::Debug for SignupRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SignupRequest")
-            .field("email", &self.email)
-            .field("name", &self.name)
-            .field("password", &"<redacted>")
-            .finish()
-    }
+    pub password: Secret,
 }
 
 /// The answer to [`SignupRequest`]: 201.
@@ -29,43 +19,33 @@ pub struct SignupResponse {
     pub user_id: uuid::Uuid,
 }
 
-/// `POST /sessions` (and the gateway's `POST /login`).
-#[derive(Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `POST /sessions` (and the gateway's `POST /login`). The gateway adds the client's address, for the
+/// per-address login throttle.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoginRequest {
     pub email: String,
-    pub password: String,
-}
-
-/// Never prints the password.
-impl fmt::Debug for LoginRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoginRequest")
-            .field("email", &self.email)
-            .field("password", &"<redacted>")
-            .finish()
-    }
+    pub password: Secret,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
 }
 
 /// The answer to [`LoginRequest`]: a new session.
-#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoginResponse {
-    pub token: String,
+    pub token: Secret,
     pub user_id: uuid::Uuid,
 }
 
-/// Never prints the token.
-impl fmt::Debug for LoginResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoginResponse")
-            .field("token", &"<redacted>")
-            .field("user_id", &self.user_id)
-            .finish()
-    }
+/// `POST /sessions/validate` and `POST /sessions/revoke`: a session token, as the client presented it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionToken {
+    pub token: Secret,
 }
 
-/// The answer to `POST /sessions/validate` (bearer token in `Authorization`): the session's owner.
+/// The answer to `POST /sessions/validate`: the session's owner.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionUser {
@@ -83,18 +63,25 @@ mod tests {
         let signup = SignupRequest {
             email: "a@example.com".into(),
             name: "A".into(),
-            password: "hunter2hunter2".into(),
+            password: Secret::new("hunter2hunter2"),
         };
         let login = LoginRequest {
             email: "a@example.com".into(),
-            password: "hunter2hunter2".into(),
+            password: Secret::new("hunter2hunter2"),
+            client_address: None,
         };
         let session = LoginResponse {
-            token: "secret-token".into(),
+            token: Secret::new("secret-token"),
             user_id: uuid::Uuid::nil(),
         };
-        let printed = format!("{signup:?}{login:?}{session:?}");
+        let validate = SessionToken {
+            token: Secret::new("secret-token"),
+        };
+        let printed = format!("{signup:?}{login:?}{session:?}{validate:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(!printed.contains("secret-token"), "{printed}");
+        // ... while the wire format stays plain JSON strings.
+        let json = serde_json::to_string(&login).unwrap_or_default();
+        assert_eq!(json, r#"{"email":"a@example.com","password":"hunter2hunter2"}"#);
     }
 }

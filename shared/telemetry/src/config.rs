@@ -24,11 +24,23 @@ pub fn env_parse<T: FromStr>(name: &str, default: T) -> Result<T, ConfigError> {
     }
 }
 
+/// Reads `name`, which must be set: keys and credentials have no safe default.
+pub fn required(name: &str) -> Result<String, ConfigError> {
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => Ok(value.trim().to_owned()),
+        _ => Err(ConfigError::Missing {
+            name: name.to_owned(),
+        }),
+    }
+}
+
 /// Configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("environment variable {name} has an invalid value {value:?}")]
     Invalid { name: String, value: String },
+    #[error("environment variable {name} must be set (README, \"Configuration\")")]
+    Missing { name: String },
 }
 
 /// `HOST`/`PORT`-style listen address for a service: `{PREFIX}_HOST` (default 127.0.0.1) and `{PREFIX}_PORT`.

@@ -60,6 +60,15 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// A stable code for records and telemetry, without the driver's text (which can quote SQL and values).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) | Self::ConnectionLost(_) => "database_unavailable",
+            Self::Query(_) => "database_error",
+            Self::Task(_) => "database_task_failed",
+        }
+    }
+
     /// Whether the database itself is unreachable (answer 503), as opposed to a query that failed.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_) | Self::ConnectionLost(_))

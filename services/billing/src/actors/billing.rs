@@ -138,6 +138,7 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
     record_failure(
         async {
             let span = tracing::Span::current();
+            #[cfg(feature = "fault-injection")]
             if deps.panic_on_amount == Some(charge.amount_minor) {
                 panic!(
                     "injected panic (BILLING_FAULT_PANIC_AMOUNT_MINOR={})",

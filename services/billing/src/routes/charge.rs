@@ -3,6 +3,7 @@
 use actix_web::{HttpResponse, web};
 use tracehop_contracts::billing::ChargeRequest;
 use tracehop_contracts::domain::{Amount, Currency, Email, IdempotencyKey};
+use tracehop_identity::Authenticated;
 use tracehop_telemetry::actor::Traced;
 use tracehop_telemetry::http::ApiError;
 
@@ -36,21 +37,26 @@ impl From<ChargeError> for ApiError {
 
 pub async fn charge(
     state: web::Data<State>,
+    caller: Authenticated,
     body: web::Json<ChargeRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    // The customer comes from the gateway's signed token, never from the body.
+    let Some(customer) = caller.0.user else {
+        return Err(ApiError::unauthorized("the service token names no user"));
+    };
     let request = body.into_inner();
     let currency = Currency::parse(&request.currency)
         .map_err(|error| ApiError::bad_request("invalid_currency", error.to_string()))?;
     let amount = Amount::from_minor_units(request.amount_minor, currency)
         .map_err(|error| ApiError::bad_request("invalid_amount", error.to_string()))?;
-    let email = Email::parse(&request.email)
+    let email = Email::parse(&customer.email)
         .map_err(|error| ApiError::bad_request("invalid_email", error.to_string()))?;
     let key = IdempotencyKey::parse(&request.idempotency_key)
         .map_err(|error| ApiError::bad_request("invalid_idempotency_key", error.to_string()))?;
     let receipt = state
         .billing
         .send(Traced::new(Charge {
-            user_id: request.user_id,
+            user_id: customer.user_id,
             email: email.as_str().to_owned(),
             amount_minor: amount.minor_units(),
             currency: currency.code().to_owned(),

@@ -9,7 +9,9 @@ use tracehop_telemetry::http::ApiError;
 use tracehop_telemetry::http::error::record_failure;
 
 use super::authorization;
-use crate::upstream::Upstreams;
+use tracehop_identity::EndUser;
+
+use crate::upstream::{Upstream, Upstreams};
 
 /// `{"total": "49.99" | 49.99, "currency": "usd"}`. The total is kept as raw JSON text so that a JSON number
 /// is never rounded through a float.
@@ -104,20 +106,26 @@ async fn process(
             let user = upstreams.validate_session(authorization).await?;
             span.record("user.id", tracing::field::display(user.user_id));
 
+            // Whom to charge travels in the signed service token, not in the body.
+            let customer = EndUser {
+                user_id: user.user_id,
+                email: user.email,
+            };
             let request = upstreams
-                .client
                 .request(
+                    Upstream::Billing,
                     reqwest::Method::POST,
-                    &format!("{}/charge", upstreams.billing_url),
-                )
+                    "/charge",
+                    Some(&customer),
+                )?
                 .json(&ChargeRequest {
-                    user_id: user.user_id,
-                    email: user.email,
                     amount_minor: amount.minor_units(),
                     currency: amount.currency().code().to_owned(),
                     idempotency_key: idempotency_key.into_string(),
                 });
-            let receipt: ChargeReceipt = upstreams.call("billing", "/charge", request).await?;
+            let receipt: ChargeReceipt = upstreams
+                .call(Upstream::Billing, "/charge", request)
+                .await?;
             span.record("order.id", tracing::field::display(receipt.order_id));
             Ok(CheckoutResponse {
                 order_id: receipt.order_id,

@@ -9,7 +9,9 @@ use tracehop_telemetry::http::ApiError;
 use tracehop_telemetry::http::error::record_failure;
 
 use super::authorization;
-use crate::upstream::Upstreams;
+use tracehop_identity::EndUser;
+
+use crate::upstream::{Upstream, Upstreams};
 
 #[tracing::instrument(name = "order.lookup", skip_all, fields(order.id = %order_id, user.id = tracing::field::Empty))]
 pub async fn get_order(
@@ -22,12 +24,19 @@ pub async fn get_order(
             let order_id = order_id.into_inner();
             let user = upstreams.validate_session(authorization(&request)).await?;
             tracing::Span::current().record("user.id", tracing::field::display(user.user_id));
-            let lookup = upstreams.client.request(
+            // billing checks the owner itself (from the token's user); the check here is the second lock.
+            let customer = EndUser {
+                user_id: user.user_id,
+                email: user.email.clone(),
+            };
+            let lookup = upstreams.request(
+                Upstream::Billing,
                 reqwest::Method::GET,
-                &format!("{}/orders/{order_id}", upstreams.billing_url),
-            );
+                &format!("/orders/{order_id}"),
+                Some(&customer),
+            )?;
             let order: OrderView = upstreams
-                .call("billing", "/orders/{order_id}", lookup)
+                .call(Upstream::Billing, "/orders/{order_id}", lookup)
                 .await?;
             if order.user_id != user.user_id {
                 return Err(ApiError::not_found("order_not_found", "no such order"));

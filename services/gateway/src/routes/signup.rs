@@ -5,7 +5,7 @@ use tracehop_contracts::domain::Email;
 use tracehop_contracts::users::{SignupRequest, SignupResponse};
 use tracehop_telemetry::http::ApiError;
 
-use crate::upstream::Upstreams;
+use crate::upstream::{Upstream, Upstreams};
 
 pub async fn signup(
     upstreams: web::Data<Upstreams>,
@@ -15,12 +15,8 @@ pub async fn signup(
     Email::parse(&body.email)
         .map_err(|error| ApiError::bad_request("invalid_email", error.to_string()))?;
     let request = upstreams
-        .client
-        .request(
-            reqwest::Method::POST,
-            &format!("{}/users", upstreams.users_url),
-        )
+        .request(Upstream::Users, reqwest::Method::POST, "/users", None)?
         .json(&body);
-    let created: SignupResponse = upstreams.call("users", "/users", request).await?;
+    let created: SignupResponse = upstreams.call(Upstream::Users, "/users", request).await?;
     Ok(HttpResponse::Created().json(created))
 }

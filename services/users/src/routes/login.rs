@@ -7,9 +7,11 @@ use tracehop_telemetry::db::{DbError, traced};
 use tracehop_telemetry::http::ApiError;
 use tracehop_telemetry::http::error::record_failure;
 
+use tracehop_contracts::domain::Secret;
 use tracehop_contracts::users::{LoginRequest, LoginResponse};
 
 use super::State;
+use crate::throttle::Throttled;
 use crate::{password, token};
 
 /// What can go wrong when logging in.
@@ -17,6 +19,8 @@ use crate::{password, token};
 pub enum LoginError {
     #[error("wrong e-mail or password")]
     BadCredentials,
+    #[error("too many failed logins; retry later")]
+    Throttled(Throttled),
     #[error(transparent)]
     Database(#[from] DbError),
 }
@@ -25,6 +29,11 @@ impl From<LoginError> for ApiError {
     fn from(error: LoginError) -> Self {
         match error {
             LoginError::BadCredentials => ApiError::unauthorized(error.to_string()),
+            LoginError::Throttled(throttled) => ApiError::too_many_requests(
+                "too_many_attempts",
+                error.to_string(),
+                throttled.retry_after,
+            ),
             LoginError::Database(error) => ApiError::from_db(&error, "user"),
         }
     }
@@ -37,11 +46,22 @@ pub async fn login(
 ) -> Result<HttpResponse, ApiError> {
     record_failure(
         async {
-            let LoginRequest { email, password } = body.into_inner();
-            if email.len() > 254 || password.len() > 512 {
+            let LoginRequest {
+                email,
+                password,
+                client_address,
+            } = body.into_inner();
+            if email.len() > 254 || password.expose().len() > 512 {
                 return Err(LoginError::BadCredentials.into());
             }
             let email = email.trim().to_lowercase();
+            let address = client_address.as_deref();
+            // Before any database or hashing work: a flood against one account costs nothing.
+            state
+                .throttle
+                .check(&email, address)
+                .map_err(LoginError::Throttled)?;
+            let account = email.clone();
             let found = state
                 .database
                 .run(move |connection, statements| {
@@ -61,14 +81,17 @@ pub async fn login(
                 .hashing
                 .run(move || {
                     let stored = stored.as_deref().unwrap_or_else(|| password::dummy_hash());
-                    password::verify(&password, stored)
+                    password::verify(password.expose(), stored)
                 })
-                .await
-                .map_err(ApiError::internal)?;
+                .await?;
             let user_id = match (found, matches) {
                 (Some((user_id, _)), true) => user_id,
-                _ => return Err(LoginError::BadCredentials.into()),
+                _ => {
+                    state.throttle.failed(&account, address);
+                    return Err(LoginError::BadCredentials.into());
+                }
             };
+            state.throttle.succeeded(&account);
 
             let token = token::generate();
             let token_hash = token::digest(&token);
@@ -88,7 +111,10 @@ pub async fn login(
                 .await
                 .map_err(LoginError::from)?;
             tracing::Span::current().record("user.id", tracing::field::display(user_id));
-            Ok(HttpResponse::Ok().json(LoginResponse { token, user_id }))
+            Ok(HttpResponse::Ok().json(LoginResponse {
+                token: Secret::new(token),
+                user_id,
+            }))
         }
         .await,
     )

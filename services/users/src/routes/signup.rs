@@ -69,8 +69,7 @@ pub async fn signup(
             let password_hash = state
                 .hashing
                 .run(move || password::hash(&password))
-                .await
-                .map_err(ApiError::internal)?
+                .await?
                 .map_err(SignupError::from)?;
 
             let user = NewUser {

@@ -1,9 +1,9 @@
-//! `POST /sessions/validate`: who does this bearer token belong to?
+//! `POST /sessions/validate`: who does this session token belong to?
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, RunQueryDsl};
 use tracehop_contracts::schema::{sessions, users};
-use tracehop_contracts::users::SessionUser;
+use tracehop_contracts::users::{SessionToken, SessionUser};
 use tracehop_telemetry::db::{DbError, traced};
 use tracehop_telemetry::http::ApiError;
 use tracehop_telemetry::http::error::record_failure;
@@ -14,7 +14,7 @@ use crate::token;
 /// What can go wrong when validating a session.
 #[derive(Debug, thiserror::Error)]
 pub enum ValidateError {
-    #[error("missing or malformed bearer token")]
+    #[error("malformed session token")]
     Malformed,
     #[error("unknown or expired session")]
     Unknown,
@@ -40,19 +40,16 @@ impl From<ValidateError> for ApiError {
 )]
 pub async fn validate(
     state: web::Data<State>,
-    request: HttpRequest,
+    body: web::Json<SessionToken>,
 ) -> Result<HttpResponse, ApiError> {
     record_failure(
         async {
-            let header = request
-                .headers()
-                .get(actix_web::http::header::AUTHORIZATION)
-                .and_then(|value| value.to_str().ok());
-            let Some(token) = token::from_authorization(header) else {
+            let SessionToken { token } = body.into_inner();
+            if !token::well_formed(token.expose()) {
                 tracing::Span::current().record("session.valid", false);
                 return Err(ValidateError::Malformed.into());
-            };
-            let token_hash = token::digest(token);
+            }
+            let token_hash = token::digest(token.expose());
             let now = chrono::Utc::now();
             let user = state
                 .database

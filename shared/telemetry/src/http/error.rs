@@ -16,6 +16,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: Cow<'static, str>,
     pub message: String,
+    /// Seconds, sent as `Retry-After` (429 and 503 answers that know when trying again makes sense).
+    pub retry_after: Option<u64>,
     trace_id: String,
 }
 
@@ -38,8 +40,24 @@ impl ApiError {
             status,
             code: code.into(),
             message: message.into(),
+            retry_after: None,
             trace_id: crate::setup::current_trace_id(),
         }
+    }
+
+    /// The same error, answered with `Retry-After: seconds`.
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds.max(1));
+        self
+    }
+
+    /// 429: the caller is sending too much; `Retry-After` says when to try again.
+    pub fn too_many_requests(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after: u64,
+    ) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, code, message).with_retry_after(retry_after)
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -113,7 +131,11 @@ impl ResponseError for ApiError {
         } else {
             self.trace_id.clone()
         };
-        HttpResponse::build(self.status).json(ErrorBody {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(seconds) = self.retry_after {
+            response.insert_header((actix_web::http::header::RETRY_AFTER, seconds.to_string()));
+        }
+        response.json(ErrorBody {
             error: self.code.to_string(),
             message: self.message.clone(),
             trace_id,

@@ -73,13 +73,7 @@ impl RootSpanBuilder for SemconvRootSpan {
             .get(actix_web::http::header::USER_AGENT)
             .and_then(|value| value.to_str().ok())
             .map(|agent| bounded(agent, MAX_CALLER_TEXT));
-        let client_address = if trust.forwarded_headers {
-            connection
-                .realip_remote_addr()
-                .map(|a| bounded(a, MAX_CALLER_TEXT))
-        } else {
-            request.peer_addr().map(|address| address.ip().to_string())
-        };
+        let client_address = client_address_with(request.request(), trust);
         let query = request.query_string();
         let span = tracing::info_span!(
             "HTTP request",
@@ -250,6 +244,28 @@ pub async fn not_found() -> ApiError {
         "not_found",
         "no such endpoint",
     )
+}
+
+/// The client's address as this service's [`RequestTrust`] allows it to be known: the connection's peer,
+/// or with `forwarded_headers` the first `Forwarded` / `X-Forwarded-For` address (bounded). It is what the
+/// root span records as `client.address`, and what the login throttle counts by.
+pub fn client_address(request: &actix_web::HttpRequest) -> Option<String> {
+    let trust = request
+        .app_data::<RequestTrust>()
+        .copied()
+        .unwrap_or(RequestTrust::PUBLIC);
+    client_address_with(request, trust)
+}
+
+fn client_address_with(request: &actix_web::HttpRequest, trust: RequestTrust) -> Option<String> {
+    if trust.forwarded_headers {
+        request
+            .connection_info()
+            .realip_remote_addr()
+            .map(|address| bounded(address, MAX_CALLER_TEXT))
+    } else {
+        request.peer_addr().map(|address| address.ip().to_string())
+    }
 }
 
 /// `GET /healthz`: the process is up and serving.

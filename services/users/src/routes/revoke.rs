@@ -1,0 +1,45 @@
+//! `POST /sessions/revoke`: log out. The session row is deleted, so the token stops working at once.
+
+use actix_web::{HttpResponse, web};
+use diesel::{ExpressionMethods, QueryDsl, RunQueryDsl};
+use tracehop_contracts::schema::sessions;
+use tracehop_contracts::users::SessionToken;
+use tracehop_telemetry::db::traced;
+use tracehop_telemetry::http::ApiError;
+use tracehop_telemetry::http::error::record_failure;
+
+use super::State;
+use crate::token;
+
+#[tracing::instrument(name = "session.revoke", skip_all)]
+pub async fn revoke(
+    state: web::Data<State>,
+    body: web::Json<SessionToken>,
+) -> Result<HttpResponse, ApiError> {
+    record_failure(
+        async {
+            let SessionToken { token } = body.into_inner();
+            if !token::well_formed(token.expose()) {
+                return Err(ApiError::unauthorized("unknown or expired session"));
+            }
+            let token_hash = token::digest(token.expose());
+            let deleted = state
+                .database
+                .run(move |connection, statements| {
+                    let query = diesel::delete(
+                        sessions::table.filter(sessions::token_hash.eq(token_hash)),
+                    );
+                    Ok(traced(statements, query, |query| {
+                        query.execute(connection)
+                    })?)
+                })
+                .await
+                .map_err(|error| ApiError::from_db(&error, "user"))?;
+            if deleted == 0 {
+                return Err(ApiError::unauthorized("unknown or expired session"));
+            }
+            Ok(HttpResponse::Ok().json(serde_json::json!({ "revoked": true })))
+        }
+        .await,
+    )
+}

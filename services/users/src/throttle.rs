@@ -1,0 +1,158 @@
+//! Failed-login throttling, per account and per client address (OWASP ASVS 2.2.1).
+//!
+//! Counted in memory, per replica, over a fixed window: after `limit` failures for an account (or from an
+//! address) the next attempts are answered 429 with `Retry-After` until the window ends, *before* any
+//! password is hashed, so a flood costs no hashing and cannot starve other users' logins. A success clears
+//! the account's count. Attempts refused by the throttle do not count, so one account under attack does not
+//! lock its address out, and other accounts from the same address log in normally.
+//!
+//! Memory is bounded: at `MAX_ENTRIES` keys, expired windows are dropped first; if every key is still live the
+//! new key is not tracked (the other dimension still applies) and a warning is logged.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const MAX_ENTRIES: usize = 100_000;
+
+/// One dimension: accounts or addresses.
+struct Window {
+    limit: u32,
+    length: Duration,
+    failures: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl Window {
+    fn new(limit: u32, length: Duration) -> Self {
+        Self {
+            limit,
+            length,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Seconds until `key` may try again, if it is locked out now.
+    fn locked(&self, key: &str, now: Instant) -> Option<u64> {
+        let failures = self.failures.lock().ok()?;
+        let (started, count) = failures.get(key)?;
+        let ends = *started + self.length;
+        (*count >= self.limit && ends > now).then(|| (ends - now).as_secs().max(1))
+    }
+
+    fn fail(&self, key: &str, now: Instant) {
+        let Ok(mut failures) = self.failures.lock() else {
+            return;
+        };
+        if failures.len() >= MAX_ENTRIES && !failures.contains_key(key) {
+            let length = self.length;
+            failures.retain(|_, (started, _)| *started + length > now);
+            if failures.len() >= MAX_ENTRIES {
+                tracing::warn!("login throttle is full; a key is not tracked");
+                return;
+            }
+        }
+        let entry = failures.entry(key.to_owned()).or_insert((now, 0));
+        if entry.0 + self.length <= now {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+
+    fn clear(&self, key: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(key);
+        }
+    }
+}
+
+/// The two windows.
+pub struct LoginThrottle {
+    accounts: Window,
+    addresses: Window,
+}
+
+/// Refused by the throttle: try again after this many seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttled {
+    pub retry_after: u64,
+}
+
+impl LoginThrottle {
+    /// `per_account` failures per account and `per_address` per client address, within `window`.
+    pub fn new(per_account: u32, per_address: u32, window: Duration) -> Self {
+        Self {
+            accounts: Window::new(per_account.max(1), window),
+            addresses: Window::new(per_address.max(1), window),
+        }
+    }
+
+    /// May this attempt go ahead?
+    pub fn check(&self, account: &str, address: Option<&str>) -> Result<(), Throttled> {
+        let now = Instant::now();
+        let locked = self
+            .accounts
+            .locked(account, now)
+            .into_iter()
+            .chain(address.and_then(|address| self.addresses.locked(address, now)))
+            .max();
+        match locked {
+            Some(retry_after) => Err(Throttled { retry_after }),
+            None => Ok(()),
+        }
+    }
+
+    /// A wrong password (or an unknown account: the same answer, the same count).
+    pub fn failed(&self, account: &str, address: Option<&str>) {
+        let now = Instant::now();
+        self.accounts.fail(account, now);
+        if let Some(address) = address {
+            self.addresses.fail(address, now);
+        }
+    }
+
+    /// A successful login clears the account's failures (not the address's).
+    pub fn succeeded(&self, account: &str) {
+        self.accounts.clear(account);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_account_is_locked_after_its_limit_and_others_are_not() {
+        let throttle = LoginThrottle::new(3, 100, Duration::from_secs(60));
+        for _ in 0..3 {
+            assert!(throttle.check("victim@example.com", Some("10.0.0.1")).is_ok());
+            throttle.failed("victim@example.com", Some("10.0.0.1"));
+        }
+        let refused = throttle.check("victim@example.com", Some("10.0.0.1"));
+        assert!(matches!(refused, Err(Throttled { retry_after }) if (1..=60).contains(&retry_after)));
+        // Same address, another account: fine.
+        assert!(throttle.check("other@example.com", Some("10.0.0.1")).is_ok());
+        // A success clears the account.
+        throttle.succeeded("victim@example.com");
+        assert!(throttle.check("victim@example.com", Some("10.0.0.1")).is_ok());
+    }
+
+    #[test]
+    fn an_address_is_locked_across_accounts() {
+        let throttle = LoginThrottle::new(100, 5, Duration::from_secs(60));
+        for index in 0..5 {
+            throttle.failed(&format!("user{index}@example.com"), Some("10.0.0.9"));
+        }
+        assert!(throttle.check("fresh@example.com", Some("10.0.0.9")).is_err());
+        assert!(throttle.check("fresh@example.com", Some("10.0.0.8")).is_ok());
+        assert!(throttle.check("fresh@example.com", None).is_ok());
+    }
+
+    #[test]
+    fn the_window_ends() {
+        let throttle = LoginThrottle::new(1, 1, Duration::from_millis(20));
+        throttle.failed("a", Some("b"));
+        assert!(throttle.check("a", Some("b")).is_err());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(throttle.check("a", Some("b")).is_ok());
+    }
+}
