@@ -186,6 +186,12 @@ impl Issuer {
         Self::from_pem(&read(path)?, name)
     }
 
+    /// The id (`kid`) of the key this issuer signs with: public, and what to look for in a verifier's list
+    /// during a rotation.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
     /// A token for one call to `audience`, on behalf of `user` if given.
     pub fn token(
         &self,

@@ -59,7 +59,7 @@ pub async fn login(
             // Before any database or hashing work: a flood against one account costs nothing.
             state
                 .throttle
-                .check(&email, address)
+                .begin(&email, address)
                 .map_err(LoginError::Throttled)?;
             let account = email.clone();
             let found = state
@@ -86,12 +86,9 @@ pub async fn login(
                 .await?;
             let user_id = match (found, matches) {
                 (Some((user_id, _)), true) => user_id,
-                _ => {
-                    state.throttle.failed(&account, address);
-                    return Err(LoginError::BadCredentials.into());
-                }
+                _ => return Err(LoginError::BadCredentials.into()),
             };
-            state.throttle.succeeded(&account);
+            state.throttle.succeeded(&account, address);
 
             let token = token::generate();
             let token_hash = token::digest(&token);
