@@ -645,7 +645,7 @@ async fn measure_jetstream_hops(
     use tracing::Instrument;
     use tracing::instrument::WithSubscriber;
 
-    let client = messaging::connect(nats_url, "bench-hop").await?;
+    let client = messaging::connect(nats_url, "bench-hop", None).await?;
     let jetstream = async_nats::jetstream::new(client);
     let stream = messaging::ensure_stream(
         &jetstream,

@@ -23,12 +23,10 @@ pub struct ReplayReport {
     pub skipped: usize,
 }
 
-/// Replays every dead letter in `stream` at `nats_url`. The trace context travels through the global
+/// Replays every dead letter in `stream`, connected as `client` (a user allowed to publish
+/// `order.completed` and read the dead letters: the operator). The trace context travels through the global
 /// propagator, which [`tracehop_telemetry::init`] installs.
-pub async fn replay(nats_url: &str, stream: &str) -> anyhow::Result<ReplayReport> {
-    let client = async_nats::connect(nats_url)
-        .await
-        .with_context(|| format!("connecting to {nats_url}"))?;
+pub async fn replay(client: async_nats::Client, stream: &str) -> anyhow::Result<ReplayReport> {
     let jetstream = jetstream::new(client);
     let stream = jetstream
         .get_stream(stream)

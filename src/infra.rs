@@ -48,16 +48,46 @@ pub struct PrivateNats {
     pub store_dir: PathBuf,
     pub process: ChildProcess,
     log_path: PathBuf,
+    /// The server's configuration file (users and their permissions), when it has one.
+    config: Option<PathBuf>,
 }
 
 impl PrivateNats {
-    /// Starts JetStream on `port` with its file store in `store_dir`.
+    /// Starts JetStream on `port` with its file store in `store_dir`, open to anonymous clients (the
+    /// benchmarks' bare NATS hops).
     pub async fn start(port: u16, store_dir: &Path, log_path: &Path) -> anyhow::Result<Self> {
+        Self::start_with(port, store_dir, log_path, None).await
+    }
+
+    /// Starts JetStream on `port` with `users` and their permissions for `stream`, and no anonymous access.
+    /// The configuration is written beside the store, readable by its owner only.
+    pub async fn start_with_users(
+        port: u16,
+        store_dir: &Path,
+        log_path: &Path,
+        users: &crate::secrets::NatsUsers,
+        stream: &str,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(store_dir)?;
+        let config = store_dir.join("nats-server.conf");
+        crate::secrets::write_private(&config, &users.server_config(stream))?;
+        Self::start_with(port, store_dir, log_path, Some(config)).await
+    }
+
+    async fn start_with(
+        port: u16,
+        store_dir: &Path,
+        log_path: &Path,
+        config: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let binary = find_executable("nats-server").ok_or_else(|| {
             anyhow::anyhow!("nats-server not found: install it (Debian: apt-get install nats-server) or set NATS_URL")
         })?;
         std::fs::create_dir_all(store_dir)?;
         let mut command = Command::new(binary);
+        if let Some(config) = &config {
+            command.arg("-c").arg(config);
+        }
         command
             .arg("-js")
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
@@ -70,6 +100,7 @@ impl PrivateNats {
             store_dir: store_dir.to_owned(),
             process,
             log_path: log_path.to_owned(),
+            config,
         };
         nats.wait_ready().await?;
         Ok(nats)
@@ -100,7 +131,9 @@ impl PrivateNats {
     /// Starts it again on the same port and store (fault tests).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        let restarted = Self::start(self.port, &self.store_dir, &self.log_path).await?;
+        let restarted =
+            Self::start_with(self.port, &self.store_dir, &self.log_path, self.config.clone())
+                .await?;
         *self = restarted;
         Ok(())
     }

@@ -316,7 +316,13 @@ async fn main() -> anyhow::Result<()> {
             // The replay's PRODUCER spans go to the collector (OTEL_EXPORTER_OTLP_ENDPOINT, the embedded one
             // by default) like any service's.
             let telemetry = tracehop_telemetry::init("stack")?;
-            let report = tracehop::dead_letters::replay(&nats_url, &stream).await;
+            // As the operator: NATS_USER / NATS_PASSWORD (a `stack up` NATS: `operator` in
+            // .tracehop/secrets/nats-users.json).
+            let credentials = tracehop_telemetry::messaging::NatsCredentials::from_env();
+            let client =
+                tracehop_telemetry::messaging::connect(&nats_url, "stack", credentials.as_ref())
+                    .await?;
+            let report = tracehop::dead_letters::replay(client, &stream).await;
             telemetry.shutdown().await;
             let report = report?;
             println!(

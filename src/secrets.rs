@@ -40,6 +40,108 @@ impl ServiceKeys {
     }
 }
 
+/// The NATS users of a stack the stack runs itself, with their passwords (random, made once per state
+/// folder, kept in `nats-users.json`, mode 0600) and what each may do.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct NatsUsers {
+    /// Publishes `order.completed` (and keeps the stream's settings).
+    pub billing: String,
+    /// Consumes `order.completed` through its durable consumer and publishes the dead letters.
+    pub notifications: String,
+    /// The operator: `stack` itself, its tools and the tests (replays, inspection). Everything.
+    pub operator: String,
+}
+
+impl std::fmt::Debug for NatsUsers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NatsUsers { <redacted> }")
+    }
+}
+
+impl NatsUsers {
+    pub const FILE: &'static str = "nats-users.json";
+
+    /// The users in `dir`, made there if missing.
+    pub fn ensure(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(Self::FILE);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()));
+        }
+        std::fs::create_dir_all(dir)?;
+        let password = || {
+            let mut bytes = [0_u8; 24];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let users = Self {
+            billing: password(),
+            notifications: password(),
+            operator: password(),
+        };
+        write_private(&path, &serde_json::to_string_pretty(&users)?)?;
+        Ok(users)
+    }
+
+    /// The credentials of one user (`billing`, `notifications` or `operator`).
+    pub fn credentials(&self, user: &str) -> Option<tracehop_telemetry::messaging::NatsCredentials> {
+        let password = match user {
+            "billing" => &self.billing,
+            "notifications" => &self.notifications,
+            "operator" => &self.operator,
+            _ => return None,
+        };
+        Some(tracehop_telemetry::messaging::NatsCredentials {
+            user: user.to_owned(),
+            password: password.clone(),
+        })
+    }
+
+    /// A nats-server `authorization` block: no anonymous clients, and each user only the subjects its work
+    /// needs on `stream` (JetStream's API subjects included). `order.completed` can be published by billing
+    /// (and the operator) only, and read only through notifications' durable consumer.
+    pub fn server_config(&self, stream: &str) -> String {
+        let quote = |subjects: &[String]| {
+            subjects
+                .iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let stream_admin = [
+            "$JS.API.INFO".to_owned(),
+            format!("$JS.API.STREAM.INFO.{stream}"),
+            format!("$JS.API.STREAM.CREATE.{stream}"),
+            format!("$JS.API.STREAM.UPDATE.{stream}"),
+        ];
+        let mut billing_publish = vec!["order.completed".to_owned()];
+        billing_publish.extend(stream_admin.iter().cloned());
+        let consumer = "notifications";
+        let mut notifications_publish = vec!["order.completed.dead".to_owned()];
+        notifications_publish.extend(stream_admin.iter().cloned());
+        notifications_publish.extend([
+            format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"),
+            format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
+            format!("$JS.ACK.{stream}.{consumer}.>"),
+        ]);
+        format!(
+            "# Made by `stack` (src/secrets.rs); passwords in nats-users.json.\n\
+             authorization {{\n  users = [\n\
+             \x20   {{ user: \"billing\", password: \"{billing}\", permissions: {{ publish: {{ allow: [{bp}] }}, subscribe: {{ allow: [\"_INBOX_billing.>\"] }} }} }}\n\
+             \x20   {{ user: \"notifications\", password: \"{notifications}\", permissions: {{ publish: {{ allow: [{np}] }}, subscribe: {{ allow: [\"_INBOX_notifications.>\"] }} }} }}\n\
+             \x20   {{ user: \"operator\", password: \"{operator}\" }}\n\
+             \x20 ]\n}}\n",
+            billing = self.billing,
+            notifications = self.notifications,
+            operator = self.operator,
+            bp = quote(&billing_publish),
+            np = quote(&notifications_publish),
+        )
+    }
+}
+
 /// Writes `text` to `path`, readable by its owner only (0600 from the start, never world-readable).
 pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;

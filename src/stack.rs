@@ -12,7 +12,8 @@ use std::time::Duration;
 use crate::collector::{Collector, CollectorAddresses};
 use crate::infra::{self, PrivateNats};
 use crate::process::{ChildProcess, wait_healthy, workspace_binary};
-use crate::secrets::ServiceKeys;
+use crate::secrets::{NatsUsers, ServiceKeys};
+use tracehop_telemetry::messaging::{self, NatsCredentials};
 
 /// The services' binaries, in start order.
 pub const SERVICES: [&str; 5] = ["stripe-sim", "users", "billing", "notifications", "gateway"];
@@ -134,6 +135,8 @@ pub struct Stack {
     pub mail_sink: PathBuf,
     /// The service-token key pair (`<state>/secrets`).
     pub keys: ServiceKeys,
+    /// The NATS users of a private NATS (`None` for an existing server: its credentials are the operator's).
+    pub nats_users: Option<NatsUsers>,
     // Field order is drop order: services first, then NATS, then the collector.
     services: Vec<ChildProcess>,
     pub nats: Option<PrivateNats>,
@@ -171,17 +174,21 @@ impl Stack {
             } => (None, otlp_endpoint.clone(), jaeger_url.clone()),
         };
 
-        let (nats, nats_url) = match &options.nats {
-            NatsChoice::Existing(url) => (None, url.clone()),
+        let secrets = options.state_dir.join("secrets");
+        let (nats, nats_url, nats_users) = match &options.nats {
+            NatsChoice::Existing(url) => (None, url.clone(), None),
             NatsChoice::Private { port } => {
-                let nats = PrivateNats::start(
+                let users = NatsUsers::ensure(&secrets)?;
+                let nats = PrivateNats::start_with_users(
                     *port,
                     &options.state_dir.join("nats"),
                     &options.state_dir.join("logs/nats-server.log"),
+                    &users,
+                    tracehop_contracts::events::ORDERS_STREAM,
                 )
                 .await?;
                 let url = nats.url.clone();
-                (Some(nats), url)
+                (Some(nats), url, Some(users))
             }
         };
 
@@ -191,7 +198,6 @@ impl Stack {
         infra::migrate(&database_url).await?;
 
         let mail_sink = options.state_dir.join("mail");
-        let secrets = options.state_dir.join("secrets");
         let keys = ServiceKeys::ensure(&secrets, &secrets)?;
         let mut stack = Self {
             options,
@@ -201,6 +207,7 @@ impl Stack {
             otlp_endpoint,
             mail_sink,
             keys,
+            nats_users,
             services: Vec::new(),
             nats,
             collector,
@@ -261,6 +268,15 @@ impl Stack {
             )),
             _ => {}
         }
+        // Each NATS client as its own user, with only its own subjects.
+        if let Some(credentials) = self
+            .nats_users
+            .as_ref()
+            .and_then(|users| users.credentials(name))
+        {
+            env.push(("NATS_USER".into(), credentials.user));
+            env.push(("NATS_PASSWORD".into(), credentials.password));
+        }
         env.retain(|(key, _)| !(name == "stripe-sim" && key.starts_with("OTEL_")));
         env.extend(self.options.extra_env.iter().cloned());
         env
@@ -305,6 +321,18 @@ impl Stack {
         self.services
             .iter_mut()
             .find(|process| process.name == name)
+    }
+
+    /// The operator's NATS credentials (`None` against an existing server).
+    pub fn nats_operator(&self) -> Option<NatsCredentials> {
+        self.nats_users
+            .as_ref()
+            .and_then(|users| users.credentials("operator"))
+    }
+
+    /// A NATS client as the operator (tests, replays, inspection).
+    pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
+        Ok(messaging::connect(&self.nats_url, "stack", self.nats_operator().as_ref()).await?)
     }
 
     pub fn gateway_url(&self) -> String {

@@ -56,12 +56,8 @@ async fn a_lost_email_is_visible_dead_lettered_marked_failed_and_replayable() {
     let order = wait_for_notification(&customer, &order_id, "failed").await;
     assert_eq!(order["notification"], "failed", "{order}");
     assert_eq!(order["notificationAttempts"], 3);
-    assert!(
-        order["notificationError"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("injected failure")
-    );
+    // A code, not a message: no address, no server text (the detail is in notifications' log).
+    assert_eq!(order["notificationError"], "injected", "{order}");
     assert!(test.sent_mail().is_empty());
 
     // The trace tells the story: three deliveries, each an ERROR, then the dead letter.
@@ -117,7 +113,7 @@ async fn a_lost_email_is_visible_dead_lettered_marked_failed_and_replayable() {
         assert!(
             send.events.iter().any(|e| e
                 .values()
-                .any(|v| v.as_str().is_some_and(|s| s.contains("injected failure")))),
+                .any(|v| v.as_str().is_some_and(|s| s.starts_with("injected")))),
             "exception recorded: {:?}",
             send.events
         );
@@ -133,14 +129,14 @@ async fn a_lost_email_is_visible_dead_lettered_marked_failed_and_replayable() {
     // context still travels.)
     opentelemetry::global::set_text_map_propagator(tracehop_telemetry::setup::propagator());
     fail(0).await.unwrap().error_for_status().unwrap();
-    let report = tracehop::dead_letters::replay(&test.stack.nats_url, "ORDERS")
+    let report = tracehop::dead_letters::replay(test.stack.nats_client().await.unwrap(), "ORDERS")
         .await
         .unwrap();
     assert_eq!(report.replayed, 1);
     let order = wait_for_notification(&customer, &order_id, "sent").await;
     assert_eq!(order["notification"], "sent", "{order}");
     assert_eq!(test.sent_mail().len(), 1);
-    let again = tracehop::dead_letters::replay(&test.stack.nats_url, "ORDERS")
+    let again = tracehop::dead_letters::replay(test.stack.nats_client().await.unwrap(), "ORDERS")
         .await
         .unwrap();
     assert_eq!(
@@ -162,7 +158,7 @@ async fn a_lost_email_is_visible_dead_lettered_marked_failed_and_replayable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_message_is_dead_lettered_and_does_not_block_the_consumer() {
     let test = TestStack::boot(&[]).await;
-    let client = async_nats::connect(&test.stack.nats_url).await.unwrap();
+    let client = test.stack.nats_client().await.unwrap();
     let jetstream = async_nats::jetstream::new(client);
     // No headers at all, and not JSON.
     jetstream

@@ -358,3 +358,95 @@ async fn a_login_flood_is_throttled_while_other_users_log_in() {
         .unwrap();
     assert_eq!(elsewhere.status, 200);
 }
+
+#[tokio::test]
+async fn nats_refuses_anonymous_clients_and_keeps_each_service_to_its_subjects() {
+    use async_nats::jetstream;
+    let test = TestStack::boot(&[]).await;
+    let url = test.stack.nats_url.clone();
+
+    // Anonymous: refused by the server, so nobody off the street can forge an order.completed.
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .connect(&url)
+        .await;
+    assert!(anonymous.is_err(), "an anonymous client connected");
+
+    let users = test.stack.nats_users.clone().unwrap();
+    let as_user = |user: &str| {
+        let credentials = users.credentials(user).unwrap();
+        let url = url.clone();
+        async move {
+            tracehop_telemetry::messaging::connect(&url, "security-test", Some(&credentials))
+                .await
+                .unwrap()
+        }
+    };
+    let before = jetstream::new(test.stack.nats_client().await.unwrap())
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+
+    // notifications may not publish order.completed: the server refuses, JetStream never stores it.
+    let notifications = jetstream::new(as_user("notifications").await);
+    let event = json!({"eventId": uuid::Uuid::new_v4(), "orderId": uuid::Uuid::new_v4(),
+                       "email": "attacker@example.com", "amountMinor": 1, "currency": "usd"});
+    let forged = async {
+        notifications
+            .publish("order.completed", event.to_string().into())
+            .await?
+            .await
+    };
+    let forged = tokio::time::timeout(Duration::from_secs(10), forged).await;
+    assert!(
+        !matches!(forged, Ok(Ok(_))),
+        "notifications published order.completed"
+    );
+
+    // billing may publish, but not read the stream through a consumer of its own.
+    let billing = jetstream::new(as_user("billing").await);
+    let stream = billing.get_stream("ORDERS").await.unwrap();
+    let reader = tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("snoop".into()),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(
+        !matches!(reader, Ok(Ok(_))),
+        "billing created a consumer"
+    );
+
+    let after = jetstream::new(test.stack.nats_client().await.unwrap())
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(before, after, "nothing forged reached the stream");
+
+    // And the services, each with its own user, still do their work end to end.
+    let customer = test.customer().await;
+    let checkout = customer.checkout("10.00", "usd", None).await.unwrap();
+    assert_eq!(checkout.status, 200, "{}", checkout.body);
+    let order_id = checkout.body["orderId"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let order = customer.order(&order_id).await.unwrap();
+        if order.body["notification"] == "sent" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "e-mail not sent: {}", order.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -31,6 +31,33 @@ pub struct NatsSettings {
     pub stream: String,
     pub max_age: Duration,
     pub max_bytes: i64,
+    /// `NATS_USER` and `NATS_PASSWORD`: who this service is to the NATS server (none: anonymous).
+    pub credentials: Option<NatsCredentials>,
+}
+
+/// A NATS user and password. The password never prints.
+#[derive(Clone)]
+pub struct NatsCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsCredentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl NatsCredentials {
+    /// `NATS_USER` and `NATS_PASSWORD`, when both are set.
+    pub fn from_env() -> Option<Self> {
+        let user = std::env::var("NATS_USER").ok().filter(|v| !v.trim().is_empty())?;
+        let password = std::env::var("NATS_PASSWORD").ok().filter(|v| !v.is_empty())?;
+        Some(Self { user, password })
+    }
 }
 
 impl NatsSettings {
@@ -43,6 +70,7 @@ impl NatsSettings {
                 3600 * crate::config::env_parse("NATS_STREAM_MAX_AGE_HOURS", 168_u64)?,
             ),
             max_bytes: crate::config::env_parse("NATS_STREAM_MAX_BYTES", 1 << 30)?,
+            credentials: NatsCredentials::from_env(),
         })
     }
 
@@ -54,7 +82,7 @@ impl NatsSettings {
         subjects: &[&str],
     ) -> anyhow::Result<(jetstream::Context, stream::Stream)> {
         use anyhow::Context as _;
-        let nats = connect(&self.url, client_name)
+        let nats = connect(&self.url, client_name, self.credentials.as_ref())
             .await
             .with_context(|| format!("connecting to NATS at {}", self.url))?;
         let jetstream = jetstream::new(nats);
@@ -113,17 +141,24 @@ pub enum PublishError {
     Publish(#[from] jetstream::context::PublishError),
 }
 
-/// Connects to NATS, retrying in the background when the server goes away (async-nats reconnects).
+/// Connects to NATS as `credentials` (or anonymously), retrying in the background when the server goes away
+/// (async-nats reconnects). With credentials, replies come to `_INBOX_<user>.>`, so a server can give each
+/// user its own inbox subjects and no user can read another's replies.
 pub async fn connect(
     url: &str,
     client_name: &str,
+    credentials: Option<&NatsCredentials>,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
-    async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new()
         .name(client_name)
         .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(3))
-        .connect(url)
-        .await
+        .connection_timeout(Duration::from_secs(3));
+    if let Some(credentials) = credentials {
+        options = options
+            .user_and_password(credentials.user.clone(), credentials.password.clone())
+            .custom_inbox_prefix(format!("_INBOX_{}", credentials.user));
+    }
+    options.connect(url).await
 }
 
 /// Creates the stream, or updates an existing one to these settings (file storage).
