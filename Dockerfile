@@ -6,7 +6,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --workspace --bins \
+# Without the default `fault-injection` feature: no fault routes, no panic hook in a production image.
+RUN cargo build --release --workspace --bins --no-default-features \
  && mkdir /out \
  && cp target/release/gateway target/release/users target/release/billing \
        target/release/notifications target/release/stripe-sim target/release/stack /out/
@@ -15,7 +16,10 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libpq5 ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 tracehop
+ && useradd --system --uid 10001 tracehop \
+ && mkdir -p /secrets/private /secrets/public \
+ && chown tracehop /secrets/private /secrets/public \
+ && chmod 700 /secrets/private
 COPY --from=build /out/ /usr/local/bin/
 USER tracehop
 WORKDIR /home/tracehop

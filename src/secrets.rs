@@ -96,50 +96,78 @@ impl NatsUsers {
         })
     }
 
-    /// A nats-server `authorization` block: no anonymous clients, and each user only the subjects its work
-    /// needs on `stream` (JetStream's API subjects included). `order.completed` can be published by billing
-    /// (and the operator) only, and read only through notifications' durable consumer.
+    /// A nats-server `authorization` block with these passwords: no anonymous clients, and each user only
+    /// the subjects its work needs on `stream` (JetStream's API subjects included). `order.completed` can be
+    /// published by billing (and the operator) only, and read only through notifications' durable consumer.
     pub fn server_config(&self, stream: &str) -> String {
-        let quote = |subjects: &[String]| {
-            subjects
-                .iter()
-                .map(|s| format!("\"{s}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let stream_admin = [
-            "$JS.API.INFO".to_owned(),
-            format!("$JS.API.STREAM.INFO.{stream}"),
-            format!("$JS.API.STREAM.CREATE.{stream}"),
-            format!("$JS.API.STREAM.UPDATE.{stream}"),
-        ];
-        let mut billing_publish = vec!["order.completed".to_owned()];
-        billing_publish.extend(stream_admin.iter().cloned());
-        let consumer = "notifications";
-        let mut notifications_publish = vec!["order.completed.dead".to_owned()];
-        notifications_publish.extend(stream_admin.iter().cloned());
-        notifications_publish.extend([
-            format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"),
-            format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"),
-            format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"),
-            format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}"),
-            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
-            format!("$JS.ACK.{stream}.{consumer}.>"),
-        ]);
-        format!(
-            "# Made by `stack` (src/secrets.rs); passwords in nats-users.json.\n\
-             authorization {{\n  users = [\n\
-             \x20   {{ user: \"billing\", password: \"{billing}\", permissions: {{ publish: {{ allow: [{bp}] }}, subscribe: {{ allow: [\"_INBOX_billing.>\"] }} }} }}\n\
-             \x20   {{ user: \"notifications\", password: \"{notifications}\", permissions: {{ publish: {{ allow: [{np}] }}, subscribe: {{ allow: [\"_INBOX_notifications.>\"] }} }} }}\n\
-             \x20   {{ user: \"operator\", password: \"{operator}\" }}\n\
-             \x20 ]\n}}\n",
-            billing = self.billing,
-            notifications = self.notifications,
-            operator = self.operator,
-            bp = quote(&billing_publish),
-            np = quote(&notifications_publish),
+        let quoted = |password: &str| format!("\"{password}\"");
+        authorization(
+            stream,
+            [
+                &quoted(&self.billing),
+                &quoted(&self.notifications),
+                &quoted(&self.operator),
+            ],
         )
     }
+
+    /// The same block with the passwords left to nats-server's environment variables
+    /// (`$NATS_BILLING_PASSWORD`, `$NATS_NOTIFICATIONS_PASSWORD`, `$NATS_OPERATOR_PASSWORD`): what
+    /// `deploy/nats/nats-server.conf` holds for docker compose (tests/compose.rs checks it is this text).
+    pub fn server_config_template(stream: &str) -> String {
+        authorization(
+            stream,
+            [
+                "$NATS_BILLING_PASSWORD",
+                "$NATS_NOTIFICATIONS_PASSWORD",
+                "$NATS_OPERATOR_PASSWORD",
+            ],
+        )
+    }
+}
+
+/// The `authorization` block, passwords given as nats-server config values (quoted text or `$VARIABLE`).
+fn authorization(stream: &str, [billing, notifications, operator]: [&str; 3]) -> String {
+    let quote = |subjects: &[String]| {
+        subjects
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let stream_admin = [
+        "$JS.API.INFO".to_owned(),
+        format!("$JS.API.STREAM.INFO.{stream}"),
+        format!("$JS.API.STREAM.CREATE.{stream}"),
+        format!("$JS.API.STREAM.UPDATE.{stream}"),
+    ];
+    let mut billing_publish = vec!["order.completed".to_owned()];
+    billing_publish.extend(stream_admin.iter().cloned());
+    let consumer = "notifications";
+    let mut notifications_publish = vec!["order.completed.dead".to_owned()];
+    notifications_publish.extend(stream_admin.iter().cloned());
+    notifications_publish.extend([
+        format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"),
+        format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
+        format!("$JS.ACK.{stream}.{consumer}.>"),
+    ]);
+    let user = |name: &str, password: &str, publish: Option<&[String]>| match publish {
+        Some(publish) => format!(
+            "    {{ user: \"{name}\", password: {password}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [\"_INBOX_{name}.>\"] }} }} }}\n",
+            quote(publish)
+        ),
+        None => format!("    {{ user: \"{name}\", password: {password} }}\n"),
+    };
+    format!(
+        "# nats-server users and permissions, made by `stack` (src/secrets.rs). No anonymous clients.\n\
+         authorization {{\n  users = [\n{}{}{}  ]\n}}\n",
+        user("billing", billing, Some(&billing_publish)),
+        user("notifications", notifications, Some(&notifications_publish)),
+        user("operator", operator, None),
+    )
 }
 
 /// Writes `text` to `path`, readable by its owner only (0600 from the start, never world-readable).

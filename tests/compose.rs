@@ -65,6 +65,7 @@ fn reads_variable(code: &str, key: &str) -> bool {
         format!("env_parse(\"{key}\""),
         format!("var(\"{key}\")"),
         format!("env = \"{key}\""),
+        format!("required(\"{key}\""),
     ]
     .iter()
     .any(|call| code.contains(call.as_str()))
@@ -395,4 +396,89 @@ fn the_dockerfile_builds_every_binary_compose_runs() {
         let workspace_binary = binary == "stack" || SERVICES.contains(&binary);
         assert!(workspace_binary, "{binary} is not a workspace binary");
     }
+}
+
+#[test]
+fn nats_in_compose_has_the_stacks_users_and_permissions_and_no_anonymous_access() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let committed = std::fs::read_to_string(root.join("deploy/nats/nats-server.conf")).unwrap();
+    let expected = tracehop::secrets::NatsUsers::server_config_template("ORDERS");
+    assert!(
+        committed == expected,
+        "deploy/nats/nats-server.conf differs from the stack's template; it should be:\n{expected}"
+    );
+    let compose = compose();
+    let services = &compose["services"];
+    let nats = &services["nats"];
+    let command: Vec<&str> = nats["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(command.windows(2).any(|w| w == ["-c", "/etc/nats/nats-server.conf"]), "{command:?}");
+    for user in ["BILLING", "NOTIFICATIONS", "OPERATOR"] {
+        let variable = format!("NATS_{user}_PASSWORD");
+        assert_eq!(
+            env_value(nats, &variable),
+            Some(format!("${{{variable}:?set {variable} in .env (see .env.example)}}")),
+        );
+    }
+    for (service, user) in [("billing", "billing"), ("notifications", "notifications")] {
+        assert_eq!(env_value(&services[service], "NATS_USER").as_deref(), Some(user));
+        assert_eq!(
+            env_value(&services[service], "NATS_PASSWORD"),
+            Some(format!("${{NATS_{}_PASSWORD}}", user.to_uppercase()))
+        );
+    }
+    let example = std::fs::read_to_string(root.join(".env.example")).unwrap();
+    for variable in ["NATS_BILLING_PASSWORD=", "NATS_NOTIFICATIONS_PASSWORD=", "NATS_OPERATOR_PASSWORD="] {
+        assert!(example.contains(variable), "{variable} missing from .env.example");
+    }
+}
+
+#[test]
+fn service_tokens_in_compose_keep_the_private_key_with_the_gateway() {
+    let compose = compose();
+    let services = &compose["services"];
+    let mounts = |service: &str| -> Vec<String> {
+        services[service]["volumes"]
+            .as_sequence()
+            .map(|v| v.iter().filter_map(|m| m.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        env_value(&services["gateway"], "SERVICE_TOKEN_SIGNING_KEY_FILE").as_deref(),
+        Some("/secrets/private/service-token.key.pem")
+    );
+    assert!(mounts("gateway").contains(&"token-private:/secrets/private:ro".to_owned()));
+    for service in ["users", "billing"] {
+        assert_eq!(
+            env_value(&services[service], "SERVICE_TOKEN_PUBLIC_KEY_FILE").as_deref(),
+            Some("/secrets/public/service-token.pub.pem"),
+            "{service}"
+        );
+        assert_eq!(mounts(service), vec!["token-public:/secrets/public:ro".to_owned()], "{service}");
+        assert_eq!(depends(&services[service], "secrets").as_deref(), Some("service_completed_successfully"));
+    }
+    assert_eq!(depends(&services["gateway"], "secrets").as_deref(), Some("service_completed_successfully"));
+    // Nothing else sees the private key.
+    for (name, definition) in services.as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        if name == "gateway" || name == "secrets" {
+            continue;
+        }
+        let mounts: Vec<String> = definition["volumes"]
+            .as_sequence()
+            .map(|v| v.iter().filter_map(|m| m.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        assert!(!mounts.iter().any(|m| m.starts_with("token-private")), "{name} mounts the private key");
+    }
+    // The production image is built without the test hooks.
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains("cargo build --release --workspace --bins --no-default-features"),
+        "the Dockerfile must build without the fault-injection feature"
+    );
 }
