@@ -24,6 +24,33 @@ pub fn host_port(url: &str, default_port: u16) -> (String, u16) {
     }
 }
 
+/// The PostgreSQL role each service logs in as (`migrations/..._a_role_per_service`).
+pub fn service_role(service: &str) -> Option<&'static str> {
+    match service {
+        "users" => Some("tracehop_users"),
+        "billing" => Some("tracehop_billing"),
+        "notifications" => Some("tracehop_notifications"),
+        _ => None,
+    }
+}
+
+/// `url` logging in as `role` instead, when `url` carries no password (trust or peer authentication, as
+/// `./dev up` and the tests use). A URL with a password is returned unchanged: the role's own password is
+/// not known here, so the service uses the URL's role (docker compose gives each service its own URL).
+pub fn with_role(url: &str, role: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let host = match authority.rsplit_once('@') {
+        Some((userinfo, _)) if userinfo.contains(':') => return url.to_owned(),
+        Some((_, host)) => host,
+        None => authority,
+    };
+    format!("{scheme}://{role}@{host}{path}")
+}
+
 /// `url` with its database name replaced.
 pub fn with_database(url: &str, database: &str) -> String {
     let (base, query) = match url.split_once('?') {
@@ -310,19 +337,46 @@ pub async fn drop_database(server_url: &str, database: &str) -> anyhow::Result<(
     .await?
 }
 
-/// Applies pending migrations to `database_url`; returns the versions applied.
+/// Gives each service's role the password in `POSTGRES_{USERS,BILLING,NOTIFICATIONS}_PASSWORD`, where set
+/// (docker compose); a server with trust authentication needs none.
+fn set_role_passwords(connection: &mut PgConnection) -> anyhow::Result<()> {
+    let passwords = [
+        ("tracehop_users", std::env::var("POSTGRES_USERS_PASSWORD")),
+        ("tracehop_billing", std::env::var("POSTGRES_BILLING_PASSWORD")),
+        (
+            "tracehop_notifications",
+            std::env::var("POSTGRES_NOTIFICATIONS_PASSWORD"),
+        ),
+    ];
+    for (role, password) in passwords {
+        let Ok(password) = password else {
+            continue;
+        };
+        anyhow::ensure!(
+            !password.is_empty() && password.chars().all(|c| c.is_ascii_alphanumeric()),
+            "the password of {role} must be letters and digits only (it goes into a URL)"
+        );
+        diesel::sql_query(format!("ALTER ROLE {role} PASSWORD '{password}'"))
+            .execute(connection)?;
+    }
+    Ok(())
+}
+
+/// Applies pending migrations to `database_url`, then sets the service roles' passwords from the
+/// environment (see [`set_role_passwords`]); returns the versions applied.
 pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<String>> {
     let url = database_url.to_owned();
     tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
         let mut connection =
             PgConnection::establish(&url).with_context(|| format!("connecting to {url}"))?;
-        let applied = connection
+        let applied: Vec<String> = connection
             .run_pending_migrations(MIGRATIONS)
-            .map_err(|error| anyhow::anyhow!("migration failed: {error}"))?;
-        Ok(applied
+            .map_err(|error| anyhow::anyhow!("migration failed: {error}"))?
             .into_iter()
             .map(|version| version.to_string())
-            .collect())
+            .collect();
+        set_role_passwords(&mut connection)?;
+        Ok(applied)
     })
     .await?
 }
@@ -352,6 +406,18 @@ mod tests {
         assert_eq!(
             with_database("postgres://u@h:1/db?sslmode=disable", "x"),
             "postgres://u@h:1/x?sslmode=disable"
+        );
+        assert_eq!(
+            with_role("postgres://postgres@127.0.0.1:5432/db", "tracehop_users"),
+            "postgres://tracehop_users@127.0.0.1:5432/db"
+        );
+        assert_eq!(
+            with_role("postgres://127.0.0.1/db?sslmode=disable", "r"),
+            "postgres://r@127.0.0.1/db?sslmode=disable"
+        );
+        assert_eq!(
+            with_role("postgres://postgres:secret@h/db", "r"),
+            "postgres://postgres:secret@h/db"
         );
     }
 }

@@ -234,7 +234,14 @@ impl Stack {
             // Sized so that nothing is dropped at full load on the benchmark machine (BENCHMARKS.md).
             ("OTEL_BSP_MAX_QUEUE_SIZE".into(), "32768".into()),
             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE".into(), "2048".into()),
-            ("DATABASE_URL".into(), self.database_url.clone()),
+            // Each service as its own role, with rights on its own tables only.
+            (
+                "DATABASE_URL".into(),
+                match infra::service_role(name) {
+                    Some(role) => infra::with_role(&self.database_url, role),
+                    None => self.database_url.clone(),
+                },
+            ),
             ("NATS_URL".into(), self.nats_url.clone()),
             ("GATEWAY_PORT".into(), ports.gateway.to_string()),
             ("USERS_PORT".into(), ports.users.to_string()),
@@ -250,19 +257,23 @@ impl Stack {
                 format!("http://127.0.0.1:{}", ports.billing),
             ),
             (
+                "NOTIFICATIONS_URL".into(),
+                format!("http://127.0.0.1:{}", ports.notifications),
+            ),
+            (
                 "STRIPE_API_BASE".into(),
                 format!("http://127.0.0.1:{}", ports.stripe_sim),
             ),
             ("STRIPE_SECRET_KEY".into(), "sk_test_tracehop".into()),
             ("MAIL_SINK".into(), self.mail_sink.display().to_string()),
         ];
-        // Only the gateway signs service tokens; users and billing check them.
+        // Only the gateway signs service tokens; users, billing and notifications check them.
         match name {
             "gateway" => env.push((
                 "SERVICE_TOKEN_SIGNING_KEY_FILE".into(),
                 self.keys.private_key_file.display().to_string(),
             )),
-            "users" | "billing" => env.push((
+            "users" | "billing" | "notifications" => env.push((
                 "SERVICE_TOKEN_PUBLIC_KEY_FILE".into(),
                 self.keys.public_key_file.display().to_string(),
             )),

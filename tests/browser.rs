@@ -56,7 +56,7 @@ async fn the_jaeger_ui_shows_every_service_and_actor_hop_of_the_demo_trace() {
     test.trace(&trace_id, |t| {
         t.spans
             .iter()
-            .any(|s| s.name == "UPDATE notifications" && s.service == "notifications")
+            .any(|s| s.name == "INSERT notifications" && s.service == "notifications")
     })
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -211,7 +211,13 @@ fn compose_gives_each_service_the_variables_the_code_reads() {
         ),
         (
             "gateway",
-            &["USERS_URL", "BILLING_URL", "OTEL_EXPORTER_OTLP_ENDPOINT"],
+            &[
+                "USERS_URL",
+                "BILLING_URL",
+                "NOTIFICATIONS_URL",
+                "SERVICE_TOKEN_SIGNING_KEY_FILE",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ],
         ),
         ("migrate", &["DATABASE_URL"]),
     ];
@@ -343,13 +349,28 @@ fn no_secret_is_committed_and_the_services_run_unprivileged() {
         Some("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env (see .env.example)}"),
         "the password comes from .env"
     );
+    // Each service logs in as its own role, with its password from .env; only the migration is the owner.
     for (name, definition) in services.as_mapping().expect("services") {
+        let name = name.as_str().unwrap_or_default();
         if let Some(url) = env_value(definition, "DATABASE_URL") {
-            assert!(
-                url.starts_with("postgres://postgres:${POSTGRES_PASSWORD}@postgres:5432/"),
-                "{name:?} DATABASE_URL carries a password of its own: {url}"
-            );
+            let expected = match tracehop::infra::service_role(name) {
+                Some(role) => format!(
+                    "postgres://{role}:${{POSTGRES_{}_PASSWORD}}@postgres:5432/tracehop",
+                    name.to_uppercase()
+                ),
+                None => "postgres://postgres:${POSTGRES_PASSWORD}@postgres:5432/tracehop".to_owned(),
+            };
+            assert_eq!(url, expected, "{name} DATABASE_URL");
         }
+    }
+    for service in ["USERS", "BILLING", "NOTIFICATIONS"] {
+        let variable = format!("POSTGRES_{service}_PASSWORD");
+        assert_eq!(
+            env_value(&services["migrate"], &variable),
+            Some(format!("${{{variable}:?set {variable} in .env (see .env.example)}}")),
+        );
+        let example = std::fs::read_to_string(root.join(".env.example")).unwrap();
+        assert!(example.contains(&format!("{variable}=")), "{variable} in .env.example");
     }
     let ignored = std::fs::read_to_string(root.join(".gitignore")).unwrap();
     assert!(
@@ -452,7 +473,7 @@ fn service_tokens_in_compose_keep_the_private_key_with_the_gateway() {
         Some("/secrets/private/service-token.key.pem")
     );
     assert!(mounts("gateway").contains(&"token-private:/secrets/private:ro".to_owned()));
-    for service in ["users", "billing"] {
+    for service in ["users", "billing", "notifications"] {
         assert_eq!(
             env_value(&services[service], "SERVICE_TOKEN_PUBLIC_KEY_FILE").as_deref(),
             Some("/secrets/public/service-token.pub.pem"),

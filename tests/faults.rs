@@ -93,13 +93,19 @@ async fn assert_nothing_lost_nothing_twice(
         .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let mut db = test.db();
+    // notifications makes its row from the event, so "done" is: as many rows sent as orders charged.
     loop {
-        let unsent: i64 = notifications::table
-            .filter(notifications::status.ne("sent"))
+        let sent: i64 = notifications::table
+            .filter(notifications::status.eq("sent"))
             .count()
             .get_result(&mut db)
             .unwrap();
-        if unsent == 0 || std::time::Instant::now() > deadline {
+        let charged: i64 = transactions::table
+            .filter(transactions::status.eq("charged"))
+            .count()
+            .get_result(&mut db)
+            .unwrap();
+        if (charged > 0 && sent >= charged) || std::time::Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -450,3 +450,55 @@ async fn nats_refuses_anonymous_clients_and_keeps_each_service_to_its_subjects()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn each_service_role_reaches_its_own_tables_only() {
+    use diesel::{Connection, RunQueryDsl};
+    let test = TestStack::boot(&[]).await;
+    // The services run as their roles: a checkout works end to end under them.
+    let customer = test.customer().await;
+    assert_eq!(
+        customer.checkout("3.00", "usd", None).await.unwrap().status,
+        200
+    );
+    let own: &[(&str, &[&str])] = &[
+        ("users", &["users", "sessions"]),
+        ("billing", &["transactions", "outbox"]),
+        ("notifications", &["notifications"]),
+    ];
+    let all = ["users", "sessions", "transactions", "outbox", "notifications"];
+    for (service, tables) in own {
+        let role = tracehop::infra::service_role(service).unwrap();
+        let url = tracehop::infra::with_role(&test.stack.database_url, role);
+        assert!(url.contains(role), "{url}");
+        let mut db = diesel::PgConnection::establish(&url).unwrap();
+        for table in all {
+            let read = diesel::sql_query(format!("SELECT 1 FROM {table} LIMIT 1")).execute(&mut db);
+            if tables.contains(&table) {
+                assert!(read.is_ok(), "{role} cannot read its own {table}: {read:?}");
+            } else {
+                let error = read.expect_err(&format!("{role} read {table}"));
+                assert!(
+                    error.to_string().contains("permission denied"),
+                    "{role} on {table}: {error}"
+                );
+            }
+        }
+        // Nor may it change the schema.
+        let create = diesel::sql_query("CREATE TABLE intruder (id INT)").execute(&mut db);
+        assert!(create.is_err(), "{role} created a table");
+    }
+    // The services' own processes log in as those roles.
+    for service in ["users", "billing", "notifications"] {
+        let env = test.stack.service_env(service);
+        let url = env
+            .iter()
+            .find(|(key, _)| key == "DATABASE_URL")
+            .map(|(_, value)| value.clone())
+            .unwrap();
+        assert!(
+            url.contains(tracehop::infra::service_role(service).unwrap()),
+            "{service}: {url}"
+        );
+    }
+}

@@ -535,7 +535,7 @@ async fn exported_spans_follow_the_semantic_conventions() {
             && !t.named("notification.send_confirmation").is_empty()
             && t.spans
                 .iter()
-                .any(|s| s.name == "UPDATE notifications" && s.service.contains("notification"))
+                .any(|s| s.name == "INSERT notifications" && s.service.contains("notification"))
     })
     .await;
     found.extend(violations(&registry, &raw));

@@ -1,12 +1,12 @@
-//! Billing's rows: transactions (one per order), the outbox, and the initial notification row.
+//! Billing's rows: transactions (one per order) and the outbox. (The notification row is notifications'.)
 //!
 //! Every function takes a connection from [`tracehop_telemetry::db::Database::run`] (so it runs on the blocking
 //! pool) and wraps each statement in [`traced`].
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use tracehop_contracts::billing::{NotificationView, OrderView};
-use tracehop_contracts::schema::{notifications, outbox, transactions};
+use tracehop_contracts::billing::OrderView;
+use tracehop_contracts::schema::{outbox, transactions};
 use tracehop_telemetry::db::{DbConnection, DbError, Statements, traced};
 
 /// A transaction row.
@@ -135,8 +135,9 @@ pub struct OutboxEvent {
     pub trace_context: String,
 }
 
-/// Records a successful charge: the transaction goes from `pending` to `charged`, the `order.completed` event
-/// goes into the outbox and the notification starts `pending`, all in one database transaction.
+/// Records a successful charge: the transaction goes from `pending` to `charged` and the `order.completed`
+/// event goes into the outbox, in one database transaction. (The notification is notifications' own row,
+/// made from the event.)
 ///
 /// Recording is idempotent, whoever records (the checkout, a retry after a database blip, the reconciler):
 /// only a `pending` transaction changes, and the event's id is derived from the order, so a second record
@@ -147,7 +148,6 @@ pub fn save_charged(
     statements: &Statements,
     order_id: uuid::Uuid,
     charge_id: &str,
-    email: &str,
     event: OutboxEvent,
 ) -> Result<bool, DbError> {
     connection.transaction::<_, DbError, _>(|connection| {
@@ -166,14 +166,6 @@ pub fn save_charged(
         }
         let query = diesel::insert_into(outbox::table)
             .values(event)
-            .on_conflict_do_nothing();
-        traced(statements, query, |query| query.execute(connection))?;
-        let query = diesel::insert_into(notifications::table)
-            .values((
-                notifications::order_id.eq(order_id),
-                notifications::email.eq(email),
-                notifications::status.eq("pending"),
-            ))
             .on_conflict_do_nothing();
         traced(statements, query, |query| query.execute(connection))?;
         Ok(true)
@@ -242,34 +234,19 @@ pub fn unpublished_events(
         .load(connection)?)
 }
 
-/// An order with its notification.
+/// An order, as its owner sees it.
 pub fn order_view(
     connection: &mut DbConnection,
     statements: &Statements,
     order_id: uuid::Uuid,
 ) -> Result<Option<OrderView>, DbError> {
     let query = transactions::table
-        .left_join(notifications::table)
-        .filter(transactions::id.eq(order_id))
-        .select((
-            Transaction::as_select(),
-            (
-                notifications::status,
-                notifications::attempts,
-                notifications::last_error,
-                notifications::sent_at,
-            )
-                .nullable(),
-        ));
+        .find(order_id)
+        .select(Transaction::as_select());
     let row = traced(statements, query, |query| {
-        query
-            .first::<(
-                Transaction,
-                Option<(String, i32, Option<String>, Option<DateTime<Utc>>)>,
-            )>(connection)
-            .optional()
+        query.first::<Transaction>(connection).optional()
     })?;
-    Ok(row.map(|(transaction, notification)| OrderView {
+    Ok(row.map(|transaction| OrderView {
         order_id: transaction.id,
         user_id: transaction.user_id,
         amount_minor: transaction.amount_minor,
@@ -278,13 +255,5 @@ pub fn order_view(
         charge_id: transaction.charge_id,
         trace_id: transaction.trace_id,
         created_at: transaction.created_at,
-        notification: notification.map(|(status, attempts, last_error, sent_at)| {
-            NotificationView {
-                status,
-                attempts,
-                last_error,
-                sent_at,
-            }
-        }),
     }))
 }

@@ -14,6 +14,8 @@ pub struct Settings {
     pub users_url: String,
     /// `BILLING_URL` (default http://127.0.0.1:3002).
     pub billing_url: String,
+    /// `NOTIFICATIONS_URL` (default http://127.0.0.1:3003): the state of an order's e-mail.
+    pub notifications_url: String,
     /// `GATEWAY_UPSTREAM_TIMEOUT_MS` (default 60000): must exceed billing's whole Stripe retry budget.
     pub upstream_timeout: Duration,
     /// What the gateway believes of its callers' headers (README, "Edge policy"):
@@ -33,6 +35,7 @@ impl Settings {
             port,
             users_url: env_or("USERS_URL", "http://127.0.0.1:3001"),
             billing_url: env_or("BILLING_URL", "http://127.0.0.1:3002"),
+            notifications_url: env_or("NOTIFICATIONS_URL", "http://127.0.0.1:3003"),
             upstream_timeout: Duration::from_millis(env_parse(
                 "GATEWAY_UPSTREAM_TIMEOUT_MS",
                 60_000,

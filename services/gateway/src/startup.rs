@@ -19,6 +19,7 @@ impl Application {
             client,
             users_url: settings.users_url.trim_end_matches('/').to_owned(),
             billing_url: settings.billing_url.trim_end_matches('/').to_owned(),
+            notifications_url: settings.notifications_url.trim_end_matches('/').to_owned(),
             issuer,
         });
         let trust = settings.trust;

@@ -16,6 +16,7 @@ use tracehop_telemetry::http::{ApiError, TracedClient};
 pub enum Upstream {
     Users,
     Billing,
+    Notifications,
 }
 
 impl Upstream {
@@ -24,6 +25,7 @@ impl Upstream {
         match self {
             Upstream::Users => "users",
             Upstream::Billing => "billing",
+            Upstream::Notifications => "notifications",
         }
     }
 }
@@ -34,6 +36,7 @@ pub struct Upstreams {
     pub client: TracedClient,
     pub users_url: String,
     pub billing_url: String,
+    pub notifications_url: String,
     pub issuer: Issuer,
 }
 
@@ -49,6 +52,7 @@ impl Upstreams {
         let base = match upstream {
             Upstream::Users => &self.users_url,
             Upstream::Billing => &self.billing_url,
+            Upstream::Notifications => &self.notifications_url,
         };
         let token = self
             .issuer

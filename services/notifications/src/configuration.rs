@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tracehop_contracts::events::ORDERS_STREAM;
 use tracehop_contracts::schema::DEFAULT_DATABASE_URL;
-use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address};
+use tracehop_telemetry::config::{ConfigError, env_or, env_parse, listen_address, required};
 use tracehop_telemetry::db::DatabaseSettings;
 use tracehop_telemetry::messaging::NatsSettings;
 
@@ -24,6 +24,8 @@ pub struct Settings {
     pub retention: Duration,
     /// `NOTIFICATIONS_RETENTION_EVERY_MS` (default 600000): how often.
     pub retention_every: Duration,
+    /// `SERVICE_TOKEN_PUBLIC_KEY_FILE` (required): the gateway's public key(s), PEM (README, "Security model").
+    pub service_token_public_key_file: String,
     /// `NOTIFICATIONS_MAX_DELIVER` (default 5): deliveries before a message is dead-lettered.
     pub max_deliver: i64,
     /// `NOTIFICATIONS_ACK_WAIT_MS` (default 30000): above the slowest e-mail send.
@@ -57,6 +59,7 @@ impl Settings {
             host,
             port,
             database: DatabaseSettings::from_env(DEFAULT_DATABASE_URL, 8)?,
+            service_token_public_key_file: required("SERVICE_TOKEN_PUBLIC_KEY_FILE")?,
             nats: NatsSettings::from_env(ORDERS_STREAM)?,
             nats_consumer: env_or(
                 "NATS_CONSUMER",

@@ -11,7 +11,8 @@
 //!   `order.completed.dead` and the notification is marked `failed`.
 //! - A message that cannot be parsed goes to the dead-letter subject with the reason, and is never retried.
 //!
-//! HTTP: `GET /healthz`; with the `fault-injection` feature (on by default, off in the Dockerfile's build)
+//! HTTP: `GET /healthz`; `GET /notifications/{orderId}?orderedAt=` for the gateway (service token checked
+//! first); with the `fault-injection` feature (on by default, off in the Dockerfile's build)
 //! also `POST /_admin/faults` `{"failNext": n}` (make the next n sends fail, for the `lost-email` demo and the
 //! tests). A production build answers 404 there.
 
@@ -21,4 +22,5 @@ pub mod configuration;
 pub mod consumer;
 pub mod mailer;
 pub mod notifier;
+pub mod routes;
 pub mod startup;

@@ -178,9 +178,9 @@ fn confirmation(event: &OrderCompleted) -> Email {
     }
 }
 
-/// Records one more attempt and its outcome on the notification row. Billing writes the row with the
-/// charge, so an update is all it takes; an insert follows only when no row was changed (a row written by
-/// nobody, or a failed attempt on an order already sent, which the insert then leaves alone).
+/// Records one more attempt and its outcome on the notification row, in one upsert: the first attempt
+/// makes the row (it is notifications' own, made from the event), a later one counts on it. A failed
+/// attempt never turns a `sent` notification back (a concurrent delivery may have sent it).
 fn record_attempt(
     connection: &mut tracehop_telemetry::db::DbConnection,
     statements: &tracehop_telemetry::db::Statements,
@@ -189,6 +189,14 @@ fn record_attempt(
     error: Option<&str>,
 ) -> Result<(), DbError> {
     let sent_at = (status == "sent").then(Utc::now);
+    let insert = diesel::insert_into(notifications::table).values((
+        notifications::order_id.eq(event.order_id),
+        notifications::email.eq(&event.email),
+        notifications::status.eq(status),
+        notifications::attempts.eq(1),
+        notifications::last_error.eq(error),
+        notifications::sent_at.eq(sent_at),
+    ));
     let changes = (
         notifications::status.eq(status),
         notifications::attempts.eq(notifications::attempts + 1),
@@ -196,32 +204,21 @@ fn record_attempt(
         notifications::sent_at.eq(sent_at),
         notifications::updated_at.eq(diesel::dsl::now),
     );
-    let this_order = notifications::order_id.eq(event.order_id);
-    // A failed attempt never turns a `sent` notification back (a concurrent delivery may have sent it).
-    let updated = if status == "sent" {
-        let query = diesel::update(notifications::table.filter(this_order)).set(changes);
-        traced(statements, query, |query| query.execute(connection))?
-    } else {
-        let query = diesel::update(
-            notifications::table
-                .filter(this_order)
-                .filter(notifications::status.ne("sent")),
-        )
-        .set(changes);
-        traced(statements, query, |query| query.execute(connection))?
-    };
-    if updated == 0 {
-        let query = diesel::insert_into(notifications::table)
-            .values((
-                notifications::order_id.eq(event.order_id),
-                notifications::email.eq(&event.email),
-                notifications::status.eq(status),
-                notifications::attempts.eq(1),
-                notifications::last_error.eq(error),
-                notifications::sent_at.eq(sent_at),
-            ))
+    if status == "sent" {
+        let query = insert
             .on_conflict(notifications::order_id)
-            .do_nothing();
+            .do_update()
+            .set(changes);
+        traced(statements, query, |query| query.execute(connection))?;
+    } else {
+        let upsert = insert
+            .on_conflict(notifications::order_id)
+            .do_update()
+            .set(changes);
+        let query = diesel::query_dsl::methods::FilterDsl::filter(
+            upsert,
+            notifications::status.ne("sent"),
+        );
         traced(statements, query, |query| query.execute(connection))?;
     }
     Ok(())

@@ -23,12 +23,16 @@ pub struct Application {
     shutdown: watch::Sender<bool>,
 }
 
-/// The service's own routes: none but the test hook, which exists only with the `fault-injection` feature.
+/// The service's routes: the test hook, which exists only with the `fault-injection` feature, then the
+/// gateway's routes behind the service-token check.
 pub fn routes(config: &mut web::ServiceConfig) {
     #[cfg(feature = "fault-injection")]
     config.route("/_admin/faults", web::post().to(faults::set_faults));
-    #[cfg(not(feature = "fault-injection"))]
-    let _ = config;
+    config.service(
+        web::resource("/notifications/{order_id}")
+            .wrap(actix_web::middleware::from_fn(tracehop_identity::authenticate))
+            .route(web::get().to(crate::routes::get_notification)),
+    );
 }
 
 #[cfg(feature = "fault-injection")]
@@ -53,6 +57,7 @@ mod faults {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database = Database::connect(&settings.database.url, settings.database.pool_size)?;
+        let http_database = database.clone();
         // Finished notification records (sent or given up on) are kept `NOTIFICATIONS_RETENTION_DAYS`.
         let retention = Retention {
             name: "notifications",
@@ -111,10 +116,24 @@ impl Application {
         ));
 
         let (listener, port) = server::bind(&settings.host, settings.port)?;
+        let verifier = web::Data::new(tracehop_identity::Verifier::from_file(
+            &settings.service_token_public_key_file,
+            "notifications",
+        )?);
+        let state = web::Data::new(crate::routes::State {
+            database: http_database,
+            retention: settings.retention,
+        });
         let server = actix_web::HttpServer::new(move || {
             let mailer = mailer.clone();
+            let verifier = verifier.clone();
+            let state = state.clone();
             server::app(server::RequestTrust::INTERNAL, move |config| {
-                config.app_data(mailer).configure(routes);
+                config
+                    .app_data(mailer)
+                    .app_data(verifier)
+                    .app_data(state)
+                    .configure(routes);
             })
         })
         .listen(listener)?
@@ -149,7 +168,8 @@ mod tests {
 
     use super::*;
 
-    /// The route table as built: with the feature the hook answers (here 400: no body), without it 404.
+    /// The route table as built: with the feature the hook answers (here 500: no mailer in this app),
+    /// without it the path does not exist: 404.
     #[actix_rt::test]
     async fn the_fault_hook_exists_only_with_its_feature() {
         let app = test::init_service(server::app(server::RequestTrust::INTERNAL, routes)).await;

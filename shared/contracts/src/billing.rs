@@ -24,7 +24,7 @@ pub struct ChargeReceipt {
     pub replayed: bool,
 }
 
-/// The answer to `GET /orders/{orderId}`: an order and its confirmation e-mail.
+/// The answer to `GET /orders/{orderId}`: an order (its confirmation e-mail is notifications' to tell).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderView {
@@ -37,15 +37,4 @@ pub struct OrderView {
     /// The trace of the checkout that created the order.
     pub trace_id: String,
     pub created_at: DateTime<Utc>,
-    pub notification: Option<NotificationView>,
-}
-
-/// The confirmation e-mail's state.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NotificationView {
-    pub status: String,
-    pub attempts: i32,
-    pub last_error: Option<String>,
-    pub sent_at: Option<DateTime<Utc>>,
 }

@@ -4,7 +4,7 @@
 //! compile rather than at run time:
 //!
 //! - [`domain`]: money in minor units, currency codes and e-mail addresses, parsed at the edge.
-//! - [`users`], [`billing`], [`gateway`]: the request and answer bodies of each service's HTTP API, used by
+//! - [`users`], [`billing`], [`notifications`], [`gateway`]: the request and answer bodies of each service's HTTP API, used by
 //!   the service that serves them and by the one that calls them.
 //! - [`events`]: the `order.completed` event, its subjects, stream and consumer names.
 //! - [`schema`]: the diesel tables of `migrations/`.
@@ -16,5 +16,6 @@ pub mod billing;
 pub mod domain;
 pub mod events;
 pub mod gateway;
+pub mod notifications;
 pub mod schema;
 pub mod users;

@@ -66,6 +66,5 @@ diesel::table! {
 }
 
 diesel::joinable!(sessions -> users (user_id));
-diesel::joinable!(notifications -> transactions (order_id));
 
 diesel::allow_tables_to_appear_in_same_query!(users, sessions, transactions, outbox, notifications);

@@ -324,7 +324,6 @@ pub async fn record_charge(
         database,
         order.order_id,
         &order.charge_id,
-        &order.email,
         event,
         trace_context,
     )
@@ -338,7 +337,6 @@ async fn save_transaction(
     database: &Database,
     order_id: uuid::Uuid,
     charge_id: &str,
-    email: &str,
     event: OrderCompleted,
     trace_context: SerializedContext,
 ) -> Result<(), ChargeError> {
@@ -353,17 +351,9 @@ async fn save_transaction(
         trace_context,
     };
     let charge_id = charge_id.to_owned();
-    let email = email.to_owned();
     let recorded = database
         .run(move |connection, statements| {
-            store::save_charged(
-                connection,
-                statements,
-                order_id,
-                &charge_id,
-                &email,
-                outbox_event,
-            )
+            store::save_charged(connection, statements, order_id, &charge_id, outbox_event)
         })
         .await?;
     if !recorded {

@@ -1,10 +1,11 @@
-//! `GET /orders/{orderId}`: an order and whether its confirmation e-mail went out. Owner only: another
-//! user's order is a 404, so ids cannot be probed.
+//! `GET /orders/{orderId}`: an order (from billing) and whether its confirmation e-mail went out (from
+//! notifications). Owner only: another user's order is a 404, so ids cannot be probed.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use tracehop_contracts::billing::OrderView;
 use tracehop_contracts::domain::{Amount, Currency};
 use tracehop_contracts::gateway::OrderResponse;
+use tracehop_contracts::notifications::{NotificationQuery, NotificationView};
 use tracehop_telemetry::http::ApiError;
 use tracehop_telemetry::http::error::record_failure;
 
@@ -46,14 +47,21 @@ pub async fn get_order(
                 .and_then(|currency| Amount::from_minor_units(order.amount_minor, currency).ok())
                 .map(|amount| amount.decimal())
                 .unwrap_or_else(|| order.amount_minor.to_string());
-            let notification = order.notification.as_ref();
-            // A charged order's notification row is written with the charge, so a charged order
-            // without one had its record deleted by retention (NOTIFICATIONS_RETENTION_DAYS).
-            let notification_state = match notification {
-                Some(notification) => notification.status.clone(),
-                None if order.status == "charged" => "purged".to_owned(),
-                None => "pending".to_owned(),
-            };
+            // The e-mail is notifications' to tell; asked only now that the order is known to be the
+            // caller's.
+            let lookup = upstreams
+                .request(
+                    Upstream::Notifications,
+                    reqwest::Method::GET,
+                    &format!("/notifications/{order_id}"),
+                    Some(&customer),
+                )?
+                .query(&NotificationQuery {
+                    ordered_at: order.created_at,
+                });
+            let notification: NotificationView = upstreams
+                .call(Upstream::Notifications, "/notifications/{order_id}", lookup)
+                .await?;
             Ok(HttpResponse::Ok().json(OrderResponse {
                 order_id: order.order_id,
                 amount,
@@ -62,9 +70,9 @@ pub async fn get_order(
                 status: order.status,
                 charge_id: order.charge_id,
                 created_at: order.created_at,
-                notification: notification_state,
-                notification_attempts: notification.map_or(0, |n| n.attempts),
-                notification_error: notification.and_then(|n| n.last_error.clone()),
+                notification: notification.status,
+                notification_attempts: notification.attempts,
+                notification_error: notification.last_error,
                 checkout_trace_id: order.trace_id,
             }))
         }
