@@ -17,6 +17,12 @@ type Inbox = Arc<Mutex<Vec<String>>>;
 
 /// A minimal SMTP server (RFC 5321 happy path): greets, accepts EHLO/MAIL/RCPT/DATA, records each message.
 async fn smtp_server() -> (u16, Inbox) {
+    smtp_server_with(false).await
+}
+
+/// The same server; with `reject_recipients`, every `RCPT TO` gets a permanent 550 that quotes the address,
+/// as real servers do.
+async fn smtp_server_with(reject_recipients: bool) -> (u16, Inbox) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let inbox: Inbox = Arc::default();
@@ -47,6 +53,14 @@ async fn smtp_server() -> (u16, Inbox) {
                         .next()
                         .unwrap_or_default()
                         .to_ascii_uppercase();
+                    if reject_recipients && verb == "RCPT" {
+                        let address = line.split(':').nth(1).unwrap_or_default().trim().to_owned();
+                        let reply = format!(
+                            "550 5.1.1 {address}: Recipient address rejected: User unknown\r\n"
+                        );
+                        write.write_all(reply.as_bytes()).await.ok();
+                        continue;
+                    }
                     let reply: &[u8] = match verb.as_str() {
                         "EHLO" => b"250-test-smtp\r\n250 8BITMIME\r\n",
                         "HELO" | "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 2.0.0 OK\r\n",
@@ -115,4 +129,96 @@ async fn confirmations_go_out_over_smtp_when_smtp_url_is_set() {
     let send = common::one(&trace, "mail.send");
     assert_eq!(send.tag("mail.transport").as_deref(), Some("smtp"));
     assert!(!send.is_error());
+}
+
+/// A recipient the SMTP server refuses: the order says `smtp_rejected`, and the address (which the server's
+/// reply quotes) appears nowhere in the trace, the stored error, the dead letter or the answer; the log
+/// has the server's reply with the address masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_recipient_is_a_code_and_the_address_stays_out_of_telemetry() {
+    let (port, inbox) = smtp_server_with(true).await;
+    let smtp_url = format!("smtp://127.0.0.1:{port}");
+    let test = TestStack::boot(&[
+        ("SMTP_URL", smtp_url.as_str()),
+        ("NOTIFICATIONS_MAX_DELIVER", "2"),
+        ("NOTIFICATIONS_BACKOFF_MS", "100"),
+    ])
+    .await;
+    let mut customer = ApiClient::new(&test.stack.gateway_url());
+    let email = unique_email("private");
+    customer
+        .signup_and_login(&email, "correct horse battery")
+        .await
+        .unwrap();
+    let checkout = customer.checkout("7.00", "usd", None).await.unwrap();
+    assert_eq!(checkout.status, 200);
+    let order_id = checkout.body["orderId"].as_str().unwrap().to_owned();
+    let trace_id = checkout.body["traceId"].as_str().unwrap().to_owned();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let order = loop {
+        let order = customer.order(&order_id).await.unwrap();
+        if order.body["notification"] == "failed" {
+            break order;
+        }
+        assert!(std::time::Instant::now() < deadline, "not failed: {}", order.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(order.body["notificationError"], "smtp_rejected", "{}", order.body);
+    assert!(!order.body.to_string().contains(&email));
+    assert!(inbox.lock().unwrap().is_empty());
+
+    // The whole trace, every attribute, event and status: no address.
+    let trace = test
+        .trace(&trace_id, |t| t.named("mail.send").len() >= 2)
+        .await;
+    for send in trace.named("mail.send") {
+        assert!(send.is_error());
+    }
+    let raw = reqwest::get(format!("{}/api/traces/{trace_id}", test.jaeger()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(raw.contains("smtp_rejected"), "the code is in the trace");
+    assert!(!raw.contains(&email), "the address leaked into the trace");
+    let local_part = email.split('@').next().unwrap();
+    assert!(!raw.contains(local_part), "the address leaked into the trace");
+
+    // The dead letter's reason is the code.
+    {
+        use futures::StreamExt;
+        let jetstream = async_nats::jetstream::new(test.stack.nats_client().await.unwrap());
+        let stream = jetstream.get_stream("ORDERS").await.unwrap();
+        let reader = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                filter_subject: "order.completed.dead".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = reader
+            .fetch()
+            .max_messages(10)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .unwrap();
+        let message = messages.next().await.unwrap().unwrap();
+        let reason = message
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Tracehop-Dead-Letter-Reason")
+            .unwrap()
+            .to_string();
+        assert!(reason.ends_with("smtp_rejected"), "{reason}");
+        assert!(!reason.contains('@'), "{reason}");
+    }
+
+    // The log keeps the server's reply, with the address masked.
+    let log = std::fs::read_to_string(test.state_dir.join("logs/notifications.log")).unwrap();
+    assert!(log.contains("Recipient address rejected"), "the detail is in the log");
+    assert!(!log.contains(local_part), "the log masks the address");
 }

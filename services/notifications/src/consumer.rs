@@ -124,7 +124,8 @@ async fn handle(deps: &ConsumerDeps, message: jetstream::Message) {
                 })
                 .await;
             if let Err(error) = marked {
-                tracing::error!(error = %error, %order_id, "could not mark the notification failed");
+                crate::mailer::log_detail("could not mark the notification failed", &error.to_string());
+                tracing::error!(error = error.code(), %order_id, "could not mark the notification failed");
             }
         } else {
             let exponent = u32::try_from(delivered.saturating_sub(1)).unwrap_or(0).min(6);

@@ -80,10 +80,10 @@ impl MailError {
     }
 }
 
-/// Logs a failure's detail, with e-mail addresses masked, as an event of its own: not attached to the
-/// current span, so it stays in the service's log and never reaches the trace.
+/// Logs a failure's detail with e-mail addresses masked, for the log only
+/// ([`tracehop_telemetry::setup::log_detail`]: never a span event).
 pub fn log_detail(what: &str, detail: &str) {
-    tracing::warn!(parent: None, detail = %mask_addresses(detail), "{what}");
+    tracehop_telemetry::setup::log_detail(what, &mask_addresses(detail));
 }
 
 /// `text` with the local part of every e-mail address masked: `dani@example.com` -> `d***@example.com`.

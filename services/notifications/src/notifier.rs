@@ -147,7 +147,8 @@ async fn send_confirmation(
             })
             .await;
         if let Err(db_error) = recorded {
-            tracing::warn!(error = %db_error, "could not record the failed attempt");
+            crate::mailer::log_detail("could not record the failed attempt", &db_error.to_string());
+            tracing::warn!(error = db_error.code(), "could not record the failed attempt");
         }
         return Err(error.into());
     }

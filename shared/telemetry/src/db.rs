@@ -171,7 +171,10 @@ fn record_pool_wait(waited: Duration, pool: &DbPool, error: Option<&r2d2::Error>
     );
     if let Some(error) = error {
         span.record("otel.status_code", "ERROR");
-        span.in_scope(|| tracing::error!(error = %error, "no database connection"));
+        span.in_scope(|| {
+            crate::setup::log_detail("no database connection", &error);
+            tracing::error!(error = "database_unavailable", "no database connection");
+        });
     }
 }
 
@@ -223,7 +226,9 @@ where
         if !matches!(error, diesel::result::Error::NotFound) {
             span.record("otel.status_code", "ERROR");
             span.record("error.type", error_type(error));
-            tracing::error!(error = %error, "query failed");
+            // The driver's text can quote values: it goes to the log, the span gets the type.
+            crate::setup::log_detail("query failed", error);
+            tracing::error!(error = error_type(error), "query failed");
         }
     }
     outcome
@@ -477,7 +482,10 @@ where
                     }
                     Err(error) => {
                         span.record("otel.status_code", "ERROR");
-                        span.in_scope(|| tracing::warn!(error = %error, "retention round failed"));
+                        span.in_scope(|| {
+                crate::setup::log_detail("retention round failed", &error);
+                tracing::warn!(error = error.code(), "retention round failed");
+            });
                         break;
                     }
                 }

@@ -315,6 +315,18 @@ pub fn current_trace_id() -> String {
         .to_string()
 }
 
+/// Logs a failure's detail (a driver's or a server's text, which can quote SQL, values, addresses or
+/// internal URLs) for the service's log only. The event has no parent span, so the OpenTelemetry layer
+/// never turns it into a span event; it carries the current trace id as a field, so the log line and the
+/// trace still find each other. Spans get a code instead (`error.type`, a status, an error code).
+///
+/// ```
+/// tracehop_telemetry::setup::log_detail("query failed", &"duplicate key value violates ...");
+/// ```
+pub fn log_detail(what: &str, detail: &dyn std::fmt::Display) {
+    tracing::warn!(parent: None, trace_id = %current_trace_id(), detail = %detail, "{what}");
+}
+
 /// An unsigned count or size as the `int` attribute the conventions ask for. (`tracing-opentelemetry`
 /// exports a `u64` field as text; an `i64` stays a number.) Saturates at `i64::MAX`.
 ///

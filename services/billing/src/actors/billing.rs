@@ -44,7 +44,8 @@ pub enum ChargeError {
     InProgress,
     #[error(transparent)]
     Payment(#[from] StripeError),
-    #[error("database: {0}")]
+    /// Shown as its code: the driver's text stays in the log.
+    #[error("database: {}", .0.code())]
     Database(#[from] DbError),
     #[error("internal: {0}")]
     Internal(String),
@@ -287,7 +288,7 @@ async fn release(deps: &BillingDeps, order_id: uuid::Uuid) {
         .run(move |connection, statements| store::release(connection, statements, order_id))
         .await;
     if let Err(error) = outcome {
-        tracing::error!(error = %error, %order_id, "could not release the idempotency key");
+        tracing::error!(error = error.code(), %order_id, "could not release the idempotency key");
     }
 }
 

@@ -111,7 +111,7 @@ impl Handler<Traced<RelayEvent>> for OutboxRelay {
                     }
                     Ok(None) => tracing::debug!(%event_id, "already published"),
                     Err(error) => {
-                        tracing::warn!(error = %error, %event_id, "could not load event; the sweep will retry")
+                        tracing::warn!(error = error.code(), %event_id, "could not load event; the sweep will retry")
                     }
                 }
             }
@@ -190,6 +190,6 @@ async fn publish_event(
         }
     };
     if let Err(error) = recorded {
-        tracing::warn!(error = %error, %event_id, "could not record the publish outcome; the sweep will retry");
+        tracing::warn!(error = error.code(), %event_id, "could not record the publish outcome; the sweep will retry");
     }
 }

@@ -28,7 +28,15 @@ impl From<ChargeError> for ApiError {
             ChargeError::Payment(StripeError::CircuitOpen) => {
                 ApiError::unavailable("payment_provider_unavailable", message)
             }
-            ChargeError::Payment(_) => ApiError::bad_gateway("payment_provider_error", message),
+            // The provider's own text (and its address) stays in the trace and the log.
+            ChargeError::Payment(StripeError::Rejected { .. }) => ApiError::bad_gateway(
+                "payment_provider_error",
+                "the payment provider refused the charge",
+            ),
+            ChargeError::Payment(_) => ApiError::bad_gateway(
+                "payment_provider_error",
+                "the payment provider is unavailable; retry later",
+            ),
             ChargeError::Database(error) => ApiError::from_db(&error, "billing"),
             ChargeError::Internal(_) => ApiError::internal(message),
         }

@@ -84,10 +84,11 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
     }
 
-    /// A failure on our side. The detail goes to the log (with the trace id); the client gets a generic
-    /// message, never internal error text.
+    /// A failure on our side. The detail goes to the log only (with the trace id,
+    /// [`crate::setup::log_detail`]); the client and the trace get a generic message, never internal error
+    /// text.
     pub fn internal(detail: impl fmt::Display) -> Self {
-        tracing::error!(detail = %detail, "internal error");
+        crate::setup::log_detail("internal error", &detail);
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
