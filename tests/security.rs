@@ -1,4 +1,5 @@
-//! Only the gateway is public, against the running stack: internal routes refuse calls without the
+//! Only the gateway is public, against the running stack: internal routes (users, billing, notifications)
+//! refuse calls without the
 //! gateway's service token (missing, garbage, signed by another key, expired, meant for another service),
 //! billing takes the customer from the token and serves an order to its owner only, logout ends a session at
 //! once, and login holds up under a flood (429s for the attacked account, other users unaffected).
@@ -42,6 +43,7 @@ async fn internal_routes_refuse_calls_that_did_not_come_through_the_gateway() {
     let ports = test.stack.options.ports;
     let users = format!("http://127.0.0.1:{}", ports.users);
     let billing = format!("http://127.0.0.1:{}", ports.billing);
+    let notifications = format!("http://127.0.0.1:{}", ports.notifications);
     let private_key = test.stack.keys.private_key_file.display().to_string();
     let gateway = Issuer::from_file(&private_key, "gateway").unwrap();
     let (other_private, _) = tracehop_identity::generate_key_pair().unwrap();
@@ -86,6 +88,15 @@ async fn internal_routes_refuse_calls_that_did_not_come_through_the_gateway() {
             "billing",
             reqwest::Method::GET,
             format!("{billing}/orders/{}", uuid::Uuid::new_v4()),
+            None,
+        ),
+        (
+            "notifications",
+            reqwest::Method::GET,
+            format!(
+                "{notifications}/notifications/{}?orderedAt=2026-11-26T00:00:00Z",
+                uuid::Uuid::new_v4()
+            ),
             None,
         ),
     ];

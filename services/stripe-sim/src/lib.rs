@@ -505,3 +505,41 @@ async fn list_trace_headers(state: web::Data<State>) -> HttpResponse {
         Err(_) => HttpResponse::InternalServerError().finish(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use actix_web::{App, test, web};
+
+    use super::*;
+
+    /// The `/_admin` test hooks exist only with the `fault-injection` feature: a production build answers
+    /// 404 on every one of them (`./dev test` runs this without default features too).
+    #[actix_rt::test]
+    async fn admin_routes_exist_only_with_their_feature() {
+        let state = web::Data::new(State {
+            faults: Mutex::new(Faults::default()),
+            ledger: Mutex::new(Ledger::default()),
+            trace_headers: Mutex::default(),
+        });
+        let app = test::init_service(App::new().app_data(state).configure(admin_routes)).await;
+        for (method, path) in [
+            (actix_web::http::Method::GET, "/_admin/faults"),
+            (actix_web::http::Method::POST, "/_admin/faults"),
+            (actix_web::http::Method::DELETE, "/_admin/faults"),
+            (actix_web::http::Method::GET, "/_admin/charges"),
+            (actix_web::http::Method::GET, "/_admin/trace-headers"),
+        ] {
+            let request = test::TestRequest::default()
+                .method(method.clone())
+                .uri(path)
+                .set_json(serde_json::json!({}))
+                .to_request();
+            let status = test::call_service(&app, request).await.status().as_u16();
+            if cfg!(feature = "fault-injection") {
+                assert_ne!(status, 404, "{method} {path}");
+            } else {
+                assert_eq!(status, 404, "{method} {path} in a production build");
+            }
+        }
+    }
+}

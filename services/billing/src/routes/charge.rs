@@ -33,9 +33,9 @@ impl From<ChargeError> for ApiError {
                 "payment_provider_error",
                 "the payment provider refused the charge",
             ),
-            ChargeError::Payment(_) => ApiError::bad_gateway(
+            ChargeError::Payment(StripeError::Unavailable { attempts, .. }) => ApiError::bad_gateway(
                 "payment_provider_error",
-                "the payment provider is unavailable; retry later",
+                format!("the payment provider is unavailable after {attempts} attempts; retry later"),
             ),
             ChargeError::Database(error) => ApiError::from_db(&error, "billing"),
             ChargeError::Internal(_) => ApiError::internal(message),
