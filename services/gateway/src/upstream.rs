@@ -96,6 +96,33 @@ impl Upstreams {
             .send(url_template, request)
             .await
             .map_err(|error| unreachable_service(service, &error))?;
+        Self::read(service, response).await
+    }
+
+    /// Like [`Upstreams::call`], for a call that changes something (a charge): a request that was sent
+    /// but whose answer never came (timed out, or the connection was cut) may have been carried out, so it
+    /// is [`Delivery::Lost`], not an error. A request that never left (connection refused) is still a 503.
+    pub async fn call_once<T: serde::de::DeserializeOwned>(
+        &self,
+        upstream: Upstream,
+        url_template: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Delivery<T>, ApiError> {
+        let service = upstream.name();
+        match self.client.send(url_template, request).await {
+            Ok(response) => Self::read(service, response).await.map(Delivery::Answered),
+            Err(error) if matches!(error.kind(), "timeout" | "transport") => {
+                tracing::warn!(service, error = %error, "no answer to a request that may have been carried out");
+                Ok(Delivery::Lost)
+            }
+            Err(error) => Err(unreachable_service(service, &error)),
+        }
+    }
+
+    async fn read<T: serde::de::DeserializeOwned>(
+        service: &'static str,
+        response: reqwest::Response,
+    ) -> Result<T, ApiError> {
         if !response.status().is_success() {
             return Err(relay_error(service, response).await);
         }
@@ -107,6 +134,15 @@ impl Upstreams {
             )
         })
     }
+}
+
+/// What became of a call made with [`Upstreams::call_once`].
+#[derive(Debug)]
+pub enum Delivery<T> {
+    /// The service answered (2xx).
+    Answered(T),
+    /// Sent, but no answer came: it may or may not have been carried out.
+    Lost,
 }
 
 /// The session token of `Authorization: Bearer <token>`; 401 without one.

@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, Utc};
 
-/// The answer to `POST /checkout`.
+/// The answer to `POST /checkout`: 200 with status `completed`, or 202 with status `pending` when the
+/// charge's outcome is not known yet. Then do not retry blindly: look the order up, or retry with the same
+/// `idempotencyKey`, which never charges twice.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckoutResponse {
@@ -10,6 +12,9 @@ pub struct CheckoutResponse {
     pub status: String,
     /// The trace recorded for this checkout.
     pub trace_id: String,
+    /// The key this checkout used: the caller's `Idempotency-Key`, or the one the gateway made up (also in
+    /// the `Idempotency-Key` response header).
+    pub idempotency_key: String,
 }
 
 /// The answer to `POST /login`.

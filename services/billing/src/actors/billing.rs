@@ -17,10 +17,6 @@ use super::outbox::{OutboxRelay, RelayEvent};
 use super::stripe::{CreateCharge, StripeClientActor, StripeError};
 use crate::store::{self, Claim, OutboxEvent, PendingTransaction};
 
-/// Namespace of the UUIDv5 order ids.
-const ORDER_ID_NAMESPACE: uuid::Uuid =
-    uuid::Uuid::from_u128(0x7a1c_e40b_5f7e_4b8e_9a55_3c1d_0e2f_6b90);
-
 /// How long a request waits for another request holding the same idempotency key to finish.
 const CLAIM_WAIT: Duration = Duration::from_secs(30);
 
@@ -49,6 +45,13 @@ pub enum ChargeError {
     Database(#[from] DbError),
     #[error("internal: {0}")]
     Internal(String),
+    /// The charge may or may not have been made (or was made and is not recorded yet); the order stays
+    /// `pending` and the reconciler settles it with the payment provider.
+    #[error("the outcome of the charge is not known yet ({reason}); the reconciler will settle it")]
+    OutcomeUnknown {
+        order_id: uuid::Uuid,
+        reason: &'static str,
+    },
 }
 
 impl Failure for ChargeError {
@@ -149,10 +152,8 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
             let request_fingerprint = fingerprint(&charge);
             // The order id is derived from (user, idempotency key): a retry after a released attempt asks Stripe
             // with the same parameters and the same Stripe key, so Stripe replays instead of refusing.
-            let order_id = uuid::Uuid::new_v5(
-                &ORDER_ID_NAMESPACE,
-                format!("{}:{}", charge.user_id, charge.idempotency_key).as_bytes(),
-            );
+            let order_id =
+                tracehop_contracts::billing::order_id(charge.user_id, &charge.idempotency_key);
             let pending = PendingTransaction {
                 id: order_id,
                 user_id: charge.user_id,
@@ -232,8 +233,15 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
                 Ok(Err(error)) => {
                     if error.certainly_not_charged() {
                         release(deps, order_id).await;
+                        return Err(error.into());
                     }
-                    return Err(error.into());
+                    // A timeout or a 5xx: Stripe may have charged. The order stays pending for the
+                    // reconciler, and the caller learns that, with the order id, rather than a bare error.
+                    tracing::warn!(error = %error, "payment provider outcome unknown");
+                    return Err(ChargeError::OutcomeUnknown {
+                        order_id,
+                        reason: "payment_provider_unavailable",
+                    });
                 }
                 Err(error) => {
                     release(deps, order_id).await;
@@ -251,16 +259,24 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
                 currency: charge.currency.clone(),
                 charge_id: created.id.clone(),
             };
-            record_charge(
+            let recorded = record_charge(
                 &deps.database,
                 &deps.relay,
                 facts,
                 SerializedContext::capture(&span.context()),
             )
-            .await?;
+            .await;
+            if let Err(error) = recorded {
+                // Charged, not recorded: the reconciler finds the charge at Stripe and records it.
+                tracing::warn!(error = %error, "charged but not recorded yet");
+                return Err(ChargeError::OutcomeUnknown {
+                    order_id,
+                    reason: "charge_not_recorded",
+                });
+            }
             Ok(ChargeReceipt {
                 order_id,
-                charge_id: created.id,
+                charge_id: Some(created.id),
                 status: "completed".into(),
                 replayed: false,
             })
@@ -275,7 +291,7 @@ fn replayed(span: &tracing::Span, existing: store::Transaction) -> ChargeReceipt
     span.record("billing.idempotent_replay", true);
     ChargeReceipt {
         order_id: existing.id,
-        charge_id: existing.charge_id.unwrap_or_default(),
+        charge_id: existing.charge_id,
         status: "completed".into(),
         replayed: true,
     }

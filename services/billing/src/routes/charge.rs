@@ -1,7 +1,7 @@
 //! `POST /charge`: charge a user (called by the gateway).
 
 use actix_web::{HttpResponse, web};
-use tracehop_contracts::billing::ChargeRequest;
+use tracehop_contracts::billing::{ChargeReceipt, ChargeRequest};
 use tracehop_contracts::domain::{Amount, Currency, Email, IdempotencyKey};
 use tracehop_identity::Authenticated;
 use tracehop_telemetry::actor::Traced;
@@ -39,6 +39,10 @@ impl From<ChargeError> for ApiError {
             ),
             ChargeError::Database(error) => ApiError::from_db(&error, "billing"),
             ChargeError::Internal(_) => ApiError::internal(message),
+            // Answered 202 by the handler; this arm only keeps the conversion total.
+            ChargeError::OutcomeUnknown { .. } => {
+                ApiError::unavailable("charge_outcome_unknown", message)
+            }
         }
     }
 }
@@ -61,7 +65,7 @@ pub async fn charge(
         .map_err(|error| ApiError::bad_request("invalid_email", error.to_string()))?;
     let key = IdempotencyKey::parse(&request.idempotency_key)
         .map_err(|error| ApiError::bad_request("invalid_idempotency_key", error.to_string()))?;
-    let receipt = state
+    let outcome = state
         .billing
         .send(Traced::new(Charge {
             user_id: customer.user_id,
@@ -71,6 +75,18 @@ pub async fn charge(
             idempotency_key: key.into_string(),
         }))
         .await
-        .map_err(|error| ApiError::unavailable("billing_unavailable", error.to_string()))??;
-    Ok(HttpResponse::Ok().json(receipt))
+        .map_err(|error| ApiError::unavailable("billing_unavailable", error.to_string()))?;
+    match outcome {
+        Ok(receipt) => Ok(HttpResponse::Ok().json(receipt)),
+        // Not known yet: 202 with the order id, so the caller can look it up or retry with the same key.
+        Err(ChargeError::OutcomeUnknown { order_id, .. }) => {
+            Ok(HttpResponse::Accepted().json(ChargeReceipt {
+                order_id,
+                charge_id: None,
+                status: "pending".into(),
+                replayed: false,
+            }))
+        }
+        Err(error) => Err(error.into()),
+    }
 }

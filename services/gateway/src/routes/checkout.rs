@@ -11,7 +11,7 @@ use tracehop_telemetry::http::error::record_failure;
 use super::authorization;
 use tracehop_identity::EndUser;
 
-use crate::upstream::{Upstream, Upstreams};
+use crate::upstream::{Delivery, Upstream, Upstreams};
 
 /// `{"total": "49.99" | 49.99, "currency": "usd"}`. The total is kept as raw JSON text so that a JSON number
 /// is never rounded through a float.
@@ -79,8 +79,18 @@ pub async fn checkout(
     let currency = Currency::parse(&body.currency).map_err(CheckoutInputError::from)?;
     let amount = parse_total(&body.total, currency)?;
     let key = idempotency_key(&request)?;
+    let key_text = key.as_str().to_owned();
     let response = process(&upstreams, authorization(&request), amount, key).await?;
-    Ok(HttpResponse::Ok().json(response))
+    // The key used (the caller's, or the one made up for it) always comes back: it is what makes a retry
+    // safe, above all when the outcome is not known yet (202, status "pending").
+    let mut answer = if response.status == "pending" {
+        HttpResponse::Accepted()
+    } else {
+        HttpResponse::Ok()
+    };
+    Ok(answer
+        .insert_header(("Idempotency-Key", key_text))
+        .json(response))
 }
 
 #[tracing::instrument(
@@ -105,6 +115,7 @@ async fn process(
             let span = tracing::Span::current();
             let user = upstreams.validate_session(authorization).await?;
             span.record("user.id", tracing::field::display(user.user_id));
+            let key = idempotency_key.into_string();
 
             // Whom to charge travels in the signed service token, not in the body.
             let customer = EndUser {
@@ -121,16 +132,33 @@ async fn process(
                 .json(&ChargeRequest {
                     amount_minor: amount.minor_units(),
                     currency: amount.currency().code().to_owned(),
-                    idempotency_key: idempotency_key.into_string(),
+                    idempotency_key: key.clone(),
                 });
-            let receipt: ChargeReceipt = upstreams
-                .call(Upstream::Billing, "/charge", request)
-                .await?;
+            let order_id = tracehop_contracts::billing::order_id(user.user_id, &key);
+            let receipt = match upstreams
+                .call_once::<ChargeReceipt>(Upstream::Billing, "/charge", request)
+                .await?
+            {
+                Delivery::Answered(receipt) => receipt,
+                // billing may have charged: the order is the one this key names, its outcome unknown.
+                Delivery::Lost => ChargeReceipt {
+                    order_id,
+                    charge_id: None,
+                    status: "pending".into(),
+                    replayed: false,
+                },
+            };
             span.record("order.id", tracing::field::display(receipt.order_id));
+            let status = if receipt.status == "pending" {
+                "pending"
+            } else {
+                "completed"
+            };
             Ok(CheckoutResponse {
                 order_id: receipt.order_id,
-                status: "completed".into(),
+                status: status.into(),
                 trace_id: tracehop_telemetry::setup::current_trace_id(),
+                idempotency_key: key,
             })
         }
         .await,
