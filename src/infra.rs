@@ -158,9 +158,13 @@ impl PrivateNats {
     /// Starts it again on the same port and store (fault tests).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        let restarted =
-            Self::start_with(self.port, &self.store_dir, &self.log_path, self.config.clone())
-                .await?;
+        let restarted = Self::start_with(
+            self.port,
+            &self.store_dir,
+            &self.log_path,
+            self.config.clone(),
+        )
+        .await?;
         *self = restarted;
         Ok(())
     }
@@ -342,7 +346,10 @@ pub async fn drop_database(server_url: &str, database: &str) -> anyhow::Result<(
 fn set_role_passwords(connection: &mut PgConnection) -> anyhow::Result<()> {
     let passwords = [
         ("tracehop_users", std::env::var("POSTGRES_USERS_PASSWORD")),
-        ("tracehop_billing", std::env::var("POSTGRES_BILLING_PASSWORD")),
+        (
+            "tracehop_billing",
+            std::env::var("POSTGRES_BILLING_PASSWORD"),
+        ),
         (
             "tracehop_notifications",
             std::env::var("POSTGRES_NOTIFICATIONS_PASSWORD"),

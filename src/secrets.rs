@@ -65,7 +65,8 @@ impl NatsUsers {
     pub fn ensure(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join(Self::FILE);
         if let Ok(text) = std::fs::read_to_string(&path) {
-            return serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()));
+            return serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", path.display()));
         }
         std::fs::create_dir_all(dir)?;
         let password = || {
@@ -83,7 +84,10 @@ impl NatsUsers {
     }
 
     /// The credentials of one user (`billing`, `notifications` or `operator`).
-    pub fn credentials(&self, user: &str) -> Option<tracehop_telemetry::messaging::NatsCredentials> {
+    pub fn credentials(
+        &self,
+        user: &str,
+    ) -> Option<tracehop_telemetry::messaging::NatsCredentials> {
         let password = match user {
             "billing" => &self.billing,
             "notifications" => &self.notifications,
@@ -202,15 +206,26 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o077, 0, "private key mode {mode:o}");
         let again = ServiceKeys::ensure(&dir.join("private"), &dir.join("public")).unwrap();
-        assert_eq!(std::fs::read_to_string(&again.private_key_file).unwrap(), private);
+        assert_eq!(
+            std::fs::read_to_string(&again.private_key_file).unwrap(),
+            private
+        );
         // The pair works together.
-        let issuer =
-            tracehop_identity::Issuer::from_file(first.private_key_file.to_str().unwrap(), "gateway")
-                .unwrap();
-        let verifier =
-            tracehop_identity::Verifier::from_file(first.public_key_file.to_str().unwrap(), "users")
-                .unwrap();
-        assert!(verifier.verify(&issuer.token("users", None).unwrap()).is_ok());
+        let issuer = tracehop_identity::Issuer::from_file(
+            first.private_key_file.to_str().unwrap(),
+            "gateway",
+        )
+        .unwrap();
+        let verifier = tracehop_identity::Verifier::from_file(
+            first.public_key_file.to_str().unwrap(),
+            "users",
+        )
+        .unwrap();
+        assert!(
+            verifier
+                .verify(&issuer.token("users", None).unwrap())
+                .is_ok()
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

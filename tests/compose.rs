@@ -358,7 +358,9 @@ fn no_secret_is_committed_and_the_services_run_unprivileged() {
                     "postgres://{role}:${{POSTGRES_{}_PASSWORD}}@postgres:5432/tracehop",
                     name.to_uppercase()
                 ),
-                None => "postgres://postgres:${POSTGRES_PASSWORD}@postgres:5432/tracehop".to_owned(),
+                None => {
+                    "postgres://postgres:${POSTGRES_PASSWORD}@postgres:5432/tracehop".to_owned()
+                }
             };
             assert_eq!(url, expected, "{name} DATABASE_URL");
         }
@@ -367,10 +369,15 @@ fn no_secret_is_committed_and_the_services_run_unprivileged() {
         let variable = format!("POSTGRES_{service}_PASSWORD");
         assert_eq!(
             env_value(&services["migrate"], &variable),
-            Some(format!("${{{variable}:?set {variable} in .env (see .env.example)}}")),
+            Some(format!(
+                "${{{variable}:?set {variable} in .env (see .env.example)}}"
+            )),
         );
         let example = std::fs::read_to_string(root.join(".env.example")).unwrap();
-        assert!(example.contains(&format!("{variable}=")), "{variable} in .env.example");
+        assert!(
+            example.contains(&format!("{variable}=")),
+            "{variable} in .env.example"
+        );
     }
     let ignored = std::fs::read_to_string(root.join(".gitignore")).unwrap();
     assert!(
@@ -437,24 +444,41 @@ fn nats_in_compose_has_the_stacks_users_and_permissions_and_no_anonymous_access(
         .iter()
         .filter_map(|v| v.as_str())
         .collect();
-    assert!(command.windows(2).any(|w| w == ["-c", "/etc/nats/nats-server.conf"]), "{command:?}");
+    assert!(
+        command
+            .windows(2)
+            .any(|w| w == ["-c", "/etc/nats/nats-server.conf"]),
+        "{command:?}"
+    );
     for user in ["BILLING", "NOTIFICATIONS", "OPERATOR"] {
         let variable = format!("NATS_{user}_PASSWORD");
         assert_eq!(
             env_value(nats, &variable),
-            Some(format!("${{{variable}:?set {variable} in .env (see .env.example)}}")),
+            Some(format!(
+                "${{{variable}:?set {variable} in .env (see .env.example)}}"
+            )),
         );
     }
     for (service, user) in [("billing", "billing"), ("notifications", "notifications")] {
-        assert_eq!(env_value(&services[service], "NATS_USER").as_deref(), Some(user));
+        assert_eq!(
+            env_value(&services[service], "NATS_USER").as_deref(),
+            Some(user)
+        );
         assert_eq!(
             env_value(&services[service], "NATS_PASSWORD"),
             Some(format!("${{NATS_{}_PASSWORD}}", user.to_uppercase()))
         );
     }
     let example = std::fs::read_to_string(root.join(".env.example")).unwrap();
-    for variable in ["NATS_BILLING_PASSWORD=", "NATS_NOTIFICATIONS_PASSWORD=", "NATS_OPERATOR_PASSWORD="] {
-        assert!(example.contains(variable), "{variable} missing from .env.example");
+    for variable in [
+        "NATS_BILLING_PASSWORD=",
+        "NATS_NOTIFICATIONS_PASSWORD=",
+        "NATS_OPERATOR_PASSWORD=",
+    ] {
+        assert!(
+            example.contains(variable),
+            "{variable} missing from .env.example"
+        );
     }
 }
 
@@ -465,7 +489,11 @@ fn service_tokens_in_compose_keep_the_private_key_with_the_gateway() {
     let mounts = |service: &str| -> Vec<String> {
         services[service]["volumes"]
             .as_sequence()
-            .map(|v| v.iter().filter_map(|m| m.as_str().map(str::to_owned)).collect())
+            .map(|v| {
+                v.iter()
+                    .filter_map(|m| m.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     assert_eq!(
@@ -479,10 +507,20 @@ fn service_tokens_in_compose_keep_the_private_key_with_the_gateway() {
             Some("/secrets/public/service-token.pub.pem"),
             "{service}"
         );
-        assert_eq!(mounts(service), vec!["token-public:/secrets/public:ro".to_owned()], "{service}");
-        assert_eq!(depends(&services[service], "secrets").as_deref(), Some("service_completed_successfully"));
+        assert_eq!(
+            mounts(service),
+            vec!["token-public:/secrets/public:ro".to_owned()],
+            "{service}"
+        );
+        assert_eq!(
+            depends(&services[service], "secrets").as_deref(),
+            Some("service_completed_successfully")
+        );
     }
-    assert_eq!(depends(&services["gateway"], "secrets").as_deref(), Some("service_completed_successfully"));
+    assert_eq!(
+        depends(&services["gateway"], "secrets").as_deref(),
+        Some("service_completed_successfully")
+    );
     // Nothing else sees the private key.
     for (name, definition) in services.as_mapping().unwrap() {
         let name = name.as_str().unwrap();
@@ -491,9 +529,16 @@ fn service_tokens_in_compose_keep_the_private_key_with_the_gateway() {
         }
         let mounts: Vec<String> = definition["volumes"]
             .as_sequence()
-            .map(|v| v.iter().filter_map(|m| m.as_str().map(str::to_owned)).collect())
+            .map(|v| {
+                v.iter()
+                    .filter_map(|m| m.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
-        assert!(!mounts.iter().any(|m| m.starts_with("token-private")), "{name} mounts the private key");
+        assert!(
+            !mounts.iter().any(|m| m.starts_with("token-private")),
+            "{name} mounts the private key"
+        );
     }
     // The production image is built without the test hooks.
     let dockerfile =

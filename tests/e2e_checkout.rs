@@ -347,7 +347,10 @@ async fn a_failing_payment_provider_is_pending_with_the_order_and_key_and_an_err
         .expect("checkout");
     assert_eq!(checkout.status, 202, "{}", checkout.body);
     assert_eq!(checkout.body["status"], "pending", "{}", checkout.body);
-    let order_id = checkout.body["orderId"].as_str().expect("orderId").to_owned();
+    let order_id = checkout.body["orderId"]
+        .as_str()
+        .expect("orderId")
+        .to_owned();
     let key = checkout.body["idempotencyKey"]
         .as_str()
         .expect("idempotencyKey")
@@ -436,7 +439,12 @@ async fn a_failing_payment_provider_is_pending_with_the_order_and_key_and_an_err
         assert!(std::time::Instant::now() < deadline, "never settled");
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     };
-    assert_eq!(retried.body["orderId"], order_id.as_str(), "{}", retried.body);
+    assert_eq!(
+        retried.body["orderId"],
+        order_id.as_str(),
+        "{}",
+        retried.body
+    );
     assert_eq!(retried.body["status"], "completed");
     assert_eq!(test.stripe_charges().await.len(), 1);
     use tracehop_contracts::schema::transactions;
@@ -697,11 +705,20 @@ async fn an_unanswered_charge_is_pending_with_the_order_the_key_names() {
         if retry.status == 200 {
             break retry;
         }
-        assert!(matches!(retry.status, 202 | 409), "{}: {}", retry.status, retry.body);
+        assert!(
+            matches!(retry.status, 202 | 409),
+            "{}: {}",
+            retry.status,
+            retry.body
+        );
         assert!(std::time::Instant::now() < deadline, "never settled");
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     };
-    assert_eq!(retried.body["orderId"], order_id.as_str(), "the key names the same order");
+    assert_eq!(
+        retried.body["orderId"],
+        order_id.as_str(),
+        "the key names the same order"
+    );
     let charges = test.stripe_charges().await;
     let ours: Vec<_> = charges
         .iter()

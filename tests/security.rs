@@ -101,7 +101,11 @@ async fn internal_routes_refuse_calls_that_did_not_come_through_the_gateway() {
         ),
     ];
     for (service, method, url, body) in &routes {
-        let other_service = if *service == "users" { "billing" } else { "users" };
+        let other_service = if *service == "users" {
+            "billing"
+        } else {
+            "users"
+        };
         let credentials = [
             ("no token", None),
             ("garbage", Some("not-a-jwt".to_owned())),
@@ -158,8 +162,10 @@ async fn internal_routes_refuse_calls_that_did_not_come_through_the_gateway() {
     let response = http()
         .post(format!("{billing}/charge"))
         .bearer_auth(&good)
-        .json(&json!({"amountMinor": 4999, "currency": "usd", "idempotencyKey": "k2",
-                      "userId": uuid::Uuid::new_v4(), "email": "attacker@example.com"}))
+        .json(
+            &json!({"amountMinor": 4999, "currency": "usd", "idempotencyKey": "k2",
+                      "userId": uuid::Uuid::new_v4(), "email": "attacker@example.com"}),
+        )
         .send()
         .await
         .unwrap();
@@ -314,11 +320,21 @@ async fn a_login_flood_is_throttled_while_other_users_log_in() {
         eprintln!("{}", tracehop::why::Why::of(&trace).report());
         eprintln!("{}", trace.waterfall(false));
     }
-    assert!(took < Duration::from_secs(1), "the bystander waited {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "the bystander waited {took:?}"
+    );
 
     let count = |status: u16| statuses.iter().filter(|s| **s == status).count();
-    assert_eq!(count(401) + count(429), 200, "only 401s and 429s: {statuses:?}");
-    assert!(count(401) <= 5, "at most the per-account limit was checked: {statuses:?}");
+    assert_eq!(
+        count(401) + count(429),
+        200,
+        "only 401s and 429s: {statuses:?}"
+    );
+    assert!(
+        count(401) <= 5,
+        "at most the per-account limit was checked: {statuses:?}"
+    );
     assert!(count(429) >= 195, "{statuses:?}");
     // The right password is refused too while the account is locked: the attacker learns nothing from it.
     let locked = http()
@@ -334,7 +350,10 @@ async fn a_login_flood_is_throttled_while_other_users_log_in() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=900).contains(&retry_after), "Retry-After: {retry_after}");
+    assert!(
+        (1..=900).contains(&retry_after),
+        "Retry-After: {retry_after}"
+    );
     let body: Value = locked.json().await.unwrap();
     assert_eq!(body["error"], "too_many_attempts", "{body}");
 
@@ -357,7 +376,11 @@ async fn a_login_flood_is_throttled_while_other_users_log_in() {
         }
         assert_eq!(answer.status, 401);
     }
-    assert_eq!(refused_at, Some(20), "the 21st failure from one address is refused");
+    assert_eq!(
+        refused_at,
+        Some(20),
+        "the 21st failure from one address is refused"
+    );
     let elsewhere = ApiClient::new(&gateway)
         .call(
             reqwest::Method::POST,
@@ -430,10 +453,7 @@ async fn nats_refuses_anonymous_clients_and_keeps_each_service_to_its_subjects()
         }),
     )
     .await;
-    assert!(
-        !matches!(reader, Ok(Ok(_))),
-        "billing created a consumer"
-    );
+    assert!(!matches!(reader, Ok(Ok(_))), "billing created a consumer");
 
     let after = jetstream::new(test.stack.nats_client().await.unwrap())
         .get_stream("ORDERS")
@@ -477,7 +497,13 @@ async fn each_service_role_reaches_its_own_tables_only() {
         ("billing", &["transactions", "outbox"]),
         ("notifications", &["notifications"]),
     ];
-    let all = ["users", "sessions", "transactions", "outbox", "notifications"];
+    let all = [
+        "users",
+        "sessions",
+        "transactions",
+        "outbox",
+        "notifications",
+    ];
     for (service, tables) in own {
         let role = tracehop::infra::service_role(service).unwrap();
         let url = tracehop::infra::with_role(&test.stack.database_url, role);

@@ -17,12 +17,12 @@ type Inbox = Arc<Mutex<Vec<String>>>;
 
 /// A minimal SMTP server (RFC 5321 happy path): greets, accepts EHLO/MAIL/RCPT/DATA, records each message.
 async fn smtp_server() -> (u16, Inbox) {
-    smtp_server_with(false).await
+    smtp_server_with(false, Duration::ZERO).await
 }
 
 /// The same server; with `reject_recipients`, every `RCPT TO` gets a permanent 550 that quotes the address,
-/// as real servers do.
-async fn smtp_server_with(reject_recipients: bool) -> (u16, Inbox) {
+/// as real servers do; `accept_delay` delays the answer to each message's end (a slow provider).
+async fn smtp_server_with(reject_recipients: bool, accept_delay: Duration) -> (u16, Inbox) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let inbox: Inbox = Arc::default();
@@ -40,6 +40,7 @@ async fn smtp_server_with(reject_recipients: bool) -> (u16, Inbox) {
                     if in_data {
                         if line == "." {
                             in_data = false;
+                            tokio::time::sleep(accept_delay).await;
                             recorder.lock().unwrap().push(std::mem::take(&mut message));
                             write.write_all(b"250 2.0.0 queued\r\n").await.ok();
                         } else {
@@ -118,6 +119,11 @@ async fn confirmations_go_out_over_smtp_when_smtp_url_is_set() {
     assert!(message.contains(&format!("To: {email}")), "{message}");
     assert!(message.contains(&order_id), "{message}");
     assert!(message.contains("42.00 usd"), "{message}");
+    // The Message-ID is the order's: a resend (the one window left) shows as one message in mail clients.
+    assert!(
+        message.contains(&format!("Message-ID: <order-{order_id}@tracehop>")),
+        "{message}"
+    );
     assert!(
         test.sent_mail().is_empty(),
         "nothing in the local sink when SMTP is used"
@@ -136,7 +142,7 @@ async fn confirmations_go_out_over_smtp_when_smtp_url_is_set() {
 /// has the server's reply with the address masked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_recipient_is_a_code_and_the_address_stays_out_of_telemetry() {
-    let (port, inbox) = smtp_server_with(true).await;
+    let (port, inbox) = smtp_server_with(true, Duration::ZERO).await;
     let smtp_url = format!("smtp://127.0.0.1:{port}");
     let test = TestStack::boot(&[
         ("SMTP_URL", smtp_url.as_str()),
@@ -161,10 +167,18 @@ async fn a_refused_recipient_is_a_code_and_the_address_stays_out_of_telemetry() 
         if order.body["notification"] == "failed" {
             break order;
         }
-        assert!(std::time::Instant::now() < deadline, "not failed: {}", order.body);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not failed: {}",
+            order.body
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(order.body["notificationError"], "smtp_rejected", "{}", order.body);
+    assert_eq!(
+        order.body["notificationError"], "smtp_rejected",
+        "{}",
+        order.body
+    );
     assert!(!order.body.to_string().contains(&email));
     assert!(inbox.lock().unwrap().is_empty());
 
@@ -184,7 +198,10 @@ async fn a_refused_recipient_is_a_code_and_the_address_stays_out_of_telemetry() 
     assert!(raw.contains("smtp_rejected"), "the code is in the trace");
     assert!(!raw.contains(&email), "the address leaked into the trace");
     let local_part = email.split('@').next().unwrap();
-    assert!(!raw.contains(local_part), "the address leaked into the trace");
+    assert!(
+        !raw.contains(local_part),
+        "the address leaked into the trace"
+    );
 
     // The dead letter's reason is the code.
     {
@@ -219,6 +236,75 @@ async fn a_refused_recipient_is_a_code_and_the_address_stays_out_of_telemetry() 
 
     // The log keeps the server's reply, with the address masked.
     let log = std::fs::read_to_string(test.state_dir.join("logs/notifications.log")).unwrap();
-    assert!(log.contains("Recipient address rejected"), "the detail is in the log");
+    assert!(
+        log.contains("Recipient address rejected"),
+        "the detail is in the log"
+    );
     assert!(!log.contains(local_part), "the log masks the address");
+}
+
+/// Two deliveries of one order at once (the same event published twice with different message ids, as a
+/// duplicate publish would): the first claims the notification and sends, slowly; the second finds it
+/// claimed, is not acknowledged, comes back, finds it sent. One e-mail, and nothing left pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_deliveries_of_one_order_send_one_email() {
+    let (port, inbox) = smtp_server_with(false, Duration::from_millis(1500)).await;
+    let smtp_url = format!("smtp://127.0.0.1:{port}");
+    let test = TestStack::boot(&[("SMTP_URL", smtp_url.as_str())]).await;
+    let mut customer = ApiClient::new(&test.stack.gateway_url());
+    customer
+        .signup_and_login(&unique_email("twice"), "correct horse battery")
+        .await
+        .unwrap();
+    let checkout = customer.checkout("11.00", "usd", None).await.unwrap();
+    assert_eq!(checkout.status, 200);
+    let order_id = checkout.body["orderId"].as_str().unwrap().to_owned();
+
+    // While the first delivery is still waiting on the slow SMTP server, the same event again.
+    let jetstream = async_nats::jetstream::new(test.stack.nats_client().await.unwrap());
+    let stream = jetstream.get_stream("ORDERS").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let original = loop {
+        if let Ok(message) = stream.get_last_raw_message_by_subject("order.completed").await {
+            break message;
+        }
+        assert!(std::time::Instant::now() < deadline, "the event never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut headers = original.headers.clone();
+    headers.insert("Nats-Msg-Id", format!("duplicate-{}", uuid::Uuid::new_v4()).as_str());
+    jetstream
+        .publish_with_headers("order.completed", headers, original.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // The e-mail goes out once; then both messages are acknowledged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let order = customer.order(&order_id).await.unwrap();
+        let mut consumer = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("notifications")
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        if order.body["notification"] == "sent"
+            && info.num_ack_pending == 0
+            && info.num_pending == 0
+        {
+            assert_eq!(order.body["notificationAttempts"], 1, "{}", order.body);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not settled: {} ({} unacked, {} pending)",
+            order.body,
+            info.num_ack_pending,
+            info.num_pending
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let messages = inbox.lock().unwrap().clone();
+    assert_eq!(messages.len(), 1, "one e-mail per order: {messages:?}");
 }

@@ -63,6 +63,8 @@ impl TestStack {
             ("BILLING_STRIPE_BACKOFF_MS", "50"),
             ("NOTIFICATIONS_BACKOFF_MS", "200"),
             ("BILLING_OUTBOX_SWEEP_MS", "500"),
+            // A killed notifier's claims run out this fast (the default, 60 s, suits real mail servers).
+            ("NOTIFICATIONS_CLAIM_LEASE_MS", "10000"),
             ("RUST_LOG", "info"),
         ]
         .iter()

@@ -178,7 +178,10 @@ async fn relay_error(service: &str, response: reqwest::Response) -> ApiError {
         .and_then(|value| value.trim().parse::<u64>().ok());
     let error = match response.json::<ErrorBody>().await {
         Ok(body) if body.error == tracehop_identity::SERVICE_UNAUTHORIZED => {
-            tracing::error!(service, "the service token was refused: check SERVICE_TOKEN_* keys");
+            tracing::error!(
+                service,
+                "the service token was refused: check SERVICE_TOKEN_* keys"
+            );
             ApiError::bad_gateway("upstream_refused", format!("{service} refused the gateway"))
         }
         Ok(body) => ApiError::new(status, body.error, body.message),

@@ -32,8 +32,12 @@ pub struct Settings {
     pub ack_wait: Duration,
     /// `NOTIFICATIONS_BACKOFF_MS` (default 1000): delay before the first redelivery, doubled each time.
     pub backoff: Duration,
-    /// `NOTIFICATIONS_CONCURRENCY` (default 16): messages processed at once.
+    /// `NOTIFICATIONS_CONCURRENCY` (default 16): messages processed at once; also the most pulled at a
+    /// time, so no message waits in a buffer while its ack wait runs out.
     pub concurrency: usize,
+    /// `NOTIFICATIONS_CLAIM_LEASE_MS` (default 60000): how long a delivery's claim on a notification holds
+    /// (longer than the slowest send; a dead holder's claim runs out after it).
+    pub claim_lease: Duration,
     pub mail: MailSettings,
 }
 
@@ -74,6 +78,7 @@ impl Settings {
             )?),
             max_deliver: env_parse("NOTIFICATIONS_MAX_DELIVER", 5)?,
             ack_wait: Duration::from_millis(env_parse("NOTIFICATIONS_ACK_WAIT_MS", 30_000)?),
+            claim_lease: Duration::from_millis(env_parse("NOTIFICATIONS_CLAIM_LEASE_MS", 60_000)?),
             backoff: Duration::from_millis(env_parse("NOTIFICATIONS_BACKOFF_MS", 1_000)?),
             concurrency: env_parse("NOTIFICATIONS_CONCURRENCY", 16)?,
             mail: MailSettings {

@@ -17,7 +17,7 @@ use tracehop_telemetry::propagation::header_value;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::notifier::{self, NotifierActor, SendConfirmation};
+use crate::notifier::{self, Delivery, NotifierActor, SendConfirmation};
 
 /// Everything a delivery needs.
 #[derive(Clone)]
@@ -40,7 +40,14 @@ pub async fn run(
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut in_flight = JoinSet::new();
     'outer: loop {
-        let mut messages = match consumer.messages().await {
+        // Pull no more than can be worked on at once: a buffered message's ack wait would run out while it
+        // waits, and JetStream would deliver it again beside the first copy.
+        let pulled = consumer
+            .stream()
+            .max_messages_per_batch(concurrency.max(1))
+            .messages()
+            .await;
+        let mut messages = match pulled {
             Ok(messages) => messages,
             Err(error) => {
                 tracing::warn!(error = %error, "could not start pulling; retrying");
@@ -99,6 +106,15 @@ async fn handle(deps: &ConsumerDeps, message: jetstream::Message) {
             .send(Traced::new(SendConfirmation { event }))
             .await;
         let failure = match outcome {
+            Ok(Ok(Delivery::ClaimedElsewhere { retry_in })) => {
+                // Another delivery of this order is sending right now. Not acked: if that one dies, this
+                // message must still carry the e-mail. It comes back when the claim has run out, and then
+                // finds the e-mail sent, or takes over a dead holder's claim.
+                if let Err(error) = message.ack_with(AckKind::Nak(Some(retry_in))).await {
+                    tracing::warn!(error = %error, "nak failed; JetStream redelivers after ack_wait");
+                }
+                return;
+            }
             Ok(Ok(_)) => {
                 if let Err(error) = message.ack().await {
                     // The e-mail is recorded as sent, so a redelivery will not send it again.

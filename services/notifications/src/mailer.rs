@@ -80,6 +80,11 @@ impl MailError {
     }
 }
 
+/// The `Message-ID` of an order's confirmation: the same for every send of it.
+pub fn message_id(order_id: uuid::Uuid) -> String {
+    format!("<order-{order_id}@tracehop>")
+}
+
 /// Logs a failure's detail with e-mail addresses masked, for the log only
 /// ([`tracehop_telemetry::setup::log_detail`]: never a span event).
 pub fn log_detail(what: &str, detail: &str) {
@@ -97,9 +102,14 @@ pub fn mask_addresses(text: &str) -> String {
         // `masked` ends with the previous word: mask its trailing local part.
         let local_start = masked
             .rfind(|c: char| !(c.is_alphanumeric() || "._%+-'".contains(c)))
-            .map_or(0, |at| at + masked[at..].chars().next().map_or(1, char::len_utf8));
+            .map_or(0, |at| {
+                at + masked[at..].chars().next().map_or(1, char::len_utf8)
+            });
         if local_start < masked.len() {
-            let first = masked[local_start..].chars().next().map_or(0, char::len_utf8);
+            let first = masked[local_start..]
+                .chars()
+                .next()
+                .map_or(0, char::len_utf8);
             masked.truncate(local_start + first);
             masked.push_str("***");
         }
@@ -158,7 +168,10 @@ impl Mailer {
             Transport::Smtp(smtp) => {
                 let from: Mailbox = self.from.parse().map_err(|_| MailError::Address)?;
                 let to: Mailbox = email.to.parse().map_err(|_| MailError::Address)?;
+                // The Message-ID is derived from the order: should the one remaining window (a crash between
+                // the server's accept and our record) resend it, mail clients show one message.
                 let message = Message::builder()
+                    .message_id(Some(message_id(email.order_id)))
                     .from(from)
                     .to(to)
                     .subject(&email.subject)

@@ -26,6 +26,10 @@ pub enum Delivery {
     Sent,
     /// A redelivery of an order whose e-mail was already sent: nothing sent again.
     AlreadySent,
+    /// Another delivery of this order (a redelivery, another replica) holds the claim and is sending now:
+    /// nothing sent here; the message should come back once the claim has run out (`retry_in`), and then
+    /// finds the e-mail sent, or takes the claim of a holder that died.
+    ClaimedElsewhere { retry_in: std::time::Duration },
 }
 
 /// Why the confirmation was not sent (the message will be redelivered). Displayed as its [`code`]: the
@@ -59,11 +63,38 @@ impl NotifyError {
 pub struct NotifierActor {
     database: Database,
     mailer: Arc<Mailer>,
+    claims: Claims,
+}
+
+/// Who this process is when it claims a notification, and for how long a claim holds.
+#[derive(Debug, Clone)]
+pub struct Claims {
+    /// This process: host, pid and a random part (unique across restarts and replicas).
+    pub owner: String,
+    /// `NOTIFICATIONS_CLAIM_LEASE_MS`: longer than the slowest send. A crashed holder's claim runs out after
+    /// it, and the next delivery sends. Compared with this host's clock, so replicas' clocks must agree to
+    /// well within it.
+    pub lease: std::time::Duration,
+}
+
+impl Claims {
+    pub fn new(lease: std::time::Duration) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            owner: format!("{host}/{}/{}", std::process::id(), &random[..8]),
+            lease,
+        }
+    }
 }
 
 impl NotifierActor {
-    pub fn new(database: Database, mailer: Arc<Mailer>) -> Self {
-        Self { database, mailer }
+    pub fn new(database: Database, mailer: Arc<Mailer>, claims: Claims) -> Self {
+        Self {
+            database,
+            mailer,
+            claims,
+        }
     }
 }
 
@@ -87,11 +118,12 @@ impl Handler<Traced<SendConfirmation>> for NotifierActor {
     ) -> Self::Result {
         let database = self.database.clone();
         let mailer = self.mailer.clone();
+        let claims = self.claims.clone();
         supervised_reply(
             message,
             context,
             |SendConfirmation { event }| async move {
-                send_confirmation(&database, &mailer, event).await
+                send_confirmation(&database, &mailer, &claims, event).await
             },
             |panic| Err(NotifyError::Panicked(panic)),
         )
@@ -114,24 +146,35 @@ tracehop_telemetry::restart_on_request!(NotifierActor);
 async fn send_confirmation(
     database: &Database,
     mailer: &Mailer,
+    claims: &Claims,
     event: OrderCompleted,
 ) -> Result<Delivery, NotifyError> {
     let span = tracing::Span::current();
-    let order_id = event.order_id;
-    let status = database
+    // Claim before sending: a database we cannot reach means no send (the message is redelivered).
+    let claim_event = event.clone();
+    let owner = claims.owner.clone();
+    let lease = chrono::Duration::from_std(claims.lease).unwrap_or(chrono::Duration::MAX);
+    let claim = database
         .run(move |connection, statements| {
-            let query = notifications::table
-                .find(order_id)
-                .select(notifications::status);
-            Ok(traced(statements, query, |query| {
-                query.first::<String>(connection).optional()
-            })?)
+            claim(connection, statements, &claim_event, &owner, lease)
         })
         .await?;
-    if status.as_deref() == Some("sent") {
-        span.record("notification.duplicate", true);
-        span.record("otel.status_code", "OK");
-        return Ok(Delivery::AlreadySent);
+    match claim {
+        Claim::Claimed => {}
+        Claim::Sent => {
+            span.record("notification.duplicate", true);
+            span.record("otel.status_code", "OK");
+            return Ok(Delivery::AlreadySent);
+        }
+        Claim::HeldElsewhere { until } => {
+            span.record("notification.duplicate", true);
+            span.record("otel.status_code", "OK");
+            let retry_in = (until - Utc::now())
+                .to_std()
+                .unwrap_or_default()
+                .clamp(std::time::Duration::from_millis(100), claims.lease);
+            return Ok(Delivery::ClaimedElsewhere { retry_in });
+        }
     }
 
     let email = confirmation(&event);
@@ -148,15 +191,34 @@ async fn send_confirmation(
             .await;
         if let Err(db_error) = recorded {
             crate::mailer::log_detail("could not record the failed attempt", &db_error.to_string());
-            tracing::warn!(error = db_error.code(), "could not record the failed attempt");
+            tracing::warn!(
+                error = db_error.code(),
+                "could not record the failed attempt"
+            );
         }
         return Err(error.into());
     }
-    database
-        .run(move |connection, statements| {
-            record_attempt(connection, statements, &event, "sent", None)
-        })
-        .await?;
+    // Sent: now it must be recorded, or a later delivery would send again once the claim runs out. A
+    // database blip is waited out here, within half the claim's lease, rather than given up on.
+    let deadline = std::time::Instant::now() + claims.lease / 2;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let event = event.clone();
+        let recorded = database
+            .run(move |connection, statements| {
+                record_attempt(connection, statements, &event, "sent", None)
+            })
+            .await;
+        match recorded {
+            Ok(()) => break,
+            Err(error) if std::time::Instant::now() + pause < deadline => {
+                tracing::warn!(error = error.code(), "sent, not recorded yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
     span.record("otel.status_code", "OK");
     Ok(Delivery::Sent)
 }
@@ -179,9 +241,79 @@ fn confirmation(event: &OrderCompleted) -> Email {
     }
 }
 
-/// Records one more attempt and its outcome on the notification row, in one upsert: the first attempt
-/// makes the row (it is notifications' own, made from the event), a later one counts on it. A failed
-/// attempt never turns a `sent` notification back (a concurrent delivery may have sent it).
+/// The outcome of [`claim`].
+enum Claim {
+    /// This delivery holds the claim: it may send.
+    Claimed,
+    /// The e-mail was sent before.
+    Sent,
+    /// Another delivery holds a claim that runs until `until`.
+    HeldElsewhere { until: chrono::DateTime<Utc> },
+}
+
+/// Claims the order's notification for `owner` until `lease` from now, in one upsert: the first delivery
+/// makes the row (it is notifications' own, made from the event); a later one takes the claim only if the
+/// e-mail is not sent and no other claim is still running. Nothing comes back when the claim was not taken,
+/// and then one read tells why.
+fn claim(
+    connection: &mut tracehop_telemetry::db::DbConnection,
+    statements: &tracehop_telemetry::db::Statements,
+    event: &OrderCompleted,
+    owner: &str,
+    lease: chrono::Duration,
+) -> Result<Claim, DbError> {
+    use diesel::upsert::excluded;
+    let now = Utc::now();
+    let until = now + lease;
+    let upsert = diesel::insert_into(notifications::table)
+        .values((
+            notifications::order_id.eq(event.order_id),
+            notifications::email.eq(&event.email),
+            notifications::status.eq("pending"),
+            notifications::attempts.eq(0),
+            notifications::claimed_by.eq(owner),
+            notifications::claimed_until.eq(until),
+        ))
+        .on_conflict(notifications::order_id)
+        .do_update()
+        .set((
+            notifications::claimed_by.eq(excluded(notifications::claimed_by)),
+            notifications::claimed_until.eq(excluded(notifications::claimed_until)),
+        ));
+    let query = diesel::query_dsl::methods::FilterDsl::filter(
+        upsert,
+        notifications::status.ne("sent").and(
+            notifications::claimed_until
+                .is_null()
+                .or(notifications::claimed_until.lt(now)),
+        ),
+    )
+    .returning(notifications::status);
+    let claimed = traced(statements, query, |query| {
+        query.get_result::<String>(connection).optional()
+    })?;
+    if claimed.is_some() {
+        return Ok(Claim::Claimed);
+    }
+    let query = notifications::table
+        .find(event.order_id)
+        .select((notifications::status, notifications::claimed_until));
+    let row = traced(statements, query, |query| {
+        query
+            .first::<(String, Option<chrono::DateTime<Utc>>)>(connection)
+            .optional()
+    })?;
+    Ok(match row {
+        Some((status, _)) if status == "sent" => Claim::Sent,
+        Some((_, until)) => Claim::HeldElsewhere {
+            until: until.unwrap_or(now),
+        },
+        None => Claim::HeldElsewhere { until: now },
+    })
+}
+
+/// Records one more attempt and its outcome on the notification row and releases the claim, in one
+/// upsert (the row exists: the claim made it). A failed attempt never turns a `sent` notification back.
 fn record_attempt(
     connection: &mut tracehop_telemetry::db::DbConnection,
     statements: &tracehop_telemetry::db::Statements,
@@ -204,6 +336,8 @@ fn record_attempt(
         notifications::last_error.eq(error),
         notifications::sent_at.eq(sent_at),
         notifications::updated_at.eq(diesel::dsl::now),
+        notifications::claimed_by.eq(None::<String>),
+        notifications::claimed_until.eq(None::<chrono::DateTime<Utc>>),
     );
     if status == "sent" {
         let query = insert
@@ -216,10 +350,8 @@ fn record_attempt(
             .on_conflict(notifications::order_id)
             .do_update()
             .set(changes);
-        let query = diesel::query_dsl::methods::FilterDsl::filter(
-            upsert,
-            notifications::status.ne("sent"),
-        );
+        let query =
+            diesel::query_dsl::methods::FilterDsl::filter(upsert, notifications::status.ne("sent"));
         traced(statements, query, |query| query.execute(connection))?;
     }
     Ok(())

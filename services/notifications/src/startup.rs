@@ -30,7 +30,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
     config.route("/_admin/faults", web::post().to(faults::set_faults));
     config.service(
         web::resource("/notifications/{order_id}")
-            .wrap(actix_web::middleware::from_fn(tracehop_identity::authenticate))
+            .wrap(actix_web::middleware::from_fn(
+                tracehop_identity::authenticate,
+            ))
             .route(web::get().to(crate::routes::get_notification)),
     );
 }
@@ -97,8 +99,10 @@ impl Application {
         let mailer = web::Data::new(Mailer::new(&settings.mail)?);
         let notifier_mailer: Arc<Mailer> = mailer.clone().into_inner();
         let notifier_database = database.clone();
-        let notifier =
-            Supervisor::start(move |_| NotifierActor::new(notifier_database, notifier_mailer));
+        let claims = crate::notifier::Claims::new(settings.claim_lease);
+        let notifier = Supervisor::start(move |_| {
+            NotifierActor::new(notifier_database, notifier_mailer, claims)
+        });
 
         let (shutdown, shutdown_signal) = watch::channel(false);
         let deps = ConsumerDeps {

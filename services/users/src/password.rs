@@ -1,8 +1,8 @@
 //! Argon2id password hashing.
 
 use argon2::Argon2;
-use tracehop_contracts::domain::Secret;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use tracehop_contracts::domain::Secret;
 
 /// A password as typed, checked for length only: at least 12 characters (OWASP ASVS 2.1.1), at most 128
 /// (2.1.2); longer is better and we impose no character classes (2.1.9). Never prints.

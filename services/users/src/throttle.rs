@@ -156,26 +156,52 @@ mod tests {
         let throttle = LoginThrottle::new(3, 100, Duration::from_secs(60));
         // Three attempts let in (a burst: none has finished yet), the fourth refused.
         for _ in 0..3 {
-            assert!(throttle.begin("victim@example.com", Some("10.0.0.1")).is_ok());
+            assert!(
+                throttle
+                    .begin("victim@example.com", Some("10.0.0.1"))
+                    .is_ok()
+            );
         }
         let refused = throttle.begin("victim@example.com", Some("10.0.0.1"));
-        assert!(matches!(refused, Err(Throttled { retry_after }) if (1..=60).contains(&retry_after)));
+        assert!(
+            matches!(refused, Err(Throttled { retry_after }) if (1..=60).contains(&retry_after))
+        );
         // Same address, another account: fine, and a success does not count against the address.
-        assert!(throttle.begin("other@example.com", Some("10.0.0.1")).is_ok());
+        assert!(
+            throttle
+                .begin("other@example.com", Some("10.0.0.1"))
+                .is_ok()
+        );
         throttle.succeeded("other@example.com", Some("10.0.0.1"));
         // A success clears the account.
         throttle.succeeded("victim@example.com", Some("10.0.0.1"));
-        assert!(throttle.begin("victim@example.com", Some("10.0.0.1")).is_ok());
+        assert!(
+            throttle
+                .begin("victim@example.com", Some("10.0.0.1"))
+                .is_ok()
+        );
     }
 
     #[test]
     fn an_address_is_locked_across_accounts() {
         let throttle = LoginThrottle::new(100, 5, Duration::from_secs(60));
         for index in 0..5 {
-            assert!(throttle.begin(&format!("user{index}@example.com"), Some("10.0.0.9")).is_ok());
+            assert!(
+                throttle
+                    .begin(&format!("user{index}@example.com"), Some("10.0.0.9"))
+                    .is_ok()
+            );
         }
-        assert!(throttle.begin("fresh@example.com", Some("10.0.0.9")).is_err());
-        assert!(throttle.begin("fresh@example.com", Some("10.0.0.8")).is_ok());
+        assert!(
+            throttle
+                .begin("fresh@example.com", Some("10.0.0.9"))
+                .is_err()
+        );
+        assert!(
+            throttle
+                .begin("fresh@example.com", Some("10.0.0.8"))
+                .is_ok()
+        );
         assert!(throttle.begin("fresh2@example.com", None).is_ok());
     }
 

@@ -29,7 +29,8 @@ pub struct ChargeReceipt {
 }
 
 /// The namespace of order ids.
-const ORDER_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x7a1c_e40b_5f7e_4b8e_9a55_3c1d_0e2f_6b90);
+const ORDER_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x7a1c_e40b_5f7e_4b8e_9a55_3c1d_0e2f_6b90);
 
 /// The id of the order a checkout makes: derived from (user, idempotency key), so every retry with the same
 /// key names the same order, and the gateway can name it even when billing's answer never arrived.

@@ -62,6 +62,8 @@ diesel::table! {
         last_error -> Nullable<Text>,
         sent_at -> Nullable<Timestamptz>,
         updated_at -> Timestamptz,
+        claimed_by -> Nullable<Text>,
+        claimed_until -> Nullable<Timestamptz>,
     }
 }
 

@@ -82,6 +82,9 @@ mod tests {
         assert!(!printed.contains("secret-token"), "{printed}");
         // ... while the wire format stays plain JSON strings.
         let json = serde_json::to_string(&login).unwrap_or_default();
-        assert_eq!(json, r#"{"email":"a@example.com","password":"hunter2hunter2"}"#);
+        assert_eq!(
+            json,
+            r#"{"email":"a@example.com","password":"hunter2hunter2"}"#
+        );
     }
 }

@@ -314,7 +314,9 @@ mod tests {
         let billing = Verifier::from_pem(public.as_bytes(), "billing").unwrap();
         assert!(matches!(
             billing.verify(&token),
-            Err(Rejected::Invalid(jsonwebtoken::errors::ErrorKind::InvalidAudience))
+            Err(Rejected::Invalid(
+                jsonwebtoken::errors::ErrorKind::InvalidAudience
+            ))
         ));
     }
 
@@ -334,7 +336,9 @@ mod tests {
         let verifier = Verifier::from_pem(public.as_bytes(), "users").unwrap();
         assert!(matches!(
             verifier.verify(&billing_as_issuer.token("users", None).unwrap()),
-            Err(Rejected::Invalid(jsonwebtoken::errors::ErrorKind::InvalidIssuer))
+            Err(Rejected::Invalid(
+                jsonwebtoken::errors::ErrorKind::InvalidIssuer
+            ))
         ));
     }
 
@@ -383,15 +387,16 @@ mod tests {
         let expired = jsonwebtoken::encode(&header, &claims, &gateway.key).unwrap();
         assert!(matches!(
             verifier.verify(&expired),
-            Err(Rejected::Invalid(jsonwebtoken::errors::ErrorKind::ExpiredSignature))
+            Err(Rejected::Invalid(
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature
+            ))
         ));
 
         // "alg": "none" and HMAC tokens are never accepted.
         let mut hs = Header::new(Algorithm::HS256);
         hs.kid = Some(gateway.key_id.clone());
-        let hmac =
-            jsonwebtoken::encode(&hs, &claims, &EncodingKey::from_secret(public.as_bytes()))
-                .unwrap();
+        let hmac = jsonwebtoken::encode(&hs, &claims, &EncodingKey::from_secret(public.as_bytes()))
+            .unwrap();
         assert!(verifier.verify(&hmac).is_err());
     }
 

@@ -119,16 +119,14 @@ mod tests {
         let (private, public) = generate_key_pair().unwrap();
         let gateway = Issuer::from_pem(private.expose().as_bytes(), "gateway").unwrap();
         let verifier = Verifier::from_pem(public.as_bytes(), "billing").unwrap();
-        let app = test::init_service(
-            App::new().app_data(web::Data::new(verifier)).service(
-                web::scope("").wrap(from_fn(authenticate)).route(
-                    "/whoami",
-                    web::get().to(|caller: Authenticated| async move {
-                        HttpResponse::Ok().body(caller.user.as_ref().unwrap().email.clone())
-                    }),
-                ),
+        let app = test::init_service(App::new().app_data(web::Data::new(verifier)).service(
+            web::scope("").wrap(from_fn(authenticate)).route(
+                "/whoami",
+                web::get().to(|caller: Authenticated| async move {
+                    HttpResponse::Ok().body(caller.user.as_ref().unwrap().email.clone())
+                }),
             ),
-        )
+        ))
         .await;
 
         let user = EndUser {

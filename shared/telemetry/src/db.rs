@@ -483,9 +483,9 @@ where
                     Err(error) => {
                         span.record("otel.status_code", "ERROR");
                         span.in_scope(|| {
-                crate::setup::log_detail("retention round failed", &error);
-                tracing::warn!(error = error.code(), "retention round failed");
-            });
+                            crate::setup::log_detail("retention round failed", &error);
+                            tracing::warn!(error = error.code(), "retention round failed");
+                        });
                         break;
                     }
                 }

@@ -54,8 +54,12 @@ impl std::fmt::Debug for NatsCredentials {
 impl NatsCredentials {
     /// `NATS_USER` and `NATS_PASSWORD`, when both are set.
     pub fn from_env() -> Option<Self> {
-        let user = std::env::var("NATS_USER").ok().filter(|v| !v.trim().is_empty())?;
-        let password = std::env::var("NATS_PASSWORD").ok().filter(|v| !v.is_empty())?;
+        let user = std::env::var("NATS_USER")
+            .ok()
+            .filter(|v| !v.trim().is_empty())?;
+        let password = std::env::var("NATS_PASSWORD")
+            .ok()
+            .filter(|v| !v.is_empty())?;
         Some(Self { user, password })
     }
 }

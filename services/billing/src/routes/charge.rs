@@ -33,10 +33,14 @@ impl From<ChargeError> for ApiError {
                 "payment_provider_error",
                 "the payment provider refused the charge",
             ),
-            ChargeError::Payment(StripeError::Unavailable { attempts, .. }) => ApiError::bad_gateway(
-                "payment_provider_error",
-                format!("the payment provider is unavailable after {attempts} attempts; retry later"),
-            ),
+            ChargeError::Payment(StripeError::Unavailable { attempts, .. }) => {
+                ApiError::bad_gateway(
+                    "payment_provider_error",
+                    format!(
+                        "the payment provider is unavailable after {attempts} attempts; retry later"
+                    ),
+                )
+            }
             ChargeError::Database(error) => ApiError::from_db(&error, "billing"),
             ChargeError::Internal(_) => ApiError::internal(message),
             // Answered 202 by the handler; this arm only keeps the conversion total.

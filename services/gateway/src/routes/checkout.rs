@@ -5,12 +5,11 @@ use serde_json::value::RawValue;
 use tracehop_contracts::billing::{ChargeReceipt, ChargeRequest};
 use tracehop_contracts::domain::{Amount, Currency, IdempotencyKey};
 use tracehop_contracts::gateway::CheckoutResponse;
+use tracehop_identity::EndUser;
 use tracehop_telemetry::http::ApiError;
 use tracehop_telemetry::http::error::record_failure;
 
 use super::authorization;
-use tracehop_identity::EndUser;
-
 use crate::upstream::{Delivery, Upstream, Upstreams};
 
 /// `{"total": "49.99" | 49.99, "currency": "usd"}`. The total is kept as raw JSON text so that a JSON number

@@ -13,7 +13,12 @@ pub async fn logout(
 ) -> Result<HttpResponse, ApiError> {
     let token = session_token(authorization(&request))?;
     let call = upstreams
-        .request(Upstream::Users, reqwest::Method::POST, "/sessions/revoke", None)?
+        .request(
+            Upstream::Users,
+            reqwest::Method::POST,
+            "/sessions/revoke",
+            None,
+        )?
         .json(&SessionToken { token });
     let _: serde_json::Value = upstreams
         .call(Upstream::Users, "/sessions/revoke", call)

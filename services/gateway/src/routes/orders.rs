@@ -6,12 +6,11 @@ use tracehop_contracts::billing::OrderView;
 use tracehop_contracts::domain::{Amount, Currency};
 use tracehop_contracts::gateway::OrderResponse;
 use tracehop_contracts::notifications::{NotificationQuery, NotificationView};
+use tracehop_identity::EndUser;
 use tracehop_telemetry::http::ApiError;
 use tracehop_telemetry::http::error::record_failure;
 
 use super::authorization;
-use tracehop_identity::EndUser;
-
 use crate::upstream::{Upstream, Upstreams};
 
 #[tracing::instrument(name = "order.lookup", skip_all, fields(order.id = %order_id, user.id = tracing::field::Empty))]

@@ -26,9 +26,8 @@ pub async fn revoke(
             let deleted = state
                 .database
                 .run(move |connection, statements| {
-                    let query = diesel::delete(
-                        sessions::table.filter(sessions::token_hash.eq(token_hash)),
-                    );
+                    let query =
+                        diesel::delete(sessions::table.filter(sessions::token_hash.eq(token_hash)));
                     Ok(traced(statements, query, |query| {
                         query.execute(connection)
                     })?)
