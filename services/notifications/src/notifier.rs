@@ -29,7 +29,9 @@ pub enum Delivery {
     /// Another delivery of this order (a redelivery, another replica) holds the claim and is sending now:
     /// nothing sent here; the message should come back once the claim has run out (`retry_in`), and then
     /// finds the e-mail sent, or takes the claim of a holder that died.
-    ClaimedElsewhere { retry_in: std::time::Duration },
+    ClaimedElsewhere {
+        retry_in: std::time::Duration,
+    },
 }
 
 /// Why the confirmation was not sent (the message will be redelivered). Displayed as its [`code`]: the
@@ -154,6 +156,7 @@ async fn send_confirmation(
     let claim_event = event.clone();
     let owner = claims.owner.clone();
     let lease = chrono::Duration::from_std(claims.lease).unwrap_or(chrono::Duration::MAX);
+    let claimed_at = std::time::Instant::now();
     let claim = database
         .run(move |connection, statements| {
             claim(connection, statements, &claim_event, &owner, lease)
@@ -199,8 +202,9 @@ async fn send_confirmation(
         return Err(error.into());
     }
     // Sent: now it must be recorded, or a later delivery would send again once the claim runs out. A
-    // database blip is waited out here, within half the claim's lease, rather than given up on.
-    let deadline = std::time::Instant::now() + claims.lease / 2;
+    // database blip is waited out here, for as long as the claim holds (less a margin), rather than given
+    // up on.
+    let deadline = claimed_at + claims.lease.mul_f64(0.9);
     let mut pause = std::time::Duration::from_millis(100);
     loop {
         let event = event.clone();
