@@ -172,10 +172,11 @@ async fn send_confirmation(
         Claim::HeldElsewhere { until } => {
             span.record("notification.duplicate", true);
             span.record("otel.status_code", "OK");
+            let at_least = std::time::Duration::from_millis(100);
             let retry_in = (until - Utc::now())
                 .to_std()
                 .unwrap_or_default()
-                .clamp(std::time::Duration::from_millis(100), claims.lease);
+                .clamp(at_least, claims.lease.max(at_least));
             return Ok(Delivery::ClaimedElsewhere { retry_in });
         }
     }
