@@ -105,30 +105,65 @@ async fn reconcile_one(
     let order_id = transaction.id;
     let found = stripe.send(Traced::new(FindCharge { order_id })).await;
     let outcome = match found {
-        Ok(Ok(Some(charge))) => {
-            let order = ChargedOrder {
-                order_id,
-                user_id: transaction.user_id,
-                email: transaction.email.clone(),
-                amount_minor: transaction.amount_minor,
-                currency: transaction.currency.clone(),
-                charge_id: charge.id,
-            };
-            match record_charge(
-                database,
-                relay,
-                order,
-                SerializedContext::capture(&span.context()),
-            )
-            .await
-            {
-                Ok(()) => "recorded",
-                Err(error) => {
-                    tracing::warn!(error = %error, "could not record the reconciled charge; next round");
+        Ok(Ok(Some(charge))) => match verdict(&transaction, &charge) {
+            Verdict::Record => {
+                let order = ChargedOrder {
+                    order_id,
+                    user_id: transaction.user_id,
+                    email: transaction.email.clone(),
+                    amount_minor: transaction.amount_minor,
+                    currency: transaction.currency.clone(),
+                    charge_id: charge.id,
+                };
+                match record_charge(
+                    database,
+                    relay,
+                    order,
+                    SerializedContext::capture(&span.context()),
+                )
+                .await
+                {
+                    Ok(()) => "recorded",
+                    Err(error) => {
+                        tracing::warn!(error = %error, "could not record the reconciled charge; next round");
+                        "retry"
+                    }
+                }
+            }
+            // Declined: the order was not charged; the key goes back.
+            Verdict::Release => {
+                let released = database
+                    .run(move |connection, statements| {
+                        store::release(connection, statements, order_id)
+                    })
+                    .await;
+                if released.is_ok() {
+                    "released"
+                } else {
                     "retry"
                 }
             }
-        }
+            // Still being decided at the provider: ask again next round.
+            Verdict::Wait => "retry",
+            // A charge that is not the one asked for: never recorded, never released, said loudly.
+            Verdict::Mismatch => {
+                tracehop_telemetry::setup::log_detail(
+                    "charge mismatch",
+                    &format!(
+                        "charge {} is {} {}, the order {} {}",
+                        charge.id,
+                        charge.amount,
+                        charge.currency,
+                        transaction.amount_minor,
+                        transaction.currency
+                    ),
+                );
+                tracing::error!(
+                    "the payment provider's charge does not match the order; left pending for a person"
+                );
+                "mismatch"
+            }
+        },
         Ok(Ok(None)) => {
             let released = database
                 .run(move |connection, statements| store::release(connection, statements, order_id))
@@ -150,4 +185,95 @@ async fn reconcile_one(
     };
     span.record("reconcile.outcome", outcome);
     tracing::info!(%order_id, outcome, "reconciled a charge of unknown outcome");
+}
+
+/// What to do with the charge the payment provider has for a pending order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// It succeeded, for this amount in this currency: record it.
+    Record,
+    /// It failed (declined): the order was not charged; give the key back.
+    Release,
+    /// It is still pending at the provider: ask again next round.
+    Wait,
+    /// Its amount or currency differ from the order's: a person must look.
+    Mismatch,
+}
+
+/// The reconciler records only a charge that succeeded, for exactly the order's amount and currency (real
+/// Stripe keeps declined charges, with status `failed`, and they are found by the same search).
+fn verdict(transaction: &Transaction, charge: &super::stripe::StripeCharge) -> Verdict {
+    match charge.status.as_str() {
+        "failed" => Verdict::Release,
+        "succeeded" => {
+            if charge.amount == transaction.amount_minor
+                && charge.currency.eq_ignore_ascii_case(&transaction.currency)
+            {
+                Verdict::Record
+            } else {
+                Verdict::Mismatch
+            }
+        }
+        _ => Verdict::Wait,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::stripe::StripeCharge;
+
+    fn order(amount_minor: i64, currency: &str) -> Transaction {
+        Transaction {
+            id: uuid::Uuid::nil(),
+            user_id: uuid::Uuid::nil(),
+            email: "a@example.com".into(),
+            amount_minor,
+            currency: currency.into(),
+            status: "pending".into(),
+            charge_id: None,
+            idempotency_key: "k".into(),
+            request_fingerprint: "f".into(),
+            trace_id: "0".repeat(32),
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    fn charge(amount: i64, currency: &str, status: &str) -> StripeCharge {
+        StripeCharge {
+            id: "ch_1".into(),
+            amount,
+            currency: currency.into(),
+            status: status.into(),
+        }
+    }
+
+    #[test]
+    fn only_a_succeeded_charge_of_the_orders_amount_and_currency_is_recorded() {
+        let pending = order(4999, "usd");
+        assert_eq!(
+            verdict(&pending, &charge(4999, "usd", "succeeded")),
+            Verdict::Record
+        );
+        assert_eq!(
+            verdict(&pending, &charge(4999, "USD", "succeeded")),
+            Verdict::Record
+        );
+        assert_eq!(
+            verdict(&pending, &charge(4999, "usd", "failed")),
+            Verdict::Release
+        );
+        assert_eq!(
+            verdict(&pending, &charge(4999, "usd", "pending")),
+            Verdict::Wait
+        );
+        assert_eq!(
+            verdict(&pending, &charge(5000, "usd", "succeeded")),
+            Verdict::Mismatch
+        );
+        assert_eq!(
+            verdict(&pending, &charge(4999, "eur", "succeeded")),
+            Verdict::Mismatch
+        );
+    }
 }

@@ -281,7 +281,8 @@ impl StripeClient {
             .map_err(|error| unavailable(error.to_string()))?
             .data
             .into_iter()
-            .next();
+            // Stripe keeps declined charges too: a succeeded one, if there is one, is the answer.
+            .max_by_key(|charge| charge.status == "succeeded");
         if let Some(charge) = &found {
             tracing::Span::current().record("stripe.charge_id", charge.id.as_str());
         }
