@@ -421,24 +421,7 @@ async fn a_failing_payment_provider_is_pending_with_the_order_and_key_and_an_err
     // Retrying with the same key is safe: while the order is pending it says so (409), and once the
     // reconciler has settled it (no charge at Stripe: the key is released) the retry charges, once, the
     // same order.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let retried = loop {
-        let retry = customer
-            .checkout("12.00", "eur", Some(&key))
-            .await
-            .expect("retry");
-        if retry.status == 200 {
-            break retry;
-        }
-        assert!(
-            matches!(retry.status, 202 | 409),
-            "{}: {}",
-            retry.status,
-            retry.body
-        );
-        assert!(std::time::Instant::now() < deadline, "never settled");
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    };
+    let retried = retry_until_settled(&customer, "12.00", "eur", &key).await;
     assert_eq!(
         retried.body["orderId"],
         order_id.as_str(),
@@ -696,24 +679,7 @@ async fn an_unanswered_charge_is_pending_with_the_order_the_key_names() {
     assert_eq!(checkout.body["idempotencyKey"], key.as_str());
     let order_id = checkout.body["orderId"].as_str().unwrap().to_owned();
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let retried = loop {
-        let retry = customer
-            .checkout("9.00", "usd", Some(&key))
-            .await
-            .expect("retry");
-        if retry.status == 200 {
-            break retry;
-        }
-        assert!(
-            matches!(retry.status, 202 | 409),
-            "{}: {}",
-            retry.status,
-            retry.body
-        );
-        assert!(std::time::Instant::now() < deadline, "never settled");
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    };
+    let retried = retry_until_settled(&customer, "9.00", "usd", &key).await;
     assert_eq!(
         retried.body["orderId"],
         order_id.as_str(),
@@ -725,4 +691,32 @@ async fn an_unanswered_charge_is_pending_with_the_order_the_key_names() {
         .filter(|c| c["metadata"]["order_id"] == order_id.as_str())
         .collect();
     assert_eq!(ours.len(), 1, "charged once: {charges:?}");
+}
+
+/// Retries a checkout with the same key until it is settled (200), as a client told "pending" should: while
+/// the order's outcome is unknown the answer is 202 or 409, never a second charge.
+async fn retry_until_settled(
+    customer: &tracehop::client::ApiClient,
+    total: &str,
+    currency: &str,
+    key: &str,
+) -> tracehop::client::ApiResponse {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let retry = customer
+            .checkout(total, currency, Some(key))
+            .await
+            .expect("retry");
+        if retry.status == 200 {
+            return retry;
+        }
+        assert!(
+            matches!(retry.status, 202 | 409),
+            "{}: {}",
+            retry.status,
+            retry.body
+        );
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

@@ -19,6 +19,53 @@ use tracehop::client::ApiClient;
 const BURST: usize = 200;
 const CONCURRENCY: usize = 8;
 
+/// A private PostgreSQL a test can stop and start again (on the same port and data), removed at the end.
+struct StoppablePostgres {
+    dir: std::path::PathBuf,
+    port: u16,
+    url: String,
+    server: Option<tracehop::infra::PrivatePostgres>,
+}
+
+impl StoppablePostgres {
+    fn start() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let dir = std::env::temp_dir().join(format!("tracehop-pg-{}", &id[..8]));
+        let port = tracehop::process::free_port().unwrap();
+        let mut postgres = Self {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            port,
+            server: None,
+        };
+        postgres.start_again();
+        postgres
+    }
+
+    fn start_again(&mut self) {
+        self.server = Some(
+            tracehop::infra::PrivatePostgres::start(
+                &self.dir.join("data"),
+                self.port,
+                &self.dir.join("logs/postgres.log"),
+            )
+            .expect("private PostgreSQL"),
+        );
+    }
+
+    /// `pg_ctl stop -m fast`.
+    fn stop(&mut self) {
+        self.server = None;
+    }
+}
+
+impl Drop for StoppablePostgres {
+    fn drop(&mut self) {
+        self.server = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Runs `count` checkouts, `CONCURRENCY` at a time; returns (status, order id) per checkout.
 async fn burst(customer: &ApiClient, count: usize) -> Vec<(u16, Option<String>)> {
     burst_counting(customer, count, Arc::default()).await
@@ -491,19 +538,8 @@ async fn with_the_trace_collector_down_checkouts_succeed_and_lost_spans_are_coun
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_answers_503_and_leaves_no_charge_without_a_record() {
     // A private PostgreSQL this test can stop and start.
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let dir = std::env::temp_dir().join(format!("tracehop-pg-{}", &id[..8]));
-    let port = tracehop::process::free_port().unwrap();
-    let start_postgres = || {
-        tracehop::infra::PrivatePostgres::start(
-            &dir.join("data"),
-            port,
-            &dir.join("logs/postgres.log"),
-        )
-        .expect("private PostgreSQL")
-    };
-    let mut postgres = Some(start_postgres());
-    let server = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let mut postgres = StoppablePostgres::start();
+    let server = postgres.url.clone();
     let test = TestStack::boot_on(
         &[
             ("BILLING_RECONCILE_AFTER_MS", "4000"),
@@ -516,7 +552,7 @@ async fn a_database_outage_answers_503_and_leaves_no_charge_without_a_record() {
     .await;
     let customer = test.customer().await;
     let (running, done) = burst_until(&customer, 40).await;
-    drop(postgres.take()); // pg_ctl stop -m fast
+    postgres.stop(); // pg_ctl stop -m fast
     let at_stop = done.load(Ordering::SeqCst);
     assert!(
         at_stop < BURST,
@@ -538,7 +574,7 @@ async fn a_database_outage_answers_503_and_leaves_no_charge_without_a_record() {
         probe.body
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    postgres = Some(start_postgres());
+    postgres.start_again();
     let results = running.await.unwrap();
     let failed: Vec<_> = results
         .iter()
@@ -580,8 +616,6 @@ async fn a_database_outage_answers_503_and_leaves_no_charge_without_a_record() {
     }
     assert_nothing_lost_nothing_twice(&test, &results).await;
     drop(test);
-    drop(postgres);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The issue's own evidence, over real SMTP: PostgreSQL stopped for 5 s a quarter of the way into 200
@@ -591,19 +625,8 @@ async fn a_database_outage_answers_503_and_leaves_no_charge_without_a_record() {
 async fn a_database_outage_over_smtp_delivers_each_email_exactly_once() {
     let (smtp_port, inbox) = common::smtp::smtp_server().await;
     let smtp_url = format!("smtp://127.0.0.1:{smtp_port}");
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let dir = std::env::temp_dir().join(format!("tracehop-pg-{}", &id[..8]));
-    let port = tracehop::process::free_port().unwrap();
-    let start_postgres = || {
-        tracehop::infra::PrivatePostgres::start(
-            &dir.join("data"),
-            port,
-            &dir.join("logs/postgres.log"),
-        )
-        .expect("private PostgreSQL")
-    };
-    let mut postgres = Some(start_postgres());
-    let server = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let mut postgres = StoppablePostgres::start();
+    let server = postgres.url.clone();
     let test = TestStack::boot_on(
         &[
             ("SMTP_URL", smtp_url.as_str()),
@@ -619,10 +642,10 @@ async fn a_database_outage_over_smtp_delivers_each_email_exactly_once() {
     .await;
     let customer = test.customer().await;
     let (running, done) = burst_until(&customer, BURST / 4).await;
-    drop(postgres.take()); // pg_ctl stop -m fast
+    postgres.stop(); // pg_ctl stop -m fast
     let at_stop = done.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    postgres = Some(start_postgres());
+    postgres.start_again();
     let results = running.await.unwrap();
     let ok: HashSet<String> = results
         .iter()
@@ -694,6 +717,4 @@ async fn a_database_outage_over_smtp_delivers_each_email_exactly_once() {
         messages.len()
     );
     drop(test);
-    drop(postgres);
-    let _ = std::fs::remove_dir_all(&dir);
 }
