@@ -131,18 +131,7 @@ async fn reconcile_one(
                 }
             }
             // Declined: the order was not charged; the key goes back.
-            Verdict::Release => {
-                let released = database
-                    .run(move |connection, statements| {
-                        store::release(connection, statements, order_id)
-                    })
-                    .await;
-                if released.is_ok() {
-                    "released"
-                } else {
-                    "retry"
-                }
-            }
+            Verdict::Release => release(database, order_id).await,
             // Still being decided at the provider: ask again next round.
             Verdict::Wait => "retry",
             // A charge that is not the one asked for: never recorded, never released, said loudly.
@@ -164,16 +153,7 @@ async fn reconcile_one(
                 "mismatch"
             }
         },
-        Ok(Ok(None)) => {
-            let released = database
-                .run(move |connection, statements| store::release(connection, statements, order_id))
-                .await;
-            if released.is_ok() {
-                "released"
-            } else {
-                "retry"
-            }
-        }
+        Ok(Ok(None)) => release(database, order_id).await,
         Ok(Err(error)) => {
             tracing::warn!(error = %error, "Stripe search failed; next round");
             "retry"
@@ -185,6 +165,18 @@ async fn reconcile_one(
     };
     span.record("reconcile.outcome", outcome);
     tracing::info!(%order_id, outcome, "reconciled a charge of unknown outcome");
+}
+
+/// Gives a pending order's key back (the provider has no successful charge for it): the outcome's name.
+async fn release(database: &Database, order_id: uuid::Uuid) -> &'static str {
+    let released = database
+        .run(move |connection, statements| store::release(connection, statements, order_id))
+        .await;
+    if released.is_ok() {
+        "released"
+    } else {
+        "retry"
+    }
 }
 
 /// What to do with the charge the payment provider has for a pending order.
