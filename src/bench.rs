@@ -601,7 +601,7 @@ async fn jetstream_hop(
             otlp_http: any_port,
             ui: any_port,
         },
-        false,
+        crate::collector::Storage::Count,
     )
     .await?;
     let exporter = tracehop_telemetry::setup::otlp_grpc_exporter(&format!(

@@ -20,7 +20,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracehop::client::{ApiClient, unique_email};
-use tracehop::collector::{Collector, CollectorAddresses};
+use tracehop::collector::sampling::TailPolicy;
+use tracehop::collector::{Collector, CollectorAddresses, Storage};
 use tracehop::infra::{self, PrivatePostgres};
 use tracehop::process::{find_executable, port_open};
 use tracehop::stack::{NatsChoice, Ports, Stack, StackOptions, TraceBackend};
@@ -343,7 +344,7 @@ async fn main() -> anyhow::Result<()> {
                     otlp_http: any(otlp_http_port),
                     ui: any(ui_port),
                 },
-                true,
+                Storage::Keep(TailPolicy::from_lookup(|name| std::env::var(name).ok())?),
             )
             .await?;
             println!(

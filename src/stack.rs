@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::collector::{Collector, CollectorAddresses};
+use crate::collector::sampling::TailPolicy;
+use crate::collector::{Collector, CollectorAddresses, Storage};
 use crate::infra::{self, PrivateNats};
 use crate::process::{ChildProcess, wait_healthy, workspace_binary};
 use crate::secrets::{NatsUsers, ServiceKeys};
@@ -150,14 +151,26 @@ impl Stack {
         let (collector, otlp_endpoint, jaeger_url) = match &options.trace_backend {
             TraceBackend::Embedded | TraceBackend::Counting => {
                 let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
-                let store = matches!(options.trace_backend, TraceBackend::Embedded);
+                let storage = match options.trace_backend {
+                    // COLLECTOR_TAIL_* from the stack's variables, else from this process's environment.
+                    TraceBackend::Embedded => Storage::Keep(TailPolicy::from_lookup(|name| {
+                        options
+                            .extra_env
+                            .iter()
+                            .rev()
+                            .find(|(key, _)| key == name)
+                            .map(|(_, value)| value.clone())
+                            .or_else(|| std::env::var(name).ok())
+                    })?),
+                    _ => Storage::Count,
+                };
                 let collector = Collector::start(
                     CollectorAddresses {
                         otlp_grpc: local(options.ports.otlp_grpc),
                         otlp_http: local(options.ports.otlp_http),
                         ui: local(options.ports.jaeger_ui),
                     },
-                    store,
+                    storage,
                 )
                 .await?;
                 let endpoint = if options.otlp_protocol == "http/protobuf" {

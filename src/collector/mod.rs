@@ -3,20 +3,95 @@
 //! Spans go into [`otlp_embedded`]'s store. On the way in, each span gets the tags real Jaeger derives from
 //! OTLP (`span.kind`, `otel.status_code`, `otel.status_description`, `error`, `w3c.tracestate`), so the UI shows kinds and
 //! errors, and code reading the query API (the waterfall, the tests) works the same against real Jaeger.
+//!
+//! What a real deployment would put in an OpenTelemetry Collector (docker compose does) happens here too:
+//! - [`metrics`]: span metrics (the RED set, as the `spanmetrics` connector names them) and trace
+//!   completeness on `GET /metrics` of the UI port;
+//! - [`sampling`]: each trace decided once it is whole, late NATS consumers included; with tail sampling on,
+//!   every error and slow trace kept and a share of the rest;
+//! - [`search`]: Jaeger's `GET /api/traces` search with its real parameters (the embedded store's own
+//!   search knows only service, operation and limit).
+
+pub mod metrics;
+pub mod sampling;
+pub mod search;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use otlp_embedded::proto::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use otlp_embedded::proto::common::v1::{AnyValue, KeyValue, any_value};
+use otlp_embedded::proto::trace::v1::ResourceSpans;
 use otlp_embedded::{Config, State, StateRef, TraceService, TraceServiceImpl, TraceServiceServer};
 use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+use self::metrics::SpanMetrics;
+use self::sampling::{TailPolicy, Tracker};
+use self::search::SearchIndex;
+
+/// Traces held (the store's bound, and the search index's).
+const MAX_TRACES: usize = 50_000;
+
+/// What the collector does with the spans it receives.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    /// Decode and count them, then drop them: a collector that costs the machine almost nothing, for
+    /// measuring what tracing costs the *services* (`stack bench`).
+    Count,
+    /// Keep them (all, or as the tail-sampling policy decides), with metrics and search.
+    Keep(TailPolicy),
+}
+
+/// What the OTLP receivers, the decision task and the UI's own routes share.
+#[derive(Clone)]
+pub struct Shared {
+    state: StateRef,
+    index: Arc<Mutex<SearchIndex>>,
+    tracker: Arc<Mutex<Tracker>>,
+    metrics: Arc<SpanMetrics>,
+}
+
+impl Shared {
+    /// Indexes `parts` and puts them in the store.
+    async fn store(&self, parts: Vec<ResourceSpans>) {
+        if parts.is_empty() {
+            return;
+        }
+        if let Ok(mut index) = self.index.lock() {
+            index.add(&parts);
+        }
+        let request = ExportTraceServiceRequest {
+            resource_spans: parts,
+        };
+        // The store's own export only takes the write lock and applies: it cannot fail.
+        let _ = TraceServiceImpl::new(self.state.clone())
+            .export(tonic::Request::new(request))
+            .await;
+    }
+
+    fn pending(&self) -> usize {
+        self.tracker.lock().map(|t| t.pending()).unwrap_or(0)
+    }
+}
+
+/// The OTLP span kind as Jaeger's `span.kind` tag names it.
+pub(crate) fn span_kind_name(kind: i32) -> &'static str {
+    match kind {
+        1 => "internal",
+        2 => "server",
+        3 => "client",
+        4 => "producer",
+        5 => "consumer",
+        _ => "unspecified",
+    }
+}
 
 /// Where the collector listens.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +104,7 @@ pub struct CollectorAddresses {
 /// A running collector; stops when dropped.
 pub struct Collector {
     pub addresses: CollectorAddresses,
-    state: StateRef,
+    shared: Shared,
     received: Arc<AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -44,9 +119,7 @@ impl Drop for Collector {
 
 impl Collector {
     /// Binds all three listeners (port 0 picks free ports) and serves in the background.
-    /// With `store = false` spans are received, decoded and counted, then dropped: a collector that costs
-    /// the machine almost nothing, for measuring what tracing costs the *services* (`stack bench`).
-    pub async fn start(requested: CollectorAddresses, store: bool) -> anyhow::Result<Self> {
+    pub async fn start(requested: CollectorAddresses, storage: Storage) -> anyhow::Result<Self> {
         let grpc_listener = TcpListener::bind(requested.otlp_grpc)
             .await
             .with_context(|| format!("OTLP gRPC port {} is in use", requested.otlp_grpc))?;
@@ -65,13 +138,23 @@ impl Collector {
             // Bounded by trace count only: otlp-embedded 0.0.2 adds a trace's whole size again on every
             // batch that extends it, so its memory estimate grows much faster than real use and, under load,
             // evicted every trace (found by `stack bench`). 50 000 traces of ~35 spans is ~2 GB at most.
-            max_length: 50_000,
+            max_length: MAX_TRACES as u32,
             max_memory_usage: usize::MAX >> 1,
         });
+        let (store, policy) = match storage {
+            Storage::Count => (false, TailPolicy::default()),
+            Storage::Keep(policy) => (true, policy),
+        };
+        let shared = Shared {
+            state: state.clone(),
+            index: Arc::new(Mutex::new(SearchIndex::new(MAX_TRACES))),
+            tracker: Arc::new(Mutex::new(Tracker::new(policy))),
+            metrics: Arc::new(SpanMetrics::default()),
+        };
 
         let received = Arc::new(AtomicU64::new(0));
         let grpc_service =
-            TraceServiceServer::new(Enriching::new(state.clone(), store, received.clone()))
+            TraceServiceServer::new(Enriching::new(shared.clone(), store, received.clone()))
                 .max_decoding_message_size(32 << 20);
         let grpc = tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
@@ -84,13 +167,13 @@ impl Collector {
             }
         });
 
-        let http_state = state.clone();
+        let http_shared = shared.clone();
         let http_received = received.clone();
         let http_app = axum::Router::new()
             .route(
                 "/v1/traces",
                 axum::routing::post(move |body: bytes::Bytes| {
-                    let service = Enriching::new(http_state.clone(), store, http_received.clone());
+                    let service = Enriching::new(http_shared.clone(), store, http_received.clone());
                     async move { export_http(&service, body).await }
                 }),
             )
@@ -101,18 +184,36 @@ impl Collector {
             }
         });
 
-        let ui_app = otlp_embedded::ui_app(state.clone(), "/");
+        // Our routes first; everything else (the UI, a trace by id, services, operations) is the store's.
+        let ui_app = axum::Router::new()
+            .route("/api/traces", axum::routing::get(search::handler))
+            .route("/metrics", axum::routing::get(metrics_handler))
+            .with_state(shared.clone())
+            .fallback_service(otlp_embedded::ui_app(state.clone(), "/"));
         let ui = tokio::spawn(async move {
             if let Err(error) = axum::serve(ui_listener, ui_app).await {
                 eprintln!("collector: Jaeger UI server stopped: {error}");
             }
         });
 
+        let deciding = shared.clone();
+        let decide = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let parts = match deciding.tracker.lock() {
+                    Ok(mut tracker) => tracker.decide_ready(Instant::now(), &deciding.metrics),
+                    Err(_) => Vec::new(),
+                };
+                deciding.store(parts).await;
+            }
+        });
+
         Ok(Self {
             addresses,
-            state,
+            shared,
             received,
-            tasks: vec![grpc, http, ui],
+            tasks: vec![grpc, http, ui, decide],
         })
     }
 
@@ -128,8 +229,28 @@ impl Collector {
 
     /// Number of traces held.
     pub async fn trace_count(&self) -> usize {
-        self.state.read().await.len()
+        self.shared.state.read().await.len()
     }
+
+    /// What `GET /metrics` serves.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render(self.shared.pending())
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics_handler(
+    axum::extract::State(shared): axum::extract::State<Shared>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(shared.pending()),
+    )
+        .into_response()
 }
 
 /// OTLP/HTTP with protobuf bodies (`OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`).
@@ -160,17 +281,18 @@ async fn export_http(service: &Enriching, body: bytes::Bytes) -> axum::response:
     }
 }
 
-/// Adds the Jaeger-style tags, then stores (or, when not storing, only counts).
+/// Adds the Jaeger-style tags, counts span metrics, and hands the spans to the tracker, storing what it
+/// says to store now (or, when not storing, only counts spans).
 struct Enriching {
-    inner: TraceServiceImpl,
+    shared: Shared,
     store: bool,
     received: Arc<AtomicU64>,
 }
 
 impl Enriching {
-    fn new(state: StateRef, store: bool, received: Arc<AtomicU64>) -> Self {
+    fn new(shared: Shared, store: bool, received: Arc<AtomicU64>) -> Self {
         Self {
-            inner: TraceServiceImpl::new(state),
+            shared,
             store,
             received,
         }
@@ -206,17 +328,33 @@ impl TraceService for Enriching {
             }));
         }
         for resource_spans in &mut request.get_mut().resource_spans {
+            let service = resource_spans
+                .resource
+                .as_ref()
+                .and_then(|resource| {
+                    resource
+                        .attributes
+                        .iter()
+                        .find(|kv| kv.key == "service.name")
+                })
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    any_value::Value::StringValue(name) => Some(name.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "unknown_service".to_owned());
             for scope_spans in &mut resource_spans.scope_spans {
                 for span in &mut scope_spans.spans {
-                    let kind = match span.kind {
-                        1 => "internal",
-                        2 => "server",
-                        3 => "client",
-                        4 => "producer",
-                        5 => "consumer",
-                        _ => "unspecified",
-                    };
-                    span.attributes.push(string_tag("span.kind", kind));
+                    self.shared.metrics.record(
+                        &service,
+                        &span.name,
+                        span.kind,
+                        span.status.as_ref().map(|status| status.code),
+                        span.end_time_unix_nano
+                            .saturating_sub(span.start_time_unix_nano) as f64
+                            / 1e6,
+                    );
+                    span.attributes
+                        .push(string_tag("span.kind", span_kind_name(span.kind)));
                     // As Jaeger's own OTLP translator does, so a span's tracestate can be read back.
                     if !span.trace_state.is_empty() {
                         span.attributes
@@ -247,6 +385,14 @@ impl TraceService for Enriching {
                 }
             }
         }
-        self.inner.export(request).await
+        let resource_spans = std::mem::take(&mut request.get_mut().resource_spans);
+        let now_store = match self.shared.tracker.lock() {
+            Ok(mut tracker) => tracker.accept(resource_spans, Instant::now(), &self.shared.metrics),
+            Err(_) => resource_spans,
+        };
+        self.shared.store(now_store).await;
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
