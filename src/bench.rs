@@ -680,7 +680,7 @@ async fn measure_jetstream_hops(
                         * 1000.0
                 };
                 if traced {
-                    let span = messaging::process_span(&message);
+                    let span = messaging::process_span(&message, messaging::ConsumerTrace::Parent);
                     let latency = span.in_scope(|| since_sent(base.elapsed()));
                     message
                         .ack()

@@ -16,6 +16,10 @@
 //! - [`load`]: the load generator (open and closed loop, HDR histograms).
 //! - [`trace_view`]: a trace from any Jaeger query API, as a tree and as a terminal waterfall.
 //! - [`why`]: a trace's critical path, each service's share of it, and one line that blames.
+//! - [`diagnose`]: `stack slow` and `stack errors`, the window's slowest and failed checkouts grouped by
+//!   the hop to blame.
+//! - [`whereabouts`]: `stack where`, everything known about one order from PostgreSQL, JetStream and the
+//!   trace, ending in the answer to "where is my e-mail?".
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +27,7 @@ pub mod bench;
 pub mod client;
 pub mod collector;
 pub mod dead_letters;
+pub mod diagnose;
 pub mod infra;
 pub mod load;
 pub mod process;
@@ -30,4 +35,5 @@ pub mod secrets;
 pub mod stack;
 pub mod supervise;
 pub mod trace_view;
+pub mod whereabouts;
 pub mod why;

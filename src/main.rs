@@ -75,6 +75,44 @@ enum Command {
         #[arg(long, default_value = DEFAULT_JAEGER, env = "JAEGER_URL")]
         jaeger: String,
     },
+    /// The slowest checkouts of a recent window, each with its `why` line, grouped by the hop to blame.
+    Slow {
+        /// How far back: `90s`, `10m`, `2h`.
+        #[arg(long, default_value = "10m")]
+        since: String,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Traces read from the collector at most.
+        #[arg(long, default_value_t = 2000)]
+        scan: usize,
+        #[arg(long, default_value = DEFAULT_JAEGER, env = "JAEGER_URL")]
+        jaeger: String,
+    },
+    /// The failed traces of a recent window, each with what failed first, grouped by the hop to blame.
+    Errors {
+        #[arg(long, default_value = "10m")]
+        since: String,
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        #[arg(long, default_value_t = 2000)]
+        scan: usize,
+        #[arg(long, default_value = DEFAULT_JAEGER, env = "JAEGER_URL")]
+        jaeger: String,
+    },
+    /// Everything known about one order (by order id or trace id), ending in where its e-mail is.
+    Where {
+        /// An order id (UUID) or a checkout's trace id (32 hex digits).
+        id: String,
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+        #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
+        nats_url: String,
+        /// A `stack up` state folder, for its NATS operator password (when NATS_USER is not set).
+        #[arg(long, default_value = ".tracehop")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_JAEGER, env = "JAEGER_URL")]
+        jaeger: String,
+    },
     /// Reproduce one of the seed's stories against a running stack.
     Demo {
         scenario: Scenario,
@@ -193,6 +231,18 @@ enum Scenario {
     LostEmail,
 }
 
+/// `--since` and the counts as a window.
+fn window(since: &str, top: usize, scan: usize) -> anyhow::Result<tracehop::diagnose::Window> {
+    let us = tracehop::collector::search::parse_duration_us(since).ok_or_else(|| {
+        anyhow::anyhow!("--since {since:?} is not a duration such as 90s, 10m or 2h")
+    })?;
+    Ok(tracehop::diagnose::Window {
+        since: std::time::Duration::from_micros(us),
+        top,
+        scan,
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracehop_telemetry::http::client::install_crypto_provider();
@@ -209,13 +259,75 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { state_dir } => tracehop::supervise::print_status(&state_dir).await,
         Command::Trace { trace_id, jaeger } => {
-            let trace = TraceView::fetch(&jaeger, &trace_id).await?;
+            let trace = TraceView::fetch_joined(&jaeger, &trace_id).await?;
             print!("{}", trace.waterfall(color()));
             Ok(())
         }
         Command::Why { trace_id, jaeger } => {
-            let trace = TraceView::fetch(&jaeger, &trace_id).await?;
+            let trace = TraceView::fetch_joined(&jaeger, &trace_id).await?;
             print!("{}", tracehop::why::Why::of(&trace).report());
+            Ok(())
+        }
+        Command::Slow {
+            since,
+            top,
+            scan,
+            jaeger,
+        } => {
+            let window = window(&since, top, scan)?;
+            print!(
+                "{}",
+                tracehop::diagnose::slow(&jaeger, &window).await?.render()
+            );
+            Ok(())
+        }
+        Command::Errors {
+            since,
+            top,
+            scan,
+            jaeger,
+        } => {
+            let window = window(&since, top, scan)?;
+            print!(
+                "{}",
+                tracehop::diagnose::errors(&jaeger, &window).await?.render()
+            );
+            Ok(())
+        }
+        Command::Where {
+            id,
+            database_url,
+            nats_url,
+            state_dir,
+            jaeger,
+        } => {
+            let subject = tracehop::whereabouts::Subject::parse(&id)?;
+            // As the operator: NATS_USER / NATS_PASSWORD, else the `stack up` state folder's.
+            let credentials =
+                tracehop_telemetry::messaging::NatsCredentials::from_env().or_else(|| {
+                    let file = state_dir
+                        .join("secrets")
+                        .join(tracehop::secrets::NatsUsers::FILE);
+                    let text = std::fs::read_to_string(file).ok()?;
+                    serde_json::from_str::<tracehop::secrets::NatsUsers>(&text)
+                        .ok()?
+                        .credentials("operator")
+                });
+            let nats = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                tracehop_telemetry::messaging::connect(
+                    &nats_url,
+                    "stack-where",
+                    credentials.as_ref(),
+                ),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok);
+            let sources =
+                tracehop::whereabouts::Sources::new(&database_url, nats, Some(jaeger.as_str()));
+            let found = tracehop::whereabouts::locate(&sources, &subject).await;
+            print!("{}", found.render());
             Ok(())
         }
         Command::Demo {

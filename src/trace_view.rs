@@ -57,6 +57,11 @@ impl TraceView {
         let trace = body["data"]
             .get(0)
             .ok_or_else(|| anyhow::anyhow!("no trace in the response"))?;
+        Ok(Self::from_jaeger_trace(trace))
+    }
+
+    /// Parses one trace of Jaeger's JSON (an element of `data`).
+    pub fn from_jaeger_trace(trace: &Value) -> Self {
         let processes = &trace["processes"];
         let mut spans = Vec::new();
         for span in trace["spans"].as_array().into_iter().flatten() {
@@ -105,18 +110,144 @@ impl TraceView {
             });
         }
         spans.sort_by_key(|span| span.start_us);
-        Ok(Self {
+        Self {
             trace_id: trace["traceID"].as_str().unwrap_or_default().to_owned(),
             spans,
-        })
+        }
+    }
+
+    /// Jaeger's trace search (`GET /api/traces` with `service`, `operation`, `tags`, `start`, `end`,
+    /// `minDuration`, `limit`): the embedded collector and real Jaeger take the same parameters.
+    pub async fn search(jaeger: &str, query: &[(&str, String)]) -> anyhow::Result<Vec<TraceView>> {
+        let url = format!("{}/api/traces", jaeger.trim_end_matches('/'));
+        let response = http_client()
+            .get(&url)
+            .query(query)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            anyhow::bail!("{url} answered {}", response.status());
+        }
+        let body: Value = response.json().await?;
+        Ok(body["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(Self::from_jaeger_trace)
+            .filter(|trace| !trace.spans.is_empty())
+            .collect())
+    }
+
+    /// The services a Jaeger query API knows.
+    pub async fn known_services(jaeger: &str) -> anyhow::Result<Vec<String>> {
+        let url = format!("{}/api/services", jaeger.trim_end_matches('/'));
+        let body: Value = http_client()
+            .get(&url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(body["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|service| service.as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// A trace joined with the traces its NATS messages link it to, as one tree.
+    ///
+    /// When consumers start traces of their own (`NATS_CONSUMER_TRACE=link`), a checkout is two (or more)
+    /// traces. Given either, this fetches the producer trace, finds the consumer traces whose span links
+    /// point at its PRODUCER spans (searching by the message's `messaging.message.id`), and hangs each
+    /// linked span under the producer span it links to. With parent/child consumers it is the trace as is.
+    pub async fn fetch_joined(jaeger: &str, trace_id: &str) -> anyhow::Result<Self> {
+        let first = Self::fetch(jaeger, trace_id).await?;
+        // A consumer trace: start from the producer trace its first span links to.
+        let producer_trace = first
+            .roots()
+            .iter()
+            .flat_map(|root| root.links.iter())
+            .map(|(trace, _)| trace.clone())
+            .find(|trace| *trace != first.trace_id);
+        let mut joined = match producer_trace {
+            Some(producer) => Self::fetch(jaeger, &producer).await.unwrap_or(first),
+            None => first,
+        };
+        let message_ids: Vec<String> = joined
+            .spans
+            .iter()
+            .filter(|span| span.kind() == "producer")
+            .filter_map(|span| span.tag("messaging.message.id"))
+            .collect();
+        if message_ids.is_empty() {
+            return Ok(joined);
+        }
+        let services = Self::known_services(jaeger).await.unwrap_or_default();
+        let mut seen: std::collections::HashSet<String> = joined
+            .spans
+            .iter()
+            .map(|span| span.span_id.clone())
+            .collect();
+        for message_id in message_ids {
+            let tags = serde_json::json!({ "messaging.message.id": message_id }).to_string();
+            for service in &services {
+                let found = Self::search(
+                    jaeger,
+                    &[
+                        ("service", service.clone()),
+                        ("tags", tags.clone()),
+                        ("limit", "50".to_owned()),
+                    ],
+                )
+                .await
+                .unwrap_or_default();
+                for linked in found {
+                    if linked.trace_id != joined.trace_id {
+                        joined.attach(linked, &mut seen);
+                    }
+                }
+            }
+        }
+        joined.spans.sort_by_key(|span| span.start_us);
+        Ok(joined)
+    }
+
+    /// Adds `linked`'s spans, each span that links into this trace hung under the span it links to.
+    fn attach(&mut self, linked: TraceView, seen: &mut std::collections::HashSet<String>) {
+        let own_ids: std::collections::HashSet<String> = linked
+            .spans
+            .iter()
+            .map(|span| span.span_id.clone())
+            .collect();
+        for mut span in linked.spans {
+            if !seen.insert(span.span_id.clone()) {
+                continue;
+            }
+            let orphan = span
+                .parent_id
+                .as_ref()
+                .is_none_or(|parent| !own_ids.contains(parent));
+            if orphan
+                && let Some((_, target)) =
+                    span.links.iter().find(|(trace, _)| *trace == self.trace_id)
+            {
+                span.parent_id = Some(target.clone());
+            }
+            span.tags.insert(
+                "linked.trace_id".to_owned(),
+                Value::String(linked.trace_id.clone()),
+            );
+            self.spans.push(span);
+        }
     }
 
     /// Fetches a trace from a Jaeger query API.
     pub async fn fetch(jaeger: &str, trace_id: &str) -> anyhow::Result<Self> {
         let url = format!("{}/api/traces/{trace_id}", jaeger.trim_end_matches('/'));
-        let response = tracehop_telemetry::http::client::plain_client_builder()
-            .build()
-            .unwrap_or_default()
+        let response = http_client()
             .get(&url)
             .timeout(Duration::from_secs(10))
             .send()
@@ -297,6 +428,12 @@ impl TraceView {
             self.collect_rows(child, depth + 1, rows);
         }
     }
+}
+
+fn http_client() -> reqwest::Client {
+    tracehop_telemetry::http::client::plain_client_builder()
+        .build()
+        .unwrap_or_default()
 }
 
 fn service_color(service: &str) -> &'static str {

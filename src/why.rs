@@ -97,6 +97,11 @@ impl Why {
         }
     }
 
+    /// The step the trace waited on longest by itself: the hop the blame line names.
+    pub fn culprit(&self) -> Option<&OnPath> {
+        self.path.iter().max_by_key(|step| step.self_us)
+    }
+
     /// The report `stack why` prints.
     pub fn report(&self) -> String {
         let mut out = String::new();

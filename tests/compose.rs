@@ -1,5 +1,8 @@
 //! No Docker engine runs where the tests run, so docker-compose.yml is checked against the code instead:
 //! every service, port, variable and dependency the code expects is there, and nothing it names is unknown.
+//! The OpenTelemetry Collector's and Prometheus's configurations (deploy/) are checked the same way: every
+//! pipeline complete, span metrics counted before tail sampling, the embedded collector's names, buckets
+//! and sampling settings, and Prometheus scraping what the collector serves.
 
 // Test code, helpers included: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -8,6 +11,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde_yaml::Value;
+use tracehop::collector::metrics::BUCKETS_MS;
+use tracehop::collector::sampling::TailPolicy;
 use tracehop::stack::{Ports, SERVICES};
 
 fn compose() -> Value {
@@ -135,6 +140,163 @@ fn depends(service: &Value, on: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// docker compose's OpenTelemetry Collector configuration, and its Prometheus configuration.
+const COLLECTOR_CONFIG: &str = "deploy/otel-collector/config.yaml";
+const PROMETHEUS_CONFIG: &str = "deploy/prometheus/prometheus.yml";
+
+/// A YAML file of the repository, parsed.
+fn yaml_file(relative: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{relative}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
+}
+
+fn collector_config() -> Value {
+    yaml_file(COLLECTOR_CONFIG)
+}
+
+/// A collector component's type: `otlp/jaeger` is an `otlp` named `jaeger`. Also a pipeline's
+/// signal: `traces/sampled` is a `traces` pipeline.
+fn component_type(id: &str) -> &str {
+    id.split('/').next().unwrap_or(id)
+}
+
+/// The ids one section of the collector's configuration (`receivers`, `processors`, `exporters`,
+/// `connectors`) defines.
+fn defined(config: &Value, section: &str) -> BTreeSet<String> {
+    config
+        .get(section)
+        .and_then(Value::as_mapping)
+        .map(|map| {
+            map.keys()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One of the collector's pipelines: its receivers, processors (in order) and exporters.
+struct Pipeline {
+    id: String,
+    receivers: Vec<String>,
+    processors: Vec<String>,
+    exporters: Vec<String>,
+}
+
+impl Pipeline {
+    /// `traces`, `metrics` or `logs`.
+    fn signal(&self) -> &str {
+        component_type(&self.id)
+    }
+
+    /// Where the first processor of this type is, if any.
+    fn processor_position(&self, kind: &str) -> Option<usize> {
+        self.processors
+            .iter()
+            .position(|id| component_type(id) == kind)
+    }
+}
+
+fn collector_pipelines(config: &Value) -> Vec<Pipeline> {
+    fn ids(pipeline: &Value, key: &str) -> Vec<String> {
+        pipeline
+            .get(key)
+            .and_then(Value::as_sequence)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| id.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    config["service"]["pipelines"]
+        .as_mapping()
+        .expect("service.pipelines")
+        .iter()
+        .map(|(id, pipeline)| Pipeline {
+            id: id.as_str().expect("a pipeline id").to_owned(),
+            receivers: ids(pipeline, "receivers"),
+            processors: ids(pipeline, "processors"),
+            exporters: ids(pipeline, "exporters"),
+        })
+        .collect()
+}
+
+/// The span metrics connector's id: `spanmetrics` (which newer collectors may also spell `span_metrics`).
+fn span_metrics_connector(config: &Value) -> String {
+    let ids: Vec<String> = defined(config, "connectors")
+        .into_iter()
+        .filter(|id| matches!(component_type(id), "span_metrics" | "spanmetrics"))
+        .collect();
+    assert_eq!(ids.len(), 1, "one span metrics connector: {ids:?}");
+    ids[0].clone()
+}
+
+/// The collector's exporters that send to Jaeger's OTLP gRPC port on the compose network.
+fn jaeger_exporters(config: &Value) -> Vec<String> {
+    defined(config, "exporters")
+        .into_iter()
+        .filter(|id| config["exporters"][id.as_str()]["endpoint"].as_str() == Some("jaeger:4317"))
+        .collect()
+}
+
+/// A collector setting read from the environment, `${env:NAME:-default}` (followed by nothing): the name
+/// and the default.
+fn env_reference(value: &str) -> (String, String) {
+    let inner = value
+        .strip_prefix("${env:")
+        .and_then(|rest| rest.strip_suffix('}'))
+        .unwrap_or_else(|| panic!("{value:?} is not ${{env:NAME:-default}}"));
+    let (name, default) = inner
+        .split_once(":-")
+        .unwrap_or_else(|| panic!("{value:?} has no default"));
+    (name.to_owned(), default.to_owned())
+}
+
+/// A duration as the collector writes it (`2ms`, `1s`), in milliseconds.
+fn duration_ms(duration: &str) -> f64 {
+    if let Some(ms) = duration.strip_suffix("ms") {
+        ms.parse().unwrap_or_else(|_| panic!("{duration}"))
+    } else if let Some(s) = duration.strip_suffix('s') {
+        s.parse::<f64>().unwrap_or_else(|_| panic!("{duration}")) * 1000.0
+    } else {
+        panic!("{duration} is not in ms or s")
+    }
+}
+
+/// An image tag that names one release (`0.159.0`, `v3.14.0`), not a moving one (`latest`, `3`).
+fn is_exact_version(tag: &str) -> bool {
+    let parts: Vec<&str> = tag.trim_start_matches('v').split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// A compose service's `volumes` entries, as written.
+fn volumes_of(service: &Value) -> Vec<String> {
+    service["volumes"]
+        .as_sequence()
+        .map(|v| {
+            v.iter()
+                .filter_map(|m| m.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A compose service's `command`, as a list.
+fn command_of(service: &Value) -> Vec<String> {
+    service["command"]
+        .as_sequence()
+        .map(|c| {
+            c.iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
 fn compose_names_every_service_with_its_port() {
     let compose = compose();
@@ -147,7 +309,15 @@ fn compose_names_every_service_with_its_port() {
             "service {binary} missing from compose"
         );
     }
-    for infra in ["jaeger", "nats", "postgres", "migrate", "mailpit"] {
+    for infra in [
+        "jaeger",
+        "otel-collector",
+        "prometheus",
+        "nats",
+        "postgres",
+        "migrate",
+        "mailpit",
+    ] {
         assert!(names.contains(infra), "{infra} missing");
     }
     let ports = Ports::DEFAULT;
@@ -261,8 +431,8 @@ fn compose_gives_each_service_the_variables_the_code_reads() {
     for service in ["users", "billing", "notifications", "gateway"] {
         assert_eq!(
             env_value(&compose["services"][service], "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
-            Some("http://jaeger:4317"),
-            "{service} exports to Jaeger over OTLP gRPC"
+            Some("http://otel-collector:4317"),
+            "{service} exports to the OpenTelemetry Collector over OTLP gRPC"
         );
     }
     let database = env_value(&compose["services"]["billing"], "DATABASE_URL").unwrap_or_default();
@@ -319,7 +489,7 @@ fn compose_starts_things_in_dependency_order() {
 }
 
 #[test]
-fn only_the_gateway_the_jaeger_ui_and_the_inbox_are_published_and_only_on_loopback() {
+fn only_the_gateway_the_jaeger_ui_prometheus_and_the_inbox_are_published_and_only_on_loopback() {
     let compose = compose();
     let mut published: Vec<(String, String)> = Vec::new();
     for (name, definition) in compose["services"].as_mapping().expect("services") {
@@ -332,6 +502,7 @@ fn only_the_gateway_the_jaeger_ui_and_the_inbox_are_published_and_only_on_loopba
         ("gateway", "127.0.0.1:3000:3000"),
         ("jaeger", "127.0.0.1:16686:16686"),
         ("mailpit", "127.0.0.1:8025:8025"),
+        ("prometheus", "127.0.0.1:9090:9090"),
     ]
     .iter()
     .map(|(name, port)| ((*name).to_owned(), (*port).to_owned()))
@@ -547,4 +718,422 @@ fn service_tokens_in_compose_keep_the_private_key_with_the_gateway() {
         dockerfile.contains("cargo build --release --workspace --bins --no-default-features"),
         "the Dockerfile must build without the fault-injection feature"
     );
+}
+
+#[test]
+fn the_collectors_pipelines_use_only_components_it_defines() {
+    let config = collector_config();
+    let receivers = defined(&config, "receivers");
+    let processors = defined(&config, "processors");
+    let exporters = defined(&config, "exporters");
+    let connectors = defined(&config, "connectors");
+    let pipelines = collector_pipelines(&config);
+    assert!(!pipelines.is_empty(), "{COLLECTOR_CONFIG}: no pipeline");
+    for pipeline in &pipelines {
+        let id = &pipeline.id;
+        assert!(
+            ["traces", "metrics", "logs"].contains(&pipeline.signal()),
+            "pipeline {id}: unknown signal"
+        );
+        assert!(
+            !pipeline.receivers.is_empty() && !pipeline.exporters.is_empty(),
+            "pipeline {id} needs receivers and exporters"
+        );
+        for receiver in &pipeline.receivers {
+            assert!(
+                receivers.contains(receiver) || connectors.contains(receiver),
+                "pipeline {id} receives from {receiver}, which is not defined"
+            );
+        }
+        for processor in &pipeline.processors {
+            assert!(
+                processors.contains(processor),
+                "pipeline {id} uses processor {processor}, which is not defined"
+            );
+        }
+        for exporter in &pipeline.exporters {
+            assert!(
+                exporters.contains(exporter) || connectors.contains(exporter),
+                "pipeline {id} exports to {exporter}, which is not defined"
+            );
+        }
+    }
+    // A connector joins two pipelines: the end of one, the start of another.
+    for connector in &connectors {
+        assert!(
+            pipelines.iter().any(|p| p.exporters.contains(connector)),
+            "connector {connector} is no pipeline's exporter"
+        );
+        assert!(
+            pipelines.iter().any(|p| p.receivers.contains(connector)),
+            "connector {connector} is no pipeline's receiver"
+        );
+    }
+    // Nothing defined and left out of every pipeline (the collector would ignore it without a word).
+    for id in receivers.iter().chain(&processors).chain(&exporters) {
+        assert!(
+            pipelines.iter().any(|p| p.receivers.contains(id)
+                || p.processors.contains(id)
+                || p.exporters.contains(id)),
+            "{id} is defined but in no pipeline"
+        );
+    }
+}
+
+#[test]
+fn span_metrics_count_every_span_before_tail_sampling_as_the_embedded_collector_does() {
+    let config = collector_config();
+    let receivers = defined(&config, "receivers");
+    let pipelines = collector_pipelines(&config);
+    let span_metrics = span_metrics_connector(&config);
+    // Fed by a traces pipeline straight from the services, with no sampling on the way.
+    let feeding: Vec<&Pipeline> = pipelines
+        .iter()
+        .filter(|p| p.exporters.contains(&span_metrics))
+        .collect();
+    assert!(!feeding.is_empty(), "no pipeline exports to {span_metrics}");
+    for pipeline in &feeding {
+        let id = &pipeline.id;
+        assert_eq!(pipeline.signal(), "traces", "pipeline {id}");
+        assert_eq!(
+            pipeline.processor_position("tail_sampling"),
+            None,
+            "pipeline {id} samples before the span metrics count"
+        );
+        assert!(
+            pipeline
+                .receivers
+                .iter()
+                .all(|r| receivers.contains(r) && component_type(r) == "otlp"),
+            "pipeline {id} must take the services' OTLP directly, not another pipeline's output: {:?}",
+            pipeline.receivers
+        );
+    }
+    // Read by a metrics pipeline that serves them to Prometheus.
+    let reading: Vec<&Pipeline> = pipelines
+        .iter()
+        .filter(|p| p.receivers.contains(&span_metrics))
+        .collect();
+    assert!(
+        !reading.is_empty(),
+        "no pipeline receives from {span_metrics}"
+    );
+    for pipeline in &reading {
+        let id = &pipeline.id;
+        assert_eq!(pipeline.signal(), "metrics", "pipeline {id}");
+        assert!(
+            pipeline
+                .exporters
+                .iter()
+                .any(|e| component_type(e) == "prometheus"),
+            "pipeline {id} does not export to Prometheus"
+        );
+    }
+    // The names and buckets the embedded collector uses (src/collector/metrics.rs): the Prometheus names
+    // traces_span_metrics_calls_total and traces_span_metrics_duration_milliseconds_*, the default labels.
+    let connector = &config["connectors"][span_metrics.as_str()];
+    assert_eq!(connector["namespace"].as_str(), Some("traces.span.metrics"));
+    assert_eq!(connector["histogram"]["unit"].as_str(), Some("ms"));
+    assert_eq!(
+        connector["dimensions"].as_sequence().map_or(0, Vec::len),
+        0,
+        "only the default dimensions (service.name, span.name, span.kind, status.code)"
+    );
+    let buckets: Vec<String> = connector["histogram"]["explicit"]["buckets"]
+        .as_sequence()
+        .expect("histogram.explicit.buckets")
+        .iter()
+        .map(|b| b.as_str().expect("a duration").to_owned())
+        .collect();
+    assert_eq!(
+        buckets,
+        [
+            "2ms", "4ms", "6ms", "8ms", "10ms", "50ms", "100ms", "200ms", "400ms", "800ms", "1s",
+            "1400ms", "2s", "5s", "10s", "15s"
+        ]
+    );
+    let buckets_ms: Vec<f64> = buckets.iter().map(|b| duration_ms(b)).collect();
+    assert_eq!(
+        buckets_ms,
+        BUCKETS_MS.to_vec(),
+        "the embedded collector's buckets"
+    );
+}
+
+#[test]
+fn the_collector_tail_samples_with_the_embedded_collectors_settings_before_jaeger() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = collector_config();
+    let pipelines = collector_pipelines(&config);
+    let connectors = defined(&config, "connectors");
+    let span_metrics = span_metrics_connector(&config);
+    let tail = &config["processors"]["tail_sampling"];
+    assert!(tail.is_mapping(), "{COLLECTOR_CONFIG}: no tail_sampling");
+
+    // The three policies: every error, every slow trace, a share of the rest.
+    let policies = tail["policies"]
+        .as_sequence()
+        .expect("tail_sampling.policies");
+    let kinds: BTreeSet<&str> = policies.iter().filter_map(|p| p["type"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["latency", "probabilistic", "status_code"]),
+        "tail_sampling policies"
+    );
+    assert_eq!(policies.len(), 3, "one policy of each type");
+    let policy = |kind: &str| -> Value {
+        policies
+            .iter()
+            .find(|p| p["type"].as_str() == Some(kind))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} policy"))
+    };
+    assert_eq!(
+        policy("status_code")["status_code"]["status_codes"],
+        serde_yaml::from_str::<Value>("[ERROR]").unwrap(),
+        "every trace with an error"
+    );
+
+    // Each setting from the environment under the embedded collector's name, with its default
+    // (src/collector/sampling.rs), and given by docker compose from .env with the same default.
+    let defaults = TailPolicy::default();
+    let decision_wait = tail["decision_wait"].as_str().unwrap_or_default();
+    let settings = [
+        (
+            decision_wait
+                .strip_suffix("ms")
+                .unwrap_or_else(|| panic!("decision_wait {decision_wait:?} is not in ms")),
+            "COLLECTOR_TAIL_DECISION_WAIT_MS",
+            defaults.decision_wait.as_millis() as f64,
+        ),
+        (
+            policy("latency")["latency"]["threshold_ms"]
+                .as_str()
+                .unwrap_or_default(),
+            "COLLECTOR_TAIL_SLOW_MS",
+            defaults.slow.as_millis() as f64,
+        ),
+        (
+            policy("probabilistic")["probabilistic"]["sampling_percentage"]
+                .as_str()
+                .unwrap_or_default(),
+            "COLLECTOR_TAIL_SAMPLING_PERCENT",
+            defaults.percent,
+        ),
+    ]
+    .map(|(value, name, default)| (value.to_owned(), name, default));
+    let compose = compose();
+    let collector = &compose["services"]["otel-collector"];
+    let example = std::fs::read_to_string(root.join(".env.example")).unwrap();
+    for (value, name, default) in settings {
+        let (variable, written_default) = env_reference(&value);
+        assert_eq!(variable, name, "{value}");
+        assert_eq!(
+            written_default.parse::<f64>().ok(),
+            Some(default),
+            "{name}: the embedded collector's default"
+        );
+        assert_eq!(
+            env_value(collector, name),
+            Some(format!("${{{name}:-{written_default}}}")),
+            "docker compose gives the collector {name} from .env"
+        );
+        assert!(
+            example
+                .lines()
+                .any(|line| line == format!("{name}={written_default}")),
+            "{name} missing from .env.example"
+        );
+    }
+
+    // Sampling, then batching, then Jaeger; and only what the span metrics have already counted.
+    let jaeger = jaeger_exporters(&config);
+    let to_jaeger: Vec<&Pipeline> = pipelines
+        .iter()
+        .filter(|p| p.exporters.iter().any(|e| jaeger.contains(e)))
+        .collect();
+    assert!(!to_jaeger.is_empty(), "no pipeline exports to Jaeger");
+    for pipeline in &to_jaeger {
+        let id = &pipeline.id;
+        assert_eq!(pipeline.signal(), "traces", "pipeline {id}");
+        let sampled = pipeline
+            .processor_position("tail_sampling")
+            .unwrap_or_else(|| panic!("pipeline {id} exports to Jaeger without tail sampling"));
+        let batched = pipeline
+            .processor_position("batch")
+            .unwrap_or_else(|| panic!("pipeline {id}: no batch processor"));
+        assert!(
+            sampled < batched,
+            "pipeline {id}: tail_sampling, then batch"
+        );
+        for receiver in &pipeline.receivers {
+            assert!(
+                connectors.contains(receiver),
+                "pipeline {id} takes {receiver} directly, not the spans the span metrics counted"
+            );
+            assert!(
+                pipelines
+                    .iter()
+                    .any(|p| p.exporters.contains(receiver) && p.exporters.contains(&span_metrics)),
+                "pipeline {id}: {receiver} is not fed by the pipeline that feeds {span_metrics}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_service_exports_to_the_collector_and_only_the_collector_to_jaeger() {
+    let compose = compose();
+    let services = &compose["services"];
+    let collector = &services["otel-collector"];
+    let image = collector["image"].as_str().unwrap_or_default();
+    let tag = image
+        .strip_prefix("otel/opentelemetry-collector-contrib:")
+        .unwrap_or_else(|| panic!("collector image {image}"));
+    assert!(is_exact_version(tag), "collector image pinned: {image}");
+    let command = command_of(collector);
+    let config_path = command
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--config="))
+        .unwrap_or_else(|| panic!("collector command without --config=: {command:?}"));
+    assert!(
+        volumes_of(collector).contains(&format!("./{COLLECTOR_CONFIG}:{config_path}:ro")),
+        "{COLLECTOR_CONFIG} mounted read-only at {config_path}"
+    );
+    assert_eq!(collector["read_only"].as_bool(), Some(true));
+    assert_eq!(collector["restart"].as_str(), Some("unless-stopped"));
+    assert_eq!(
+        depends(collector, "jaeger").as_deref(),
+        Some("service_started")
+    );
+
+    // Every service sends its spans to the collector, and waits for it; none goes round it to Jaeger.
+    let mut exporting = Vec::new();
+    for (name, definition) in services.as_mapping().unwrap() {
+        let name = name.as_str().unwrap_or_default();
+        if let Some(endpoint) = env_value(definition, "OTEL_EXPORTER_OTLP_ENDPOINT") {
+            assert_eq!(endpoint, "http://otel-collector:4317", "{name}");
+            assert_eq!(
+                depends(definition, "otel-collector").as_deref(),
+                Some("service_started"),
+                "{name} waits for the collector"
+            );
+            exporting.push(name.to_owned());
+        }
+        for (key, value) in env_of(definition) {
+            assert!(
+                !value.contains("jaeger:"),
+                "{name} {key}={value} goes round the collector"
+            );
+        }
+    }
+    for service in ["gateway", "users", "billing", "notifications"] {
+        assert!(
+            exporting.iter().any(|s| s == service),
+            "{service} exports no spans"
+        );
+    }
+
+    // The collector listens where they send, and sends on to Jaeger over OTLP gRPC.
+    let config = collector_config();
+    let otlp = &config["receivers"]["otlp"]["protocols"];
+    assert_eq!(otlp["grpc"]["endpoint"].as_str(), Some("0.0.0.0:4317"));
+    assert_eq!(otlp["http"]["endpoint"].as_str(), Some("0.0.0.0:4318"));
+    let jaeger = jaeger_exporters(&config);
+    assert!(
+        !jaeger.is_empty(),
+        "the collector does not export to jaeger:4317"
+    );
+    for id in &jaeger {
+        assert!(
+            matches!(component_type(id), "otlp_grpc" | "otlp"),
+            "{id} is not the OTLP gRPC exporter"
+        );
+        assert_eq!(
+            config["exporters"][id.as_str()]["tls"]["insecure"].as_bool(),
+            Some(true),
+            "{id}: plain gRPC on the compose network"
+        );
+        assert!(
+            collector_pipelines(&config)
+                .iter()
+                .any(|p| p.exporters.contains(id)),
+            "{id} is in no pipeline"
+        );
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_collectors_span_metrics() {
+    let config = collector_config();
+    let exporters: Vec<String> = defined(&config, "exporters")
+        .into_iter()
+        .filter(|id| component_type(id) == "prometheus")
+        .collect();
+    assert_eq!(exporters.len(), 1, "one Prometheus exporter: {exporters:?}");
+    let endpoint = config["exporters"][exporters[0].as_str()]["endpoint"]
+        .as_str()
+        .unwrap_or_default();
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("prometheus exporter endpoint {endpoint:?}"));
+    assert_eq!(host, "0.0.0.0", "reachable from the prometheus container");
+
+    let prometheus = yaml_file(PROMETHEUS_CONFIG);
+    let jobs = prometheus["scrape_configs"]
+        .as_sequence()
+        .expect("scrape_configs");
+    let job = jobs
+        .iter()
+        .find(|job| job["job_name"].as_str() == Some("spanmetrics"))
+        .unwrap_or_else(|| panic!("{PROMETHEUS_CONFIG}: no job spanmetrics"));
+    let interval = job["scrape_interval"]
+        .as_str()
+        .or_else(|| prometheus["global"]["scrape_interval"].as_str());
+    assert_eq!(interval, Some("15s"));
+    let targets: Vec<String> = job["static_configs"]
+        .as_sequence()
+        .expect("static_configs")
+        .iter()
+        .flat_map(|c| c["targets"].as_sequence().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        targets,
+        vec![format!("otel-collector:{port}")],
+        "Prometheus scrapes the collector's prometheus exporter"
+    );
+
+    // The service: a pinned image, the file mounted read-only where --config.file points, its data in a
+    // named volume, the UI on 127.0.0.1 only (checked with every port above).
+    let compose = compose();
+    let service = &compose["services"]["prometheus"];
+    let image = service["image"].as_str().unwrap_or_default();
+    let tag = image
+        .strip_prefix("prom/prometheus:")
+        .unwrap_or_else(|| panic!("prometheus image {image}"));
+    assert!(is_exact_version(tag), "prometheus image pinned: {image}");
+    let command = command_of(service);
+    let config_path = command
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--config.file="))
+        .unwrap_or("/etc/prometheus/prometheus.yml");
+    let volumes = volumes_of(service);
+    assert!(
+        volumes.contains(&format!("./{PROMETHEUS_CONFIG}:{config_path}:ro")),
+        "{PROMETHEUS_CONFIG} mounted read-only at {config_path}: {volumes:?}"
+    );
+    let data = volumes
+        .iter()
+        .find_map(|v| v.strip_suffix(":/prometheus"))
+        .unwrap_or_else(|| panic!("no volume for /prometheus: {volumes:?}"));
+    assert!(
+        compose["volumes"]
+            .as_mapping()
+            .expect("volumes")
+            .contains_key(data),
+        "{data} is not a named volume"
+    );
+    assert_eq!(ports_of(service), vec!["127.0.0.1:9090:9090".to_owned()]);
+    assert_eq!(service["read_only"].as_bool(), Some(true));
 }

@@ -226,10 +226,17 @@ mod tests {
         assert!(text.contains(
             "traces_span_metrics_calls_total{service_name=\"gateway\",span_name=\"POST /checkout\",span_kind=\"SPAN_KIND_SERVER\",status_code=\"STATUS_CODE_UNSET\"} 2"
         ), "{text}");
-        assert!(text.contains("span_kind=\"SPAN_KIND_SERVER\",status_code=\"STATUS_CODE_UNSET\",le=\"4\"} 1"));
-        assert!(text.contains("span_kind=\"SPAN_KIND_SERVER\",status_code=\"STATUS_CODE_UNSET\",le=\"200\"} 2"));
+        assert!(text.contains(
+            "span_kind=\"SPAN_KIND_SERVER\",status_code=\"STATUS_CODE_UNSET\",le=\"4\"} 1"
+        ));
+        assert!(text.contains(
+            "span_kind=\"SPAN_KIND_SERVER\",status_code=\"STATUS_CODE_UNSET\",le=\"200\"} 2"
+        ));
         assert!(text.contains("status_code=\"STATUS_CODE_ERROR\",le=\"15000\"} 0"));
         assert!(text.contains("status_code=\"STATUS_CODE_ERROR\",le=\"+Inf\"} 1"));
-        assert!(text.contains("span_name=\"say \\\"hi\\\"\\\\\\n\""), "{text}");
+        assert!(
+            text.contains("span_name=\"say \\\"hi\\\"\\\\\\n\""),
+            "{text}"
+        );
     }
 }

@@ -187,6 +187,10 @@ impl Collector {
         // Our routes first; everything else (the UI, a trace by id, services, operations) is the store's.
         let ui_app = axum::Router::new()
             .route("/api/traces", axum::routing::get(search::handler))
+            .route(
+                "/api/services",
+                axum::routing::get(search::services_handler),
+            )
             .route("/metrics", axum::routing::get(metrics_handler))
             .with_state(shared.clone())
             .fallback_service(otlp_embedded::ui_app(state.clone(), "/"));
@@ -350,7 +354,8 @@ impl TraceService for Enriching {
                         span.kind,
                         span.status.as_ref().map(|status| status.code),
                         span.end_time_unix_nano
-                            .saturating_sub(span.start_time_unix_nano) as f64
+                            .saturating_sub(span.start_time_unix_nano)
+                            as f64
                             / 1e6,
                     );
                     span.attributes

@@ -77,12 +77,13 @@ impl TailPolicy {
                     .parse::<f64>()
                     .ok()
                     .filter(|value| value.is_finite() && *value >= 0.0)
-                    .ok_or_else(|| anyhow::anyhow!("{name}={text:?} is not a number of at least 0")),
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("{name}={text:?} is not a number of at least 0")
+                    }),
             }
         };
         let millis = |name: &str, default: Duration| -> anyhow::Result<Duration> {
-            number(name, default.as_millis() as f64)
-                .map(|ms| Duration::from_millis(ms as u64))
+            number(name, default.as_millis() as f64).map(|ms| Duration::from_millis(ms as u64))
         };
         let percent = number("COLLECTOR_TAIL_SAMPLING_PERCENT", defaults.percent)?;
         if percent > 100.0 {
@@ -152,8 +153,14 @@ impl Pending {
 
     fn complete(&self) -> bool {
         self.has_root
-            && self.parents.iter().all(|parent| self.spans.contains(parent))
-            && self.producers.iter().all(|producer| self.consumed.contains(producer))
+            && self
+                .parents
+                .iter()
+                .all(|parent| self.spans.contains(parent))
+            && self
+                .producers
+                .iter()
+                .all(|producer| self.consumed.contains(producer))
     }
 }
 
@@ -276,8 +283,8 @@ impl Tracker {
             .iter()
             .filter(|(_, pending)| {
                 let waited_out = now.duration_since(pending.first_seen) >= policy.decision_wait;
-                let settled = pending.complete()
-                    && now.duration_since(pending.last_seen) >= policy.quiet;
+                let settled =
+                    pending.complete() && now.duration_since(pending.last_seen) >= policy.quiet;
                 // A consumer trace is decided with the producer trace it follows, unless it waited out.
                 let with_producer = pending
                     .follows
@@ -377,7 +384,10 @@ fn split_by_trace(resource_spans: Vec<ResourceSpans>) -> Vec<(TraceId, ResourceS
         {
             let mut per_trace: HashMap<TraceId, Vec<Span>> = HashMap::new();
             for span in spans {
-                per_trace.entry(span.trace_id.clone()).or_default().push(span);
+                per_trace
+                    .entry(span.trace_id.clone())
+                    .or_default()
+                    .push(span);
             }
             for (trace_id, spans) in per_trace {
                 by_trace.entry(trace_id).or_default().push(ScopeSpans {
@@ -455,21 +465,46 @@ mod tests {
         let t0 = Instant::now();
         // Root and producer first; the consumer comes 5 s later.
         let stored = tracker.accept(
-            batch(vec![span(1, 1, None, 2, (0, 10)), span(1, 2, Some(1), 4, (5, 6))]),
+            batch(vec![
+                span(1, 1, None, 2, (0, 10)),
+                span(1, 2, Some(1), 4, (5, 6)),
+            ]),
             t0,
             &metrics,
         );
         assert!(stored.is_empty());
-        assert!(tracker.decide_ready(t0 + Duration::from_secs(4), &metrics).is_empty());
-        assert_eq!(tracker.pending(), 1, "not complete: the message was not consumed yet");
-        tracker.accept(batch(vec![span(1, 3, Some(2), 5, (7, 9))]), t0 + Duration::from_secs(5), &metrics);
-        assert!(tracker.decide_ready(t0 + Duration::from_secs(6), &metrics).is_empty());
+        assert!(
+            tracker
+                .decide_ready(t0 + Duration::from_secs(4), &metrics)
+                .is_empty()
+        );
+        assert_eq!(
+            tracker.pending(),
+            1,
+            "not complete: the message was not consumed yet"
+        );
+        tracker.accept(
+            batch(vec![span(1, 3, Some(2), 5, (7, 9))]),
+            t0 + Duration::from_secs(5),
+            &metrics,
+        );
+        assert!(
+            tracker
+                .decide_ready(t0 + Duration::from_secs(6), &metrics)
+                .is_empty()
+        );
         assert_eq!(tracker.pending(), 1, "complete, but not yet quiet");
         tracker.decide_ready(t0 + Duration::from_secs(8), &metrics);
         assert_eq!(tracker.pending(), 0);
         let text = metrics.render(0);
-        assert!(text.contains("tracehop_traces_total{completeness=\"complete\"} 1"), "{text}");
-        assert!(text.contains("decision=\"drop\",policy=\"probabilistic\"} 1"), "{text}");
+        assert!(
+            text.contains("tracehop_traces_total{completeness=\"complete\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("decision=\"drop\",policy=\"probabilistic\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -493,10 +528,17 @@ mod tests {
         assert_eq!(kept, HashSet::from([2, 3]));
         let kept = stored_traces(&tracker.decide_ready(t0 + Duration::from_secs(31), &metrics));
         assert_eq!(kept, HashSet::from([4]), "its consumer never came");
-        let late = tracker.accept(batch(vec![span(4, 3, Some(2), 5, (40, 41))]), t0 + Duration::from_secs(40), &metrics);
+        let late = tracker.accept(
+            batch(vec![span(4, 3, Some(2), 5, (40, 41))]),
+            t0 + Duration::from_secs(40),
+            &metrics,
+        );
         assert_eq!(stored_traces(&late), HashSet::from([4]));
         let text = metrics.render(0);
-        assert!(text.contains("completeness=\"consumer_missing\"} 1"), "{text}");
+        assert!(
+            text.contains("completeness=\"consumer_missing\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -511,12 +553,20 @@ mod tests {
             ..Default::default()
         });
         tracker.accept(
-            batch(vec![span(5, 1, None, 2, (0, 10)), span(5, 2, Some(1), 4, (1, 2)), consumer]),
+            batch(vec![
+                span(5, 1, None, 2, (0, 10)),
+                span(5, 2, Some(1), 4, (1, 2)),
+                consumer,
+            ]),
             t0,
             &metrics,
         );
         let kept = stored_traces(&tracker.decide_ready(t0 + Duration::from_secs(3), &metrics));
-        assert_eq!(kept, HashSet::from([5, 6]), "slow end to end through the link: both halves kept");
+        assert_eq!(
+            kept,
+            HashSet::from([5, 6]),
+            "slow end to end through the link: both halves kept"
+        );
         assert!(metrics.render(0).contains("completeness=\"complete\"} 1"));
     }
 
@@ -530,6 +580,9 @@ mod tests {
         assert!((800..1200).contains(&kept), "{kept}");
         assert!(!sampling(0.0).in_kept_share(&[0xff; 16]));
         assert!(TailPolicy::from_lookup(|_| Some("101".into())).is_err());
-        assert_eq!(TailPolicy::from_lookup(|_| None).unwrap(), TailPolicy::default());
+        assert_eq!(
+            TailPolicy::from_lookup(|_| None).unwrap(),
+            TailPolicy::default()
+        );
     }
 }

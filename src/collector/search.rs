@@ -7,8 +7,11 @@
 //! the bounds and every tag. Only the spans one searches for are indexed: roots, SERVER, PRODUCER and
 //! CONSUMER spans, failed spans, and spans carrying one of [`INDEXED_TAGS`]; and of their tags only
 //! [`INDEXED_TAGS`], `span.kind`, `otel.status_code` and `error`. Results are the newest first.
+//!
+//! `GET /api/services` lists every service that sent a span, as Jaeger does (the embedded store lists only
+//! services that start traces, which would hide billing from a search for its failures).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use otlp_embedded::proto::common::v1::any_value;
 use otlp_embedded::proto::trace::v1::ResourceSpans;
@@ -38,6 +41,7 @@ struct IndexedSpan {
 #[derive(Debug)]
 pub struct SearchIndex {
     traces: HashMap<Vec<u8>, Vec<IndexedSpan>>,
+    services: BTreeSet<String>,
     order: VecDeque<Vec<u8>>,
     capacity: usize,
 }
@@ -113,7 +117,10 @@ pub fn parse_duration_us(text: &str) -> Option<u64> {
     let text = text.trim();
     let split = text.find(|c: char| c.is_ascii_alphabetic() || c == 'µ')?;
     let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    let number: f64 = number
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
     let scale = match unit {
         "us" | "µs" => 1.0,
         "ms" => 1e3,
@@ -129,6 +136,7 @@ impl SearchIndex {
     pub fn new(capacity: usize) -> Self {
         Self {
             traces: HashMap::new(),
+            services: BTreeSet::new(),
             order: VecDeque::new(),
             capacity,
         }
@@ -148,13 +156,18 @@ impl SearchIndex {
                 })
                 .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
                 .unwrap_or_else(|| "unknown".to_owned());
+            if !self.services.contains(&service) {
+                self.services.insert(service.clone());
+            }
             for span in part.scope_spans.iter().flat_map(|scope| &scope.spans) {
                 let failed = span.status.as_ref().is_some_and(|status| status.code == 2);
                 let mut tags: Vec<(String, String)> = span
                     .attributes
                     .iter()
                     .filter(|kv| INDEXED_TAGS.contains(&kv.key.as_str()))
-                    .filter_map(|kv| Some((kv.key.clone(), text(kv.value.as_ref()?.value.as_ref()?)?)))
+                    .filter_map(|kv| {
+                        Some((kv.key.clone(), text(kv.value.as_ref()?.value.as_ref()?)?))
+                    })
                     .collect();
                 let wanted = span.parent_span_id.is_empty()
                     || matches!(span.kind, 2 | 4 | 5)
@@ -179,7 +192,9 @@ impl SearchIndex {
                     service: service.clone(),
                     name: span.name.clone(),
                     start_us: span.start_time_unix_nano / 1000,
-                    duration_us: span.end_time_unix_nano.saturating_sub(span.start_time_unix_nano)
+                    duration_us: span
+                        .end_time_unix_nano
+                        .saturating_sub(span.start_time_unix_nano)
                         / 1000,
                     tags,
                 });
@@ -209,10 +224,13 @@ impl SearchIndex {
                             span.tags.iter().any(|(k, v)| k == key && v == value)
                         })
                 });
-                matching.map(|span| span.start_us).max().map(|start| (start, id))
+                matching
+                    .map(|span| span.start_us)
+                    .max()
+                    .map(|start| (start, id))
             })
             .collect();
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|entry| std::cmp::Reverse(entry.0));
         found
             .into_iter()
             .take(criteria.limit)
@@ -229,6 +247,18 @@ fn text(value: &any_value::Value) -> Option<String> {
         any_value::Value::DoubleValue(number) => Some(number.to_string()),
         _ => None,
     }
+}
+
+/// `GET /api/services`: every service that sent a span.
+pub async fn services_handler(
+    axum::extract::State(shared): axum::extract::State<super::Shared>,
+) -> axum::Json<serde_json::Value> {
+    let services: Vec<String> = match shared.index.lock() {
+        Ok(index) => index.services.iter().cloned().collect(),
+        Err(_) => Vec::new(),
+    };
+    let total = services.len();
+    axum::Json(serde_json::json!({ "data": services, "total": total, "errors": null }))
 }
 
 /// `GET /api/traces`: the matching traces in Jaeger's JSON, or 400 with what was wrong.
@@ -258,7 +288,8 @@ pub async fn handler(
         let mut state = shared.state.write().await;
         for id in ids {
             if let Some(trace) = state.get_by_id(&id) {
-                if let Some(one) = trace.to_jaeger_batch()["data"].get(0) {
+                let batch = trace.to_jaeger_batch();
+                if let Some(one) = batch["data"].get(0) {
                     data.push(one.clone());
                 }
             }

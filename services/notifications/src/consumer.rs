@@ -28,6 +28,8 @@ pub struct ConsumerDeps {
     /// Deliveries before dead-lettering.
     pub max_deliver: i64,
     pub backoff: Duration,
+    /// Consumer spans under the producer's, or in a trace of their own linked to it.
+    pub consumer_trace: messaging::ConsumerTrace,
 }
 
 /// Pulls messages until `shutdown` flips, then waits for the ones in flight.
@@ -90,7 +92,7 @@ pub async fn run(
 
 /// One delivery, in its CONSUMER span.
 async fn handle(deps: &ConsumerDeps, message: jetstream::Message) {
-    let span = messaging::process_span(&message);
+    let span = messaging::process_span(&message, deps.consumer_trace);
     async {
         let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
         let event = match parse_delivery(message.headers.as_ref(), &message.payload) {

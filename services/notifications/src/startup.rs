@@ -111,6 +111,7 @@ impl Application {
             database,
             max_deliver: settings.max_deliver,
             backoff: settings.backoff,
+            consumer_trace: settings.nats.consumer_trace,
         };
         let consumer = tokio::spawn(consumer::run(
             pull,

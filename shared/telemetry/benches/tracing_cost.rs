@@ -21,7 +21,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tracehop_telemetry::actor::Traced;
 use tracehop_telemetry::db::{Statements, traced};
-use tracehop_telemetry::messaging::{Delivery, delivery_span, publish_span};
+use tracehop_telemetry::messaging::{ConsumerTrace, Delivery, delivery_span, publish_span};
 use tracehop_telemetry::propagation::{NatsHeaderInjector, inject};
 
 // A table of the shape the services query, declared here: this crate knows no application's schema.
@@ -127,6 +127,7 @@ fn span_builders(c: &mut Criterion) {
                         body_size: 180,
                         delivery_count: 1,
                         stream_sequence: 42,
+                        trace: ConsumerTrace::Parent,
                     });
                     drop(span.enter());
                 })

@@ -2,10 +2,13 @@
 //!
 //! - [`publish`]: a PRODUCER span `publish {subject}`; its context goes into the NATS headers (never the
 //!   payload) and the event id into `Nats-Msg-Id`, so JetStream drops a re-published duplicate.
-//! - [`process_span`]: a CONSUMER span `process {subject}` whose parent is the producer span. We chose the
-//!   parent/child link (rather than a new trace with a span link) because each message is processed on its
-//!   own and the whole point is one checkout = one trace. Every delivery attempt is its own process span,
-//!   with `messaging.nats.delivery_count`.
+//! - [`process_span`]: a CONSUMER span `process {subject}`, by default a child of the producer span
+//!   ([`ConsumerTrace::Parent`]): each message is processed on its own and the whole point is one checkout =
+//!   one trace. [`ConsumerTrace::Link`] (`NATS_CONSUMER_TRACE=link`) makes each delivery start a trace of
+//!   its own that links to the producer span instead, as the messaging conventions allow, for consumers
+//!   whose work should not stretch the producer's trace; `stack why`, `stack where` and `stack trace`
+//!   follow the link. Every delivery attempt is its own process span, with
+//!   `messaging.nats.delivery_count`.
 //!
 //! `messaging.system` is `nats`, which is not (yet) a registered value of the semantic conventions.
 
@@ -33,6 +36,29 @@ pub struct NatsSettings {
     pub max_bytes: i64,
     /// `NATS_USER` and `NATS_PASSWORD`: who this service is to the NATS server (none: anonymous).
     pub credentials: Option<NatsCredentials>,
+    /// `NATS_CONSUMER_TRACE` (`parent`, the default, or `link`): where a consumer's spans go.
+    pub consumer_trace: ConsumerTrace,
+}
+
+/// Where a CONSUMER span goes: under the producer span, or first in a trace of its own that links to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConsumerTrace {
+    /// A child of the producer span: one checkout, one trace.
+    #[default]
+    Parent,
+    /// A new trace whose first span links to the producer span.
+    Link,
+}
+
+impl std::str::FromStr for ConsumerTrace {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "parent" => Ok(Self::Parent),
+            "link" => Ok(Self::Link),
+            other => Err(format!("{other:?} is neither parent nor link")),
+        }
+    }
 }
 
 /// A NATS user and password. The password never prints.
@@ -75,6 +101,7 @@ impl NatsSettings {
             ),
             max_bytes: crate::config::env_parse("NATS_STREAM_MAX_BYTES", 1 << 30)?,
             credentials: NatsCredentials::from_env(),
+            consumer_trace: crate::config::env_parse("NATS_CONSUMER_TRACE", ConsumerTrace::Parent)?,
         })
     }
 
@@ -316,8 +343,9 @@ pub fn publish_span(subject: &str, message_id: &str, body_size: usize) -> tracin
     )
 }
 
-/// The CONSUMER span for one delivery of `message`, child of the producer span found in its headers.
-pub fn process_span(message: &jetstream::Message) -> tracing::Span {
+/// The CONSUMER span for one delivery of `message`, placed as `trace` says against the producer span found
+/// in its headers.
+pub fn process_span(message: &jetstream::Message, trace: ConsumerTrace) -> tracing::Span {
     let (delivery_count, stream_sequence) = message
         .info()
         .map(|info| (info.delivered, info.stream_sequence))
@@ -328,6 +356,7 @@ pub fn process_span(message: &jetstream::Message) -> tracing::Span {
         body_size: message.payload.len(),
         delivery_count,
         stream_sequence,
+        trace,
     })
 }
 
@@ -338,9 +367,12 @@ pub struct Delivery<'a> {
     pub body_size: usize,
     pub delivery_count: i64,
     pub stream_sequence: u64,
+    /// Under the producer span, or linked to it.
+    pub trace: ConsumerTrace,
 }
 
-/// The CONSUMER span for `delivery`, child of the producer span found in its headers.
+/// The CONSUMER span for `delivery`, placed against the producer span found in its headers as
+/// `delivery.trace` says.
 pub fn delivery_span(delivery: &Delivery<'_>) -> tracing::Span {
     let subject = delivery.subject;
     let message_id = header_message_id(delivery.headers).unwrap_or_default();
@@ -360,7 +392,16 @@ pub fn delivery_span(delivery: &Delivery<'_>) -> tracing::Span {
         error.type = tracing::field::Empty,
     );
     if let Some(headers) = delivery.headers {
-        set_remote_parent(&span, extract(&NatsHeaderExtractor(headers)));
+        let producer = extract(&NatsHeaderExtractor(headers));
+        match delivery.trace {
+            ConsumerTrace::Parent => set_remote_parent(&span, producer),
+            ConsumerTrace::Link => {
+                let producer = producer.span().span_context().clone();
+                if producer.is_valid() {
+                    span.add_link(producer);
+                }
+            }
+        }
     }
     span
 }
