@@ -180,6 +180,7 @@ fn describe_failure(span: &SpanView) -> String {
     let kind = span
         .tag("error.type")
         .or_else(|| span.tag("http.response.status_code"))
+        .or_else(|| span.tag("otel.status_description"))
         .unwrap_or_else(|| "error".to_owned());
     format!("{} › {} failed ({kind})", span.service, span.name)
 }

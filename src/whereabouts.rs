@@ -575,7 +575,7 @@ pub async fn locate(sources: &Sources, subject: &Subject) -> Whereabouts {
                 )
             }
             Some(_) => {
-                "delivered, not acknowledged (or acknowledged above the ack floor)".to_owned()
+                "delivered, not acknowledged yet".to_owned()
             }
             None => "consumer state unknown".to_owned(),
         };
@@ -770,7 +770,7 @@ fn verdict(
         })
         .unwrap_or_default();
     format!(
-        "delivered, not yet acknowledged{tried}: being sent or waiting for redelivery ({} unacknowledged in the consumer{nobody})",
+        "delivered, not acknowledged{tried}: being sent, or waiting for its redelivery after the ack wait ({} unacknowledged in the consumer, {last_ack}{nobody})",
         consumer.num_ack_pending
     )
 }

@@ -264,6 +264,21 @@ fn blame_line(trace: &TraceView, path: &[OnPath], end_to_end_us: u64) -> String 
         if retried {
             what.push_str(", retried");
         }
+    } else if span.kind() == "producer" {
+        // A producer's own time on the path is the message waiting in the broker: before its first
+        // delivery, and between redeliveries (each consumer span is a child).
+        let deliveries: Vec<&SpanView> = trace
+            .children(span)
+            .into_iter()
+            .filter(|child| child.kind() == "consumer")
+            .collect();
+        let failed = deliveries.iter().filter(|d| d.is_error()).count();
+        let count = deliveries.len();
+        let _ = write!(
+            what,
+            ": waiting in JetStream for delivery ({count} {}, {failed} failed)",
+            if count == 1 { "delivery" } else { "deliveries" }
+        );
     } else if span.is_error() {
         let kind = span.tag("error.type").unwrap_or_else(|| "error".to_owned());
         let _ = write!(what, " failed ({kind})");
