@@ -131,6 +131,7 @@ async fn start(
         trace_backend,
         otlp_protocol: "grpc".to_owned(),
         extra_env,
+        replicas: 1,
     })
     .await
 }

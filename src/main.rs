@@ -57,6 +57,10 @@ enum Command {
         /// The Jaeger UI's port.
         #[arg(long, default_value_t = 16686)]
         ui_port: u16,
+        /// Processes of each of users, billing and notifications (the gateway balances over them; replicas
+        /// beyond the first listen on free ports, listed by `stack status`).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        replicas: u16,
     },
     /// Every process of a running `stack up`: state, health, pid, restarts, uptime.
     Status {
@@ -253,9 +257,10 @@ async fn main() -> anyhow::Result<()> {
             otlp_grpc_port,
             otlp_http_port,
             ui_port,
+            replicas,
         } => {
             let ports = Ports::from_env(otlp_grpc_port, otlp_http_port, ui_port)?;
-            up(no_demo, state_dir, ports).await
+            up(no_demo, state_dir, ports, usize::from(replicas)).await
         }
         Command::Status { state_dir } => tracehop::supervise::print_status(&state_dir).await,
         Command::Trace { trace_id, jaeger } => {
@@ -557,7 +562,12 @@ async fn prepare(database_url: &str, state_dir: &std::path::Path) -> anyhow::Res
     Ok(())
 }
 
-async fn up(no_demo: bool, state_dir: PathBuf, ports: Ports) -> anyhow::Result<()> {
+async fn up(
+    no_demo: bool,
+    state_dir: PathBuf,
+    ports: Ports,
+    replicas: usize,
+) -> anyhow::Result<()> {
     // Listening from the first moment: a Ctrl-C or SIGTERM during any phase stops what was started so far.
     let interrupt = Interrupt::install()?;
     std::fs::create_dir_all(state_dir.join("logs"))?;
@@ -637,6 +647,7 @@ async fn up(no_demo: bool, state_dir: PathBuf, ports: Ports) -> anyhow::Result<(
         otlp_protocol: std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
             .unwrap_or_else(|_| "grpc".to_owned()),
         extra_env: Vec::new(),
+        replicas,
     });
     let mut stack = interrupt
         .run("starting the stack", started)

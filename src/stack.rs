@@ -19,6 +19,24 @@ use tracehop_telemetry::messaging::{self, NatsCredentials};
 /// The services' binaries, in start order.
 pub const SERVICES: [&str; 5] = ["stripe-sim", "users", "billing", "notifications", "gateway"];
 
+/// The services that run as several processes with `--replicas N` (the gateway balances over them). The
+/// gateway itself scales behind any load balancer, and stripe-sim stands in for one third party.
+pub const REPLICATED: [&str; 3] = ["users", "billing", "notifications"];
+
+/// The service an instance belongs to: `billing-2` is a replica of `billing`.
+pub fn service_of(instance: &str) -> &str {
+    match instance.rsplit_once('-') {
+        Some((service, number))
+            if REPLICATED.contains(&service)
+                && !number.is_empty()
+                && number.chars().all(|c| c.is_ascii_digit()) =>
+        {
+            service
+        }
+        _ => instance,
+    }
+}
+
 /// Ports of everything the stack listens on.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
@@ -124,6 +142,9 @@ pub struct StackOptions {
     pub otlp_protocol: String,
     /// Extra environment for every service (applied last, so it wins).
     pub extra_env: Vec<(String, String)>,
+    /// Processes of each of [`REPLICATED`] (1: one each). Replica `k` of `billing` is the instance
+    /// `billing-k` on a free port; the first keeps the service's own name and port.
+    pub replicas: usize,
 }
 
 /// A running stack; everything stops when it is dropped.
@@ -138,6 +159,8 @@ pub struct Stack {
     pub keys: ServiceKeys,
     /// The NATS users of a private NATS (`None` for an existing server: its credentials are the operator's).
     pub nats_users: Option<NatsUsers>,
+    /// The ports of the replicas beyond the first (`billing-2`, ...).
+    replica_ports: std::collections::BTreeMap<String, u16>,
     // Field order is drop order: services first, then NATS, then the collector.
     services: Vec<ChildProcess>,
     pub nats: Option<PrivateNats>,
@@ -212,7 +235,14 @@ impl Stack {
 
         let mail_sink = options.state_dir.join("mail");
         let keys = ServiceKeys::ensure(&secrets, &secrets)?;
+        let mut replica_ports = std::collections::BTreeMap::new();
+        for service in REPLICATED {
+            for k in 2..=options.replicas {
+                replica_ports.insert(format!("{service}-{k}"), crate::process::free_port()?);
+            }
+        }
         let mut stack = Self {
+            replica_ports,
             options,
             database_url,
             nats_url,
@@ -225,14 +255,54 @@ impl Stack {
             nats,
             collector,
         };
-        for name in SERVICES {
-            stack.start_service(name).await?;
+        for instance in stack.instances() {
+            stack.start_service(&instance).await?;
         }
         Ok(stack)
     }
 
-    /// The environment of one service.
-    pub fn service_env(&self, name: &str) -> Vec<(String, String)> {
+    /// Every process of the stack, in start order: each service, and its replicas after it.
+    pub fn instances(&self) -> Vec<String> {
+        let mut instances = Vec::new();
+        for service in SERVICES {
+            instances.push(service.to_owned());
+            if REPLICATED.contains(&service) {
+                for k in 2..=self.options.replicas {
+                    instances.push(format!("{service}-{k}"));
+                }
+            }
+        }
+        instances
+    }
+
+    /// The port an instance listens on.
+    pub fn instance_port(&self, instance: &str) -> u16 {
+        if let Some(port) = self.replica_ports.get(instance) {
+            return *port;
+        }
+        let ports = self.options.ports;
+        match instance {
+            "stripe-sim" => ports.stripe_sim,
+            "users" => ports.users,
+            "billing" => ports.billing,
+            "notifications" => ports.notifications,
+            _ => ports.gateway,
+        }
+    }
+
+    /// The base URLs of every instance of `service`, comma-separated (what the gateway balances over).
+    fn urls_of(&self, service: &str) -> String {
+        self.instances()
+            .iter()
+            .filter(|instance| service_of(instance) == service)
+            .map(|instance| format!("http://127.0.0.1:{}", self.instance_port(instance)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The environment of one instance (`billing`, or a replica such as `billing-2`).
+    pub fn service_env(&self, instance: &str) -> Vec<(String, String)> {
+        let name = service_of(instance);
         let ports = self.options.ports;
         let mut env: Vec<(String, String)> = vec![
             (
@@ -261,18 +331,9 @@ impl Stack {
             ("BILLING_PORT".into(), ports.billing.to_string()),
             ("NOTIFICATIONS_PORT".into(), ports.notifications.to_string()),
             ("STRIPE_SIM_PORT".into(), ports.stripe_sim.to_string()),
-            (
-                "USERS_URL".into(),
-                format!("http://127.0.0.1:{}", ports.users),
-            ),
-            (
-                "BILLING_URL".into(),
-                format!("http://127.0.0.1:{}", ports.billing),
-            ),
-            (
-                "NOTIFICATIONS_URL".into(),
-                format!("http://127.0.0.1:{}", ports.notifications),
-            ),
+            ("USERS_URL".into(), self.urls_of("users")),
+            ("BILLING_URL".into(), self.urls_of("billing")),
+            ("NOTIFICATIONS_URL".into(), self.urls_of("notifications")),
             (
                 "STRIPE_API_BASE".into(),
                 format!("http://127.0.0.1:{}", ports.stripe_sim),
@@ -302,26 +363,23 @@ impl Stack {
             env.push(("NATS_PASSWORD".into(), credentials.password));
         }
         env.retain(|(key, _)| !(name == "stripe-sim" && key.starts_with("OTEL_")));
+        // A replica listens on its own port (set after the service's, so it wins).
+        if instance != name {
+            let variable = format!("{}_PORT", name.to_ascii_uppercase().replace('-', "_"));
+            env.push((variable, self.instance_port(instance).to_string()));
+        }
         env.extend(self.options.extra_env.iter().cloned());
         env
     }
 
-    /// The `/healthz` URL of a service.
-    pub fn health_url(&self, name: &str) -> String {
-        let ports = self.options.ports;
-        let port = match name {
-            "stripe-sim" => ports.stripe_sim,
-            "users" => ports.users,
-            "billing" => ports.billing,
-            "notifications" => ports.notifications,
-            _ => ports.gateway,
-        };
-        format!("http://127.0.0.1:{port}/healthz")
+    /// The `/healthz` URL of an instance.
+    pub fn health_url(&self, instance: &str) -> String {
+        format!("http://127.0.0.1:{}/healthz", self.instance_port(instance))
     }
 
-    /// Starts (or starts again) one service and waits for its `/healthz`.
+    /// Starts (or starts again) one instance and waits for its `/healthz`.
     pub async fn start_service(&mut self, name: &str) -> anyhow::Result<()> {
-        let mut command = Command::new(workspace_binary(name)?);
+        let mut command = Command::new(workspace_binary(service_of(name))?);
         command.envs(self.service_env(name));
         let log_path = self
             .options

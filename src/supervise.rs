@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use crate::process::kill_all;
-use crate::stack::{SERVICES, Stack};
+use crate::stack::Stack;
 
 /// More crashes than this within [`CRASH_WINDOW`] and a service is given up on.
 pub const MAX_CRASHES: usize = 5;
@@ -114,7 +114,8 @@ struct Watched {
 /// Watches the stack's services until a signal: reports and restarts those that exit, and keeps
 /// `status_path` current.
 pub async fn supervise(stack: &mut Stack, interrupt: &Interrupt, status_path: &Path) {
-    let mut watched: BTreeMap<&str, Watched> = SERVICES
+    let instances = stack.instances();
+    let mut watched: BTreeMap<String, Watched> = instances
         .iter()
         .map(|name| {
             let state = Watched {
@@ -124,7 +125,7 @@ pub async fn supervise(stack: &mut Stack, interrupt: &Interrupt, status_path: &P
                 given_up: false,
                 restarting: false,
             };
-            (*name, state)
+            (name.clone(), state)
         })
         .collect();
     write_status(stack, &watched, status_path);
@@ -134,7 +135,8 @@ pub async fn supervise(stack: &mut Stack, interrupt: &Interrupt, status_path: &P
             () = interrupt.wait() => return,
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
-        for name in SERVICES {
+        for name in &instances {
+            let name = name.as_str();
             let Some(record) = watched.get_mut(name) else {
                 continue;
             };
@@ -216,9 +218,9 @@ pub async fn supervise(stack: &mut Stack, interrupt: &Interrupt, status_path: &P
 }
 
 /// `status: gateway up · users up · billing restarting · ...`
-fn status_line(watched: &BTreeMap<&str, Watched>) -> String {
-    let parts: Vec<String> = SERVICES
-        .iter()
+fn status_line(watched: &BTreeMap<String, Watched>) -> String {
+    let parts: Vec<String> = watched
+        .keys()
         .filter_map(|name| {
             let record = watched.get(name)?;
             let state = if record.given_up {
@@ -234,9 +236,10 @@ fn status_line(watched: &BTreeMap<&str, Watched>) -> String {
     format!("status: {}", parts.join(" · "))
 }
 
-fn write_status(stack: &mut Stack, watched: &BTreeMap<&str, Watched>, path: &Path) {
+fn write_status(stack: &mut Stack, watched: &BTreeMap<String, Watched>, path: &Path) {
     let mut statuses = Vec::new();
-    for name in SERVICES {
+    for name in stack.instances() {
+        let name = name.as_str();
         let Some(record) = watched.get(name) else {
             continue;
         };

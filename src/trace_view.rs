@@ -13,6 +13,8 @@ pub struct SpanView {
     pub span_id: String,
     pub parent_id: Option<String>,
     pub service: String,
+    /// The resource's `service.instance.id`, when set (which replica made the span).
+    pub service_instance: Option<String>,
     pub name: String,
     /// Microseconds since the epoch.
     pub start_us: u64,
@@ -87,6 +89,9 @@ impl TraceView {
                 .as_str()
                 .unwrap_or("unknown")
                 .to_owned();
+            let service_instance = key_values(&processes[process_id]["tags"])
+                .get("service.instance.id")
+                .and_then(|value| value.as_str().map(str::to_owned));
             let tags = key_values(&span["tags"]);
             let events = span["logs"]
                 .as_array()
@@ -98,6 +103,7 @@ impl TraceView {
                 span_id: span["spanID"].as_str().unwrap_or_default().to_owned(),
                 parent_id,
                 service,
+                service_instance,
                 name: span["operationName"]
                     .as_str()
                     .unwrap_or_default()

@@ -574,9 +574,7 @@ pub async fn locate(sources: &Sources, subject: &Subject) -> Whereabouts {
                     c.num_pending
                 )
             }
-            Some(_) => {
-                "delivered, not acknowledged yet".to_owned()
-            }
+            Some(_) => "delivered, not acknowledged yet".to_owned(),
             None => "consumer state unknown".to_owned(),
         };
         events.push(Event {

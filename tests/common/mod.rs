@@ -56,6 +56,17 @@ impl TestStack {
         trace_backend: TraceBackend,
         database_server: String,
     ) -> TestStack {
+        Self::boot_replicated(extra_env, otlp_protocol, trace_backend, database_server, 1).await
+    }
+
+    /// Boots with `replicas` processes of each of users, billing and notifications.
+    pub async fn boot_replicated(
+        extra_env: &[(&str, &str)],
+        otlp_protocol: &str,
+        trace_backend: TraceBackend,
+        database_server: String,
+        replicas: usize,
+    ) -> TestStack {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let database_name = format!("tracehop_test_{}", &id[..12]);
         let state_dir = std::env::temp_dir().join(format!("tracehop-test-{}", &id[..12]));
@@ -88,6 +99,7 @@ impl TestStack {
             trace_backend,
             otlp_protocol: otlp_protocol.to_owned(),
             extra_env: env,
+            replicas,
         };
         let stack = match Stack::start(options).await {
             Ok(stack) => stack,

@@ -23,6 +23,9 @@ pub struct Settings {
     /// `BILLING_OUTBOX_RELAY_PAUSED=true`: record events but do not publish them (maintenance of NATS; the crash
     /// tests use it to hold events in the outbox, then restart billing without it).
     pub outbox_paused: bool,
+    /// `BILLING_OUTBOX_CLAIM_LEASE_MS` (default 30000): how long a relay's claim on an event holds; longer
+    /// than a publish takes. A dead replica's events are published by another after it.
+    pub outbox_claim_lease: Duration,
     /// `BILLING_OUTBOX_RETENTION_HOURS` (default 168): published outbox events older than this are deleted.
     pub outbox_retention: Duration,
     /// `BILLING_RETENTION_EVERY_MS` (default 600000): how often.
@@ -83,6 +86,10 @@ impl Settings {
             },
             outbox_sweep: Duration::from_millis(env_parse("BILLING_OUTBOX_SWEEP_MS", 2_000)?),
             outbox_paused: env_parse("BILLING_OUTBOX_RELAY_PAUSED", false)?,
+            outbox_claim_lease: Duration::from_millis(env_parse(
+                "BILLING_OUTBOX_CLAIM_LEASE_MS",
+                30_000,
+            )?),
             outbox_retention: Duration::from_secs(
                 3600 * env_parse("BILLING_OUTBOX_RETENTION_HOURS", 168_u64)?,
             ),

@@ -50,6 +50,10 @@ impl Application {
             jetstream,
             settings.outbox_sweep,
             settings.outbox_paused,
+            crate::store::RelayClaim {
+                owner: tracehop_telemetry::service::instance_id().to_owned(),
+                lease: settings.outbox_claim_lease,
+            },
         );
         let relay = Supervisor::start(move |_| relay);
         let reconciler = Reconciler::new(

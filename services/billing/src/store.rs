@@ -172,18 +172,46 @@ pub fn save_charged(
     })
 }
 
-/// An unpublished outbox event by id (`None` once published).
-pub fn unpublished_event(
+/// Who claims outbox events, and for how long.
+#[derive(Debug, Clone)]
+pub struct RelayClaim {
+    /// This replica ([`tracehop_telemetry::service::instance_id`]).
+    pub owner: String,
+    /// `BILLING_OUTBOX_CLAIM_LEASE_MS`: longer than a publish takes; a dead holder's events wait this long.
+    pub lease: std::time::Duration,
+}
+
+impl RelayClaim {
+    fn until(&self) -> DateTime<Utc> {
+        Utc::now() + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(30))
+    }
+}
+
+/// Claims one unpublished event by id, unless another relay holds a live claim on it (`None` then, or once
+/// published): one statement.
+pub fn claim_event(
     connection: &mut DbConnection,
     statements: &Statements,
     event_id: uuid::Uuid,
+    claim: &RelayClaim,
 ) -> Result<Option<OutboxEvent>, DbError> {
-    let query = outbox::table
-        .filter(outbox::id.eq(event_id))
-        .filter(outbox::published_at.is_null())
-        .select(OutboxEvent::as_select());
+    let query = diesel::update(
+        outbox::table
+            .filter(outbox::id.eq(event_id))
+            .filter(outbox::published_at.is_null())
+            .filter(
+                outbox::claimed_until
+                    .is_null()
+                    .or(outbox::claimed_until.lt(diesel::dsl::now)),
+            ),
+    )
+    .set((
+        outbox::claimed_by.eq(&claim.owner),
+        outbox::claimed_until.eq(claim.until()),
+    ))
+    .returning(OutboxEvent::as_returning());
     Ok(traced(statements, query, |query| {
-        query.first(connection).optional()
+        query.get_result(connection).optional()
     })?)
 }
 
@@ -197,6 +225,8 @@ pub fn mark_published(
         outbox::published_at.eq(diesel::dsl::now),
         outbox::attempts.eq(outbox::attempts + 1),
         outbox::last_error.eq(None::<String>),
+        outbox::claimed_by.eq(None::<String>),
+        outbox::claimed_until.eq(None::<DateTime<Utc>>),
     ));
     traced(statements, query, |query| query.execute(connection))?;
     Ok(())
@@ -212,26 +242,52 @@ pub fn mark_publish_failed(
     let query = diesel::update(outbox::table.find(event_id)).set((
         outbox::attempts.eq(outbox::attempts + 1),
         outbox::last_error.eq(error),
+        outbox::claimed_by.eq(None::<String>),
+        outbox::claimed_until.eq(None::<DateTime<Utc>>),
     ));
     traced(statements, query, |query| query.execute(connection))?;
     Ok(())
 }
 
-/// Events still waiting, oldest first. Deliberately *not* traced: the sweep runs every few seconds outside
-/// any request and would otherwise fill the trace store with one-span traces; the events it finds are
-/// published under their own checkout's trace.
-pub fn unpublished_events(
+/// Claims up to `limit` events still waiting, oldest first, that no relay holds a live claim on. Rows
+/// another replica's sweep is claiming at this moment are skipped (`FOR UPDATE SKIP LOCKED`), not waited
+/// for, so two sweeps never take the same event. Deliberately *not* traced: the sweep runs every few
+/// seconds outside any request and would otherwise fill the trace store with one-span traces; the events
+/// it finds are published under their own checkout's trace.
+pub fn claim_unpublished(
     connection: &mut DbConnection,
     created_before: DateTime<Utc>,
     limit: i64,
+    claim: &RelayClaim,
 ) -> Result<Vec<OutboxEvent>, DbError> {
-    Ok(outbox::table
-        .filter(outbox::published_at.is_null())
-        .filter(outbox::created_at.lt(created_before))
-        .order(outbox::created_at.asc())
-        .limit(limit)
-        .select(OutboxEvent::as_select())
-        .load(connection)?)
+    use diesel::Connection as _;
+    let events = connection.transaction(|connection| {
+        let ids: Vec<uuid::Uuid> = outbox::table
+            .filter(outbox::published_at.is_null())
+            .filter(outbox::created_at.lt(created_before))
+            .filter(
+                outbox::claimed_until
+                    .is_null()
+                    .or(outbox::claimed_until.lt(diesel::dsl::now)),
+            )
+            .order(outbox::created_at.asc())
+            .limit(limit)
+            .select(outbox::id)
+            .for_update()
+            .skip_locked()
+            .load(connection)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        diesel::update(outbox::table.filter(outbox::id.eq_any(&ids)))
+            .set((
+                outbox::claimed_by.eq(&claim.owner),
+                outbox::claimed_until.eq(claim.until()),
+            ))
+            .returning(OutboxEvent::as_returning())
+            .get_results(connection)
+    })?;
+    Ok(events)
 }
 
 /// An order, as its owner sees it.

@@ -10,7 +10,8 @@ pub struct Settings {
     pub host: String,
     /// `GATEWAY_PORT` (default 3000).
     pub port: u16,
-    /// `USERS_URL` (default http://127.0.0.1:3001).
+    /// `USERS_URL` (default http://127.0.0.1:3001); like the other two, a comma-separated list when the
+    /// service runs as several replicas.
     pub users_url: String,
     /// `BILLING_URL` (default http://127.0.0.1:3002).
     pub billing_url: String,

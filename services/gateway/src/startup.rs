@@ -5,7 +5,7 @@ use tracehop_telemetry::http::{TracedClient, server};
 
 use crate::configuration::Settings;
 use crate::routes;
-use crate::upstream::Upstreams;
+use crate::upstream::{Replicas, Upstreams};
 
 pub struct Application {
     server: actix_web::dev::Server,
@@ -17,9 +17,9 @@ impl Application {
         let issuer = tracehop_identity::Issuer::from_file(&settings.signing_key_file, "gateway")?;
         let upstreams = web::Data::new(Upstreams {
             client,
-            users_url: settings.users_url.trim_end_matches('/').to_owned(),
-            billing_url: settings.billing_url.trim_end_matches('/').to_owned(),
-            notifications_url: settings.notifications_url.trim_end_matches('/').to_owned(),
+            users: Replicas::parse(&settings.users_url),
+            billing: Replicas::parse(&settings.billing_url),
+            notifications: Replicas::parse(&settings.notifications_url),
             issuer,
         });
         let trust = settings.trust;

@@ -2,6 +2,15 @@
 //!
 //! Every call carries a service token (`tracehop-identity`) made for the one service it goes to, naming
 //! the signed-in user when there is one: that is how users and billing know the call came through here.
+//!
+//! Each service may run as several replicas ([`Replicas`]: `BILLING_URL=http://a:3002,http://b:3002`).
+//! Calls go round-robin; a replica that refuses the connection rests for a few seconds and the call goes to
+//! the next one at once. Only a refused connection is retried elsewhere: nothing reached that replica, so
+//! even a charge cannot be carried out twice. A timeout or a broken connection is not retried (the request
+//! may have been carried out); a checkout then answers 202 with its order and key, as with one replica.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use tracehop_contracts::domain::Secret;
@@ -34,10 +43,85 @@ impl Upstream {
 /// signs the gateway's service tokens.
 pub struct Upstreams {
     pub client: TracedClient,
-    pub users_url: String,
-    pub billing_url: String,
-    pub notifications_url: String,
+    pub users: Replicas,
+    pub billing: Replicas,
+    pub notifications: Replicas,
     pub issuer: Issuer,
+}
+
+/// How long a replica that refused a connection is skipped.
+const REST: Duration = Duration::from_secs(2);
+
+/// The replicas of one service, called round-robin.
+#[derive(Debug)]
+pub struct Replicas {
+    bases: Vec<String>,
+    next: AtomicUsize,
+    /// Per replica: until when (ms since `epoch`) it rests after refusing a connection.
+    resting_until: Vec<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Replicas {
+    /// A comma-separated list of base URLs (one URL is one replica).
+    pub fn parse(list: &str) -> Self {
+        let bases: Vec<String> = list
+            .split(',')
+            .map(|url| url.trim().trim_end_matches('/').to_owned())
+            .filter(|url| !url.is_empty())
+            .collect();
+        let resting_until = bases.iter().map(|_| AtomicU64::new(0)).collect();
+        Self {
+            bases,
+            next: AtomicUsize::new(0),
+            resting_until,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The next replica that is not resting (or simply the next, when all are).
+    fn pick(&self) -> &str {
+        let count = self.bases.len().max(1);
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        let awake = (0..count)
+            .map(|offset| (start + offset) % count)
+            .find(|index| {
+                self.resting_until
+                    .get(*index)
+                    .is_some_and(|until| until.load(Ordering::Relaxed) <= now)
+            })
+            .unwrap_or(start % count);
+        self.bases
+            .get(awake)
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    /// The replica `url` belongs to.
+    fn index_of(&self, url: &str) -> Option<usize> {
+        self.bases
+            .iter()
+            .position(|base| url.starts_with(base.as_str()))
+    }
+
+    fn rest(&self, index: usize) {
+        if let Some(until) = self.resting_until.get(index) {
+            until.store(self.now_ms() + REST.as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Another replica than `index` that is not resting, if any.
+    fn other_than(&self, tried: &[usize]) -> Option<usize> {
+        let now = self.now_ms();
+        (0..self.bases.len()).find(|index| {
+            !tried.contains(index) && self.resting_until[*index].load(Ordering::Relaxed) <= now
+        })
+    }
 }
 
 impl Upstreams {
@@ -49,11 +133,7 @@ impl Upstreams {
         path: &str,
         user: Option<&EndUser>,
     ) -> Result<reqwest::RequestBuilder, ApiError> {
-        let base = match upstream {
-            Upstream::Users => &self.users_url,
-            Upstream::Billing => &self.billing_url,
-            Upstream::Notifications => &self.notifications_url,
-        };
+        let base = self.replicas(upstream).pick();
         let token = self
             .issuer
             .token(upstream.name(), user)
@@ -92,11 +172,70 @@ impl Upstreams {
     ) -> Result<T, ApiError> {
         let service = upstream.name();
         let response = self
-            .client
-            .send(url_template, request)
+            .send(upstream, url_template, request)
             .await
             .map_err(|error| unreachable_service(service, &error))?;
         Self::read(service, response).await
+    }
+
+    fn replicas(&self, upstream: Upstream) -> &Replicas {
+        match upstream {
+            Upstream::Users => &self.users,
+            Upstream::Billing => &self.billing,
+            Upstream::Notifications => &self.notifications,
+        }
+    }
+
+    /// Sends `request`; when its replica refuses the connection, rests that replica and sends the same
+    /// request to the next one (each attempt its own CLIENT span).
+    async fn send(
+        &self,
+        upstream: Upstream,
+        url_template: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let replicas = self.replicas(upstream);
+        let mut tried = Vec::new();
+        let mut request = request;
+        loop {
+            let spare = request.try_clone();
+            let outcome = self.client.send(url_template, request).await;
+            let Err(error) = &outcome else {
+                return outcome;
+            };
+            let Some(spare) = spare.filter(|_| error.kind() == "connect") else {
+                return outcome;
+            };
+            let (client, built) = spare.build_split();
+            let Ok(mut built) = built else {
+                return outcome;
+            };
+            let url = built.url().to_string();
+            let Some(refused) = replicas.index_of(&url) else {
+                return outcome;
+            };
+            replicas.rest(refused);
+            tried.push(refused);
+            let Some(next) = replicas.other_than(&tried) else {
+                return outcome;
+            };
+            let rebased = format!(
+                "{}{}",
+                replicas.bases[next],
+                &url[replicas.bases[refused].len()..]
+            );
+            let Ok(rebased) = reqwest::Url::parse(&rebased) else {
+                return outcome;
+            };
+            tracing::warn!(
+                service = upstream.name(),
+                refused = %replicas.bases[refused],
+                next = %replicas.bases[next],
+                "replica refused the connection; sending to the next one"
+            );
+            *built.url_mut() = rebased;
+            request = reqwest::RequestBuilder::from_parts(client, built);
+        }
     }
 
     /// Like [`Upstreams::call`], for a call that changes something (a charge): a request that was sent
@@ -109,7 +248,7 @@ impl Upstreams {
         request: reqwest::RequestBuilder,
     ) -> Result<Delivery<T>, ApiError> {
         let service = upstream.name();
-        match self.client.send(url_template, request).await {
+        match self.send(upstream, url_template, request).await {
             Ok(response) => Self::read(service, response).await.map(Delivery::Answered),
             Err(error) if matches!(error.kind(), "timeout" | "transport") => {
                 tracing::warn!(service, error = %error, "no answer to a request that may have been carried out");
@@ -193,5 +332,28 @@ async fn relay_error(service: &str, response: reqwest::Response) -> ApiError {
     match retry_after {
         Some(seconds) => error.with_retry_after(seconds),
         None => error,
+    }
+}
+
+#[cfg(test)]
+mod replica_tests {
+    use super::*;
+
+    #[test]
+    fn replicas_take_turns_and_a_resting_one_is_skipped() {
+        let replicas = Replicas::parse("http://a:1/, http://b:2,,");
+        assert_eq!(replicas.bases, ["http://a:1", "http://b:2"]);
+        let turns: Vec<&str> = (0..4).map(|_| replicas.pick()).collect();
+        assert_eq!(
+            turns,
+            ["http://a:1", "http://b:2", "http://a:1", "http://b:2"]
+        );
+        replicas.rest(0);
+        assert!((0..4).all(|_| replicas.pick() == "http://b:2"));
+        assert_eq!(replicas.index_of("http://b:2/charge"), Some(1));
+        assert_eq!(replicas.other_than(&[1]), None, "a is resting");
+        // All resting: still one to try.
+        replicas.rest(1);
+        assert!(!replicas.pick().is_empty());
     }
 }

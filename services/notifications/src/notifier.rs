@@ -81,10 +81,8 @@ pub struct Claims {
 
 impl Claims {
     pub fn new(lease: std::time::Duration) -> Self {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
-        let random = uuid::Uuid::new_v4().simple().to_string();
         Self {
-            owner: format!("{host}/{}/{}", std::process::id(), &random[..8]),
+            owner: tracehop_telemetry::service::instance_id().to_owned(),
             lease,
         }
     }

@@ -297,19 +297,9 @@ async fn create_charge(
         .map(str::to_owned);
     let fingerprint = format!("{params:?}");
 
-    match apply_faults(&state).await {
-        Injected::Fail(status) => {
-            return stripe_error(status, "api_error", None, "injected failure (stripe-sim)");
-        }
-        Injected::Decline => {
-            return stripe_error(
-                402,
-                "card_error",
-                Some("card_declined"),
-                "Your card was declined.",
-            );
-        }
-        Injected::None => {}
+    let injected = apply_faults(&state).await;
+    if let Injected::Fail(status) = injected {
+        return stripe_error(status, "api_error", None, "injected failure (stripe-sim)");
     }
 
     let Ok(mut ledger) = state.ledger.lock() else {
@@ -326,10 +316,15 @@ async fn create_charge(
                 "Keys for idempotent requests can only be used with the same parameters they were first used with.",
             );
         }
+        // Stripe replays the first answer for a key, a decline included.
+        if stored.charge.status == "failed" {
+            return declined(&stored.charge.id);
+        }
         return HttpResponse::Ok()
             .insert_header(("Idempotent-Replayed", "true"))
             .json(&stored.charge);
     }
+    let declining = matches!(injected, Injected::Decline);
     let metadata = params
         .iter()
         .filter_map(|(key, value)| {
@@ -346,9 +341,10 @@ async fn create_charge(
         customer: params.get("customer").cloned(),
         description: params.get("description").cloned(),
         metadata,
-        status: "succeeded".into(),
-        paid: true,
-        captured: true,
+        // As real Stripe does, a declined charge is kept (status `failed`), and a search finds it.
+        status: if declining { "failed" } else { "succeeded" }.into(),
+        paid: !declining,
+        captured: !declining,
         livemode: false,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -365,8 +361,25 @@ async fn create_charge(
             },
         );
     }
+    if declining {
+        tracing::info!(charge = %charge.id, amount, currency = %charge.currency, "charge declined");
+        return declined(&charge.id);
+    }
     tracing::info!(charge = %charge.id, amount, currency = %charge.currency, "charge created");
     HttpResponse::Ok().json(charge)
+}
+
+/// Stripe's 402 for a declined card, naming the failed charge it kept.
+fn declined(charge_id: &str) -> HttpResponse {
+    HttpResponse::PaymentRequired().json(serde_json::json!({
+        "error": {
+            "type": "card_error",
+            "code": "card_declined",
+            "decline_code": "generic_decline",
+            "message": "Your card was declined.",
+            "charge": charge_id,
+        }
+    }))
 }
 
 async fn get_charge(

@@ -23,6 +23,38 @@ pub type DbConnection = PooledConnection<ConnectionManager<PgConnection>>;
 pub struct Database {
     pool: DbPool,
     namespace: String,
+    /// For connections of their own ([`Database::try_advisory_lock`]).
+    url: String,
+}
+
+diesel::define_sql_function! {
+    /// PostgreSQL's `pg_try_advisory_lock(bigint)`.
+    fn pg_try_advisory_lock(key: diesel::sql_types::BigInt) -> diesel::sql_types::Bool;
+}
+
+/// A PostgreSQL session-level advisory lock, held by a connection of its own for as long as this lives.
+/// Dropping it closes that connection, which releases the lock; so does the death of the process, since
+/// PostgreSQL ends the session: a dead holder never keeps the lock.
+pub struct AdvisoryLock {
+    connection: Option<PgConnection>,
+}
+
+impl AdvisoryLock {
+    /// Releases the lock (closing the connection on the blocking pool, not on an async worker).
+    pub async fn release(mut self) {
+        if let Some(connection) = self.connection.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(connection)).await;
+        }
+    }
+}
+
+impl Drop for AdvisoryLock {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            // Not released explicitly (a panic, a cancelled future): close it off the async worker.
+            tokio::task::spawn_blocking(move || drop(connection));
+        }
+    }
 }
 
 /// Where the database is and how many connections to keep: `DATABASE_URL` and `DATABASE_POOL_SIZE`, read the
@@ -119,7 +151,31 @@ impl Database {
             .connection_timeout(Duration::from_secs(3))
             .build_unchecked(manager);
         let namespace = database_name(url);
-        Ok(Self { pool, namespace })
+        Ok(Self {
+            pool,
+            namespace,
+            url: url.to_owned(),
+        })
+    }
+
+    /// Takes the session-level advisory lock `key` on a connection of its own, if no other session holds
+    /// it (`pg_try_advisory_lock`): `None` when another holds it. Makes a singleton among replicas, with
+    /// the lock released when the holder's session ends.
+    pub async fn try_advisory_lock(&self, key: i64) -> Result<Option<AdvisoryLock>, DbError> {
+        use diesel::{Connection as _, RunQueryDsl as _};
+        let url = self.url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection = PgConnection::establish(&url)
+                .map_err(|error| DbError::Task(format!("advisory lock connection: {error}")))?;
+            let locked = diesel::select(pg_try_advisory_lock(key))
+                .get_result::<bool>(&mut connection)
+                .map_err(DbError::from_query)?;
+            Ok(locked.then_some(AdvisoryLock {
+                connection: Some(connection),
+            }))
+        })
+        .await
+        .map_err(|error| DbError::Task(error.to_string()))?
     }
 
     /// The database name, recorded as `db.namespace`.

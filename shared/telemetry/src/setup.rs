@@ -296,7 +296,8 @@ fn resource(default_service_name: &'static str) -> Resource {
     // The default detectors already read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; only fall back to the
     // built-in name when the operator did not choose one.
     let mut builder = Resource::builder().with_attributes([
-        KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()),
+        // The same id that names this replica's leases in the database (`claimed_by`).
+        KeyValue::new("service.instance.id", crate::service::instance_id()),
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
     ]);
     if std::env::var("OTEL_SERVICE_NAME").is_err() {

@@ -1,9 +1,11 @@
 //! `OutboxRelay`: publishes outbox events to JetStream, then marks them sent.
 //!
 //! Billing pokes the relay right after a charge is committed; a periodic sweep catches whatever that missed
-//! (NATS down, billing restarted between commit and publish). Publishing uses the event id as `Nats-Msg-Id`,
-//! so when both paths publish the same event JetStream keeps one (duplicate window: see
-//! [`tracehop_telemetry::messaging::StreamSettings`]).
+//! (NATS down, billing restarted between commit and publish). Both paths first *claim* the event in
+//! PostgreSQL (a lease naming this replica, [`store::RelayClaim`]), so billing's replicas never publish the same
+//! event at once, and a dead replica's claims run out and are taken over by any sweep. Publishing uses the
+//! event id as `Nats-Msg-Id` as well, so should a lease run out mid-publish and a second relay publish it,
+//! JetStream keeps one (duplicate window: see [`tracehop_telemetry::messaging::StreamSettings`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +21,7 @@ use tracehop_telemetry::propagation::{SerializedContext, set_remote_parent};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::store::{self, OutboxEvent};
+use crate::store::{self, OutboxEvent, RelayClaim};
 
 /// Publish this event now.
 #[derive(Debug, Clone, actix::Message)]
@@ -33,6 +35,7 @@ pub struct OutboxRelay {
     jetstream: jetstream::Context,
     sweep_every: Duration,
     paused: bool,
+    claim: RelayClaim,
     /// Set while a sweep runs: a sweep stuck on a NATS outage must not be joined by the next one.
     sweeping: Arc<AtomicBool>,
 }
@@ -43,6 +46,7 @@ impl OutboxRelay {
         jetstream: jetstream::Context,
         sweep_every: Duration,
         paused: bool,
+        claim: RelayClaim,
     ) -> Self {
         if paused {
             tracing::warn!("BILLING_OUTBOX_RELAY_PAUSED: events are recorded but not published");
@@ -52,6 +56,7 @@ impl OutboxRelay {
             jetstream,
             sweep_every,
             paused,
+            claim,
             sweeping: Arc::default(),
         }
     }
@@ -71,8 +76,9 @@ impl Actor for OutboxRelay {
             let database = relay.database.clone();
             let jetstream = relay.jetstream.clone();
             let sweeping = relay.sweeping.clone();
+            let claim = relay.claim.clone();
             context.spawn(actix::fut::wrap_future(async move {
-                sweep(database, jetstream).await;
+                sweep(database, jetstream, claim).await;
                 sweeping.store(false, Ordering::Release);
             }));
         });
@@ -95,11 +101,12 @@ impl Handler<Traced<RelayEvent>> for OutboxRelay {
         }
         let database = self.database.clone();
         let jetstream = self.jetstream.clone();
+        let claim = self.claim.clone();
         Box::pin(
             async move {
                 let event = database
                     .run(move |connection, statements| {
-                        store::unpublished_event(connection, statements, event_id)
+                        store::claim_event(connection, statements, event_id, &claim)
                     })
                     .await;
                 match event {
@@ -109,7 +116,7 @@ impl Handler<Traced<RelayEvent>> for OutboxRelay {
                         let parent = tracing::Span::current().context();
                         publish_event(&database, &jetstream, event, parent).await
                     }
-                    Ok(None) => tracing::debug!(%event_id, "already published"),
+                    Ok(None) => tracing::debug!(%event_id, "already published, or claimed by another relay"),
                     Err(error) => {
                         tracing::warn!(error = error.code(), %event_id, "could not load event; the sweep will retry")
                     }
@@ -120,12 +127,13 @@ impl Handler<Traced<RelayEvent>> for OutboxRelay {
     }
 }
 
-/// Publishes every event still waiting (oldest first, at most 100 per sweep). Events younger than a few
-/// seconds are left to the immediate path, which is normally about to publish them.
-async fn sweep(database: Database, jetstream: jetstream::Context) {
+/// Claims and publishes the events still waiting (oldest first, at most 100 per sweep) that no other relay
+/// holds. Events younger than a few seconds are left to the immediate path, which is normally about to
+/// publish them.
+async fn sweep(database: Database, jetstream: jetstream::Context, claim: RelayClaim) {
     let created_before = chrono::Utc::now() - chrono::Duration::seconds(3);
     let events = database
-        .run(move |connection, _| store::unpublished_events(connection, created_before, 100))
+        .run(move |connection, _| store::claim_unpublished(connection, created_before, 100, &claim))
         .await;
     match events {
         Ok(events) => {

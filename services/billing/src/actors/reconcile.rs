@@ -7,6 +7,11 @@
 //! record; if it does not, the idempotency key is released. Each settlement is a `billing.reconcile` trace
 //! carrying the original checkout's trace id as `checkout.trace_id` (only its id is stored, so it cannot
 //! be the parent).
+//!
+//! A round runs under a PostgreSQL advisory lock ([`RECONCILE_LOCK`]), taken with `pg_try_advisory_lock` on
+//! a connection of its own: of billing's replicas one reconciles at a time, a round that overlaps the next
+//! (a slow Stripe) is not joined by it, and a replica that dies mid-round releases the lock with its
+//! session, so the next round of any replica takes over.
 
 use std::time::Duration;
 
@@ -21,6 +26,9 @@ use super::billing::{ChargedOrder, record_charge};
 use super::outbox::OutboxRelay;
 use super::stripe::{FindCharge, StripeClientActor};
 use crate::store::{self, Transaction};
+
+/// The advisory lock key of the reconciler's rounds ("tracehop reconcile", as 8 bytes).
+pub const RECONCILE_LOCK: i64 = 0x7472_6163_7265_636f;
 
 pub struct Reconciler {
     database: Database,
@@ -72,6 +80,41 @@ async fn reconcile_stale(
     relay: Addr<OutboxRelay>,
     after: Duration,
 ) {
+    let lock = match database.try_advisory_lock(RECONCILE_LOCK).await {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            tracing::debug!("another round holds the reconcile lock; skipping this one");
+            return;
+        }
+        Err(error) => {
+            tracing::debug!(error = error.code(), "reconcile round skipped: no database");
+            return;
+        }
+    };
+    reconcile_round(&database, &stripe, &relay, after).await;
+    lock.release().await;
+}
+
+/// Test hook (`fault-injection` builds only): `BILLING_FAULT_RECONCILE_DELAY_MS` slows every round that found
+/// work by this much, between reading the pending charges and settling them, so rounds overlap the next
+/// (the lock must keep them apart).
+#[cfg(feature = "fault-injection")]
+fn slow_round_fault() -> Option<Duration> {
+    std::env::var("BILLING_FAULT_RECONCILE_DELAY_MS")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
+}
+
+/// One round, under the lock.
+async fn reconcile_round(
+    database: &Database,
+    stripe: &Addr<StripeClientActor>,
+    relay: &Addr<OutboxRelay>,
+    after: Duration,
+) {
     let cutoff = chrono::Utc::now()
         - chrono::Duration::from_std(after).unwrap_or_else(|_| chrono::Duration::minutes(5));
     // Untraced, like the outbox sweep: the poll itself is not part of any request.
@@ -81,6 +124,11 @@ async fn reconcile_stale(
     let Ok(stale) = stale else {
         return;
     };
+    // A slow round (as with a slow Stripe): what it read is stale by the time it acts on it.
+    #[cfg(feature = "fault-injection")]
+    if let Some(delay) = slow_round_fault().filter(|_| !stale.is_empty()) {
+        tokio::time::sleep(delay).await;
+    }
     for transaction in stale {
         let span = tracing::info_span!(
             "billing.reconcile",
@@ -89,7 +137,7 @@ async fn reconcile_stale(
             checkout.trace_id = %transaction.trace_id,
             reconcile.outcome = tracing::field::Empty,
         );
-        reconcile_one(&database, &stripe, &relay, transaction)
+        reconcile_one(database, stripe, relay, transaction)
             .instrument(span)
             .await;
     }

@@ -1,0 +1,3 @@
+ALTER TABLE outbox
+    DROP COLUMN claimed_by,
+    DROP COLUMN claimed_until;
