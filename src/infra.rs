@@ -101,6 +101,44 @@ impl PrivateNats {
         Self::start_with(port, store_dir, log_path, Some(config)).await
     }
 
+    /// Starts one node of a local cluster: `node` of `client_ports.len()`, its route listener on
+    /// `route_ports[node]`, routes to every other node, JetStream under `store_dir`, the same users.
+    pub async fn start_cluster_node(
+        node: usize,
+        client_ports: &[u16],
+        route_ports: &[u16],
+        store_dir: &Path,
+        log_path: &Path,
+        users: &crate::secrets::NatsUsers,
+        stream: &str,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(store_dir)?;
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|port| format!("\"nats-route://127.0.0.1:{port}\""))
+            .collect();
+        let route_port = route_ports
+            .get(node)
+            .ok_or_else(|| anyhow::anyhow!("no route port for node {node}"))?;
+        let config_text = format!(
+            "{}\nserver_name: \"tracehop-{}\"\ncluster {{\n  name: \"tracehop\"\n  listen: \"127.0.0.1:{route_port}\"\n  routes: [{}]\n}}\n",
+            users.server_config(stream),
+            node + 1,
+            routes.join(", ")
+        );
+        let config = store_dir.join("nats-server.conf");
+        crate::secrets::write_private(&config, &config_text)?;
+        let port = *client_ports
+            .get(node)
+            .ok_or_else(|| anyhow::anyhow!("no client port for node {node}"))?;
+        Self::start_with(port, store_dir, log_path, Some(config)).await
+    }
+
+    /// SIGKILL: a node lost, store and all in-flight state as it was (drills).
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
     async fn start_with(
         port: u16,
         store_dir: &Path,
@@ -167,6 +205,27 @@ impl PrivateNats {
         .await?;
         *self = restarted;
         Ok(())
+    }
+}
+
+/// Waits until JetStream answers through `url` (a cluster has elected its meta leader), at most 30 s.
+pub async fn wait_for_jetstream(
+    url: &str,
+    credentials: Option<&tracehop_telemetry::messaging::NatsCredentials>,
+) -> anyhow::Result<()> {
+    let client = tracehop_telemetry::messaging::connect(url, "stack", credentials).await?;
+    let jetstream = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Listing the streams answers once the meta leader is elected (an error before).
+        let listed = futures::StreamExt::next(&mut jetstream.stream_names()).await;
+        match listed.transpose() {
+            Ok(_) => return Ok(()),
+            Err(error) if Instant::now() > deadline => {
+                anyhow::bail!("JetStream did not become ready at {url}: {error}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
     }
 }
 

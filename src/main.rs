@@ -61,6 +61,10 @@ enum Command {
         /// beyond the first listen on free ports, listed by `stack status`).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
         replicas: u16,
+        /// Start a private NATS cluster of this many nodes (on free ports; the stream replicated on up to
+        /// 5 of them) instead of using or starting one server.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=5))]
+        nats_cluster: Option<u16>,
     },
     /// Every process of a running `stack up`: state, health, pid, restarts, uptime.
     Status {
@@ -258,9 +262,14 @@ async fn main() -> anyhow::Result<()> {
             otlp_http_port,
             ui_port,
             replicas,
+            nats_cluster,
         } => {
             let ports = Ports::from_env(otlp_grpc_port, otlp_http_port, ui_port)?;
-            up(no_demo, state_dir, ports, usize::from(replicas)).await
+            let scale = Scale {
+                replicas: usize::from(replicas),
+                nats_cluster: nats_cluster.map(usize::from),
+            };
+            up(no_demo, state_dir, ports, scale).await
         }
         Command::Status { state_dir } => tracehop::supervise::print_status(&state_dir).await,
         Command::Trace { trace_id, jaeger } => {
@@ -562,12 +571,13 @@ async fn prepare(database_url: &str, state_dir: &std::path::Path) -> anyhow::Res
     Ok(())
 }
 
-async fn up(
-    no_demo: bool,
-    state_dir: PathBuf,
-    ports: Ports,
+/// How many of each: service replicas and NATS nodes.
+struct Scale {
     replicas: usize,
-) -> anyhow::Result<()> {
+    nats_cluster: Option<usize>,
+}
+
+async fn up(no_demo: bool, state_dir: PathBuf, ports: Ports, scale: Scale) -> anyhow::Result<()> {
     // Listening from the first moment: a Ctrl-C or SIGTERM during any phase stops what was started so far.
     let interrupt = Interrupt::install()?;
     std::fs::create_dir_all(state_dir.join("logs"))?;
@@ -616,7 +626,17 @@ async fn up(
 
     let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.to_owned());
     let (nats_host, nats_port) = infra::host_port(&nats_url, 4222);
-    let nats = if port_open(&nats_host, nats_port) {
+    let nats = if let Some(nodes) = scale.nats_cluster {
+        let mut ports = Vec::new();
+        for _ in 0..nodes {
+            ports.push(tracehop::process::free_port()?);
+        }
+        say(&format!(
+            "NATS: starting a cluster of {nodes} nats-server nodes on ports {ports:?}, stores in {}/nats-*",
+            state_dir.display()
+        ));
+        NatsChoice::Cluster { ports }
+    } else if port_open(&nats_host, nats_port) {
         say(&format!("NATS: using {nats_url}"));
         NatsChoice::Existing(nats_url)
     } else {
@@ -647,7 +667,7 @@ async fn up(
         otlp_protocol: std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
             .unwrap_or_else(|_| "grpc".to_owned()),
         extra_env: Vec::new(),
-        replicas,
+        replicas: scale.replicas,
     });
     let mut stack = interrupt
         .run("starting the stack", started)

@@ -111,6 +111,9 @@ pub enum NatsChoice {
     Existing(String),
     /// Start `nats-server -js` on this port, store under the state folder.
     Private { port: u16 },
+    /// Start a cluster of `nats-server -js` nodes on these client ports (routes on free ports), the
+    /// stream replicated on every node (`NATS_STREAM_REPLICAS`), services given every seed.
+    Cluster { ports: Vec<u16> },
 }
 
 /// Where spans go.
@@ -164,6 +167,8 @@ pub struct Stack {
     // Field order is drop order: services first, then NATS, then the collector.
     services: Vec<ChildProcess>,
     pub nats: Option<PrivateNats>,
+    /// The other nodes of a private cluster ([`NatsChoice::Cluster`]), in node order after `nats`.
+    pub nats_peers: Vec<PrivateNats>,
     pub collector: Option<Collector>,
 }
 
@@ -211,8 +216,43 @@ impl Stack {
         };
 
         let secrets = options.state_dir.join("secrets");
+        let mut nats_peers = Vec::new();
         let (nats, nats_url, nats_users) = match &options.nats {
             NatsChoice::Existing(url) => (None, url.clone(), None),
+            NatsChoice::Cluster { ports } => {
+                let users = NatsUsers::ensure(&secrets)?;
+                let mut route_ports = Vec::new();
+                for _ in ports {
+                    route_ports.push(crate::process::free_port()?);
+                }
+                let mut nodes = Vec::new();
+                for node in 0..ports.len() {
+                    nodes.push(
+                        PrivateNats::start_cluster_node(
+                            node,
+                            ports,
+                            &route_ports,
+                            &options.state_dir.join(format!("nats-{}", node + 1)),
+                            &options
+                                .state_dir
+                                .join(format!("logs/nats-server-{}.log", node + 1)),
+                            &users,
+                            tracehop_contracts::events::ORDERS_STREAM,
+                        )
+                        .await?,
+                    );
+                }
+                let url = nodes
+                    .iter()
+                    .map(|node| node.url.clone())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let operator = users.credentials("operator");
+                infra::wait_for_jetstream(&url, operator.as_ref()).await?;
+                let first = (!nodes.is_empty()).then(|| nodes.remove(0));
+                nats_peers = nodes;
+                (first, url, Some(users))
+            }
             NatsChoice::Private { port } => {
                 let users = NatsUsers::ensure(&secrets)?;
                 let nats = PrivateNats::start_with_users(
@@ -253,6 +293,7 @@ impl Stack {
             nats_users,
             services: Vec::new(),
             nats,
+            nats_peers,
             collector,
         };
         for instance in stack.instances() {
@@ -326,6 +367,13 @@ impl Stack {
                 },
             ),
             ("NATS_URL".into(), self.nats_url.clone()),
+            (
+                "NATS_STREAM_REPLICAS".into(),
+                match &self.options.nats {
+                    NatsChoice::Cluster { ports } => ports.len().min(5).to_string(),
+                    _ => "1".into(),
+                },
+            ),
             ("GATEWAY_PORT".into(), ports.gateway.to_string()),
             ("USERS_PORT".into(), ports.users.to_string()),
             ("BILLING_PORT".into(), ports.billing.to_string()),
@@ -405,6 +453,14 @@ impl Stack {
             .find(|process| process.name == name)
     }
 
+    /// Every node of a private NATS (one, or a cluster's), in node order.
+    pub fn nats_nodes(&mut self) -> Vec<&mut PrivateNats> {
+        self.nats
+            .iter_mut()
+            .chain(self.nats_peers.iter_mut())
+            .collect()
+    }
+
     /// The operator's NATS credentials (`None` against an existing server).
     pub fn nats_operator(&self) -> Option<NatsCredentials> {
         self.nats_users
@@ -434,6 +490,10 @@ impl Stack {
         while let Some(mut process) = self.services.pop() {
             process.stop(Duration::from_secs(15));
         }
+        for peer in &mut self.nats_peers {
+            peer.stop();
+        }
+        self.nats_peers.clear();
         if let Some(nats) = &mut self.nats {
             nats.stop();
         }

@@ -19,53 +19,6 @@ use tracehop::client::ApiClient;
 const BURST: usize = 200;
 const CONCURRENCY: usize = 8;
 
-/// A private PostgreSQL a test can stop and start again (on the same port and data), removed at the end.
-struct StoppablePostgres {
-    dir: std::path::PathBuf,
-    port: u16,
-    url: String,
-    server: Option<tracehop::infra::PrivatePostgres>,
-}
-
-impl StoppablePostgres {
-    fn start() -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let dir = std::env::temp_dir().join(format!("tracehop-pg-{}", &id[..8]));
-        let port = tracehop::process::free_port().unwrap();
-        let mut postgres = Self {
-            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-            dir,
-            port,
-            server: None,
-        };
-        postgres.start_again();
-        postgres
-    }
-
-    fn start_again(&mut self) {
-        self.server = Some(
-            tracehop::infra::PrivatePostgres::start(
-                &self.dir.join("data"),
-                self.port,
-                &self.dir.join("logs/postgres.log"),
-            )
-            .expect("private PostgreSQL"),
-        );
-    }
-
-    /// `pg_ctl stop -m fast`.
-    fn stop(&mut self) {
-        self.server = None;
-    }
-}
-
-impl Drop for StoppablePostgres {
-    fn drop(&mut self) {
-        self.server = None;
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Runs `count` checkouts, `CONCURRENCY` at a time; returns (status, order id) per checkout.
 async fn burst(customer: &ApiClient, count: usize) -> Vec<(u16, Option<String>)> {
     burst_counting(customer, count, Arc::default()).await
@@ -538,7 +491,7 @@ async fn with_the_trace_collector_down_checkouts_succeed_and_lost_spans_are_coun
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_answers_503_and_leaves_no_charge_without_a_record() {
     // A private PostgreSQL this test can stop and start.
-    let mut postgres = StoppablePostgres::start();
+    let mut postgres = common::StoppablePostgres::start();
     let server = postgres.url.clone();
     let test = TestStack::boot_on(
         &[
@@ -625,7 +578,7 @@ async fn a_database_outage_answers_503_and_leaves_no_charge_without_a_record() {
 async fn a_database_outage_over_smtp_delivers_each_email_exactly_once() {
     let (smtp_port, inbox) = common::smtp::smtp_server().await;
     let smtp_url = format!("smtp://127.0.0.1:{smtp_port}");
-    let mut postgres = StoppablePostgres::start();
+    let mut postgres = common::StoppablePostgres::start();
     let server = postgres.url.clone();
     let test = TestStack::boot_on(
         &[

@@ -27,6 +27,7 @@ async fn boot(extra_env: &[(&str, &str)]) -> TestStack {
         TraceBackend::Embedded,
         common::database_server_url(),
         2,
+        1,
     )
     .await
 }

@@ -56,16 +56,26 @@ impl TestStack {
         trace_backend: TraceBackend,
         database_server: String,
     ) -> TestStack {
-        Self::boot_replicated(extra_env, otlp_protocol, trace_backend, database_server, 1).await
+        Self::boot_replicated(
+            extra_env,
+            otlp_protocol,
+            trace_backend,
+            database_server,
+            1,
+            1,
+        )
+        .await
     }
 
-    /// Boots with `replicas` processes of each of users, billing and notifications.
+    /// Boots with `replicas` processes of each of users, billing and notifications, and a NATS cluster of
+    /// `nats_nodes` (1: one server).
     pub async fn boot_replicated(
         extra_env: &[(&str, &str)],
         otlp_protocol: &str,
         trace_backend: TraceBackend,
         database_server: String,
         replicas: usize,
+        nats_nodes: usize,
     ) -> TestStack {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let database_name = format!("tracehop_test_{}", &id[..12]);
@@ -91,8 +101,16 @@ impl TestStack {
         let options = StackOptions {
             state_dir: state_dir.clone(),
             ports: Ports::free().expect("free ports"),
-            nats: NatsChoice::Private {
-                port: free_port().expect("free port"),
+            nats: if nats_nodes > 1 {
+                NatsChoice::Cluster {
+                    ports: (0..nats_nodes)
+                        .map(|_| free_port().expect("free port"))
+                        .collect(),
+                }
+            } else {
+                NatsChoice::Private {
+                    port: free_port().expect("free port"),
+                }
             },
             database_server_url: database_server.clone(),
             database_name: database_name.clone(),
@@ -229,4 +247,51 @@ pub fn one<'a>(trace: &'a TraceView, name: &str) -> &'a tracehop::trace_view::Sp
             .collect::<Vec<_>>()
     );
     found[0]
+}
+
+/// A private PostgreSQL a test can stop and start again (on the same port and data), removed at the end.
+pub struct StoppablePostgres {
+    dir: std::path::PathBuf,
+    port: u16,
+    pub url: String,
+    server: Option<tracehop::infra::PrivatePostgres>,
+}
+
+impl StoppablePostgres {
+    pub fn start() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let dir = std::env::temp_dir().join(format!("tracehop-pg-{}", &id[..8]));
+        let port = tracehop::process::free_port().unwrap();
+        let mut postgres = Self {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            port,
+            server: None,
+        };
+        postgres.start_again();
+        postgres
+    }
+
+    pub fn start_again(&mut self) {
+        self.server = Some(
+            tracehop::infra::PrivatePostgres::start(
+                &self.dir.join("data"),
+                self.port,
+                &self.dir.join("logs/postgres.log"),
+            )
+            .expect("private PostgreSQL"),
+        );
+    }
+
+    /// `pg_ctl stop -m fast`.
+    pub fn stop(&mut self) {
+        self.server = None;
+    }
+}
+
+impl Drop for StoppablePostgres {
+    fn drop(&mut self) {
+        self.server = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

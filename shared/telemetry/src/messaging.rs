@@ -26,7 +26,8 @@ use crate::propagation::{
 };
 use crate::setup::int_attribute;
 
-/// Where NATS is, which stream to use and its limits: `NATS_URL` (default `nats://127.0.0.1:4222`),
+/// Where NATS is, which stream to use and its limits: `NATS_URL` (default `nats://127.0.0.1:4222`; a
+/// comma-separated list of a cluster's seeds),
 /// `NATS_STREAM`, `NATS_STREAM_MAX_AGE_HOURS` (default 168) and `NATS_STREAM_MAX_BYTES` (default 1 GiB).
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
@@ -38,6 +39,8 @@ pub struct NatsSettings {
     pub credentials: Option<NatsCredentials>,
     /// `NATS_CONSUMER_TRACE` (`parent`, the default, or `link`): where a consumer's spans go.
     pub consumer_trace: ConsumerTrace,
+    /// `NATS_STREAM_REPLICAS` (default 1): copies of the stream in a NATS cluster (3 rides one node's loss).
+    pub stream_replicas: usize,
 }
 
 /// Where a CONSUMER span goes: under the producer span, or first in a trace of its own that links to it.
@@ -102,6 +105,7 @@ impl NatsSettings {
             max_bytes: crate::config::env_parse("NATS_STREAM_MAX_BYTES", 1 << 30)?,
             credentials: NatsCredentials::from_env(),
             consumer_trace: crate::config::env_parse("NATS_CONSUMER_TRACE", ConsumerTrace::Parent)?,
+            stream_replicas: crate::config::env_parse("NATS_STREAM_REPLICAS", 1)?,
         })
     }
 
@@ -120,6 +124,7 @@ impl NatsSettings {
         let settings = StreamSettings {
             max_age: self.max_age,
             max_bytes: self.max_bytes,
+            replicas: self.stream_replicas,
             ..StreamSettings::new(&self.stream, subjects)
         };
         let stream = ensure_stream(&jetstream, &settings)
@@ -144,6 +149,8 @@ pub struct StreamSettings {
     /// dropping old ones: a refused publish stays in its publisher's outbox and is retried, while an old
     /// message dropped might not have been delivered yet.
     pub max_bytes: i64,
+    /// Copies kept by a NATS cluster (1 on a single server).
+    pub replicas: usize,
 }
 
 impl StreamSettings {
@@ -156,6 +163,7 @@ impl StreamSettings {
             duplicate_window: Duration::from_secs(30 * 60),
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_bytes: 1 << 30,
+            replicas: 1,
         }
     }
 }
@@ -189,7 +197,14 @@ pub async fn connect(
             .user_and_password(credentials.user.clone(), credentials.password.clone())
             .custom_inbox_prefix(format!("_INBOX_{}", credentials.user));
     }
-    options.connect(url).await
+    // `nats://a:4222,nats://b:4222`: every seed of a cluster, so the client reconnects to another node
+    // when one is lost.
+    let seeds: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|seed| !seed.is_empty())
+        .collect();
+    options.connect(seeds.as_slice()).await
 }
 
 /// Creates the stream, or updates an existing one to these settings (file storage).
@@ -205,6 +220,7 @@ pub async fn ensure_stream(
         max_age: settings.max_age,
         max_bytes: settings.max_bytes,
         discard: stream::DiscardPolicy::New,
+        num_replicas: settings.replicas.max(1),
         ..Default::default()
     };
     // Create, or bring an existing stream to these settings (a reused store gets today's configuration).
