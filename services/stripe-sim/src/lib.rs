@@ -525,6 +525,56 @@ mod tests {
 
     use super::*;
 
+    /// As real Stripe: a declined charge is kept with status `failed`, found by the reconciler's search, and
+    /// a retry with the same idempotency key gets the same decline.
+    #[actix_rt::test]
+    async fn a_declined_charge_is_kept_found_and_replayed() {
+        let state = web::Data::new(State {
+            faults: Mutex::new(Faults {
+                decline_next: 1,
+                ..Faults::default()
+            }),
+            ledger: Mutex::new(Ledger::default()),
+            trace_headers: Mutex::default(),
+        });
+        let app = test::init_service(
+            App::new()
+                .app_data(state)
+                .route("/v1/charges", web::post().to(create_charge))
+                .route("/v1/charges/search", web::get().to(search_charges)),
+        )
+        .await;
+        let charge = || {
+            test::TestRequest::post()
+                .uri("/v1/charges")
+                .insert_header(("authorization", "Bearer sk_test_x"))
+                .insert_header(("idempotency-key", "key-1"))
+                .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                .set_payload("amount=1234&currency=eur&metadata[order_id]=order-7")
+                .to_request()
+        };
+        let first = test::call_service(&app, charge()).await;
+        assert_eq!(first.status().as_u16(), 402);
+        let first: serde_json::Value = test::read_body_json(first).await;
+        let charge_id = first["error"]["charge"].as_str().unwrap().to_owned();
+        let again: serde_json::Value =
+            test::read_body_json(test::call_service(&app, charge()).await).await;
+        assert_eq!(
+            again["error"]["charge"],
+            charge_id.as_str(),
+            "the same decline"
+        );
+        let search = test::TestRequest::get()
+            .uri("/v1/charges/search?query=metadata%5B%27order_id%27%5D%3A%27order-7%27")
+            .insert_header(("authorization", "Bearer sk_test_x"))
+            .to_request();
+        let found: serde_json::Value =
+            test::read_body_json(test::call_service(&app, search).await).await;
+        assert_eq!(found["data"][0]["id"], charge_id.as_str());
+        assert_eq!(found["data"][0]["status"], "failed");
+        assert_eq!(found["data"][0]["paid"], false);
+    }
+
     /// The `/_admin` test hooks exist only with the `fault-injection` feature: a production build answers
     /// 404 on every one of them (`./dev test` runs this without default features too).
     #[actix_rt::test]
