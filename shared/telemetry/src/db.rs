@@ -51,8 +51,12 @@ impl AdvisoryLock {
 impl Drop for AdvisoryLock {
     fn drop(&mut self) {
         if let Some(connection) = self.connection.take() {
-            // Not released explicitly (a panic, a cancelled future): close it off the async worker.
-            tokio::task::spawn_blocking(move || drop(connection));
+            // Not released explicitly (a panic, a cancelled future): close it off the async worker when
+            // there is a runtime to do it on (at shutdown there may be none; closing inline is then fine).
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(connection))),
+                Err(_) => drop(connection),
+            }
         }
     }
 }
