@@ -7,9 +7,12 @@
 // Test code, helpers included: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use common::deployment::{LIBRARY_VARIABLES, reads_variable, source_text};
 use serde_yaml::Value;
 use tracehop::collector::metrics::BUCKETS_MS;
 use tracehop::collector::sampling::TailPolicy;
@@ -31,66 +34,6 @@ fn compose() -> Value {
     }
     value
 }
-
-/// The Rust source a compose service runs (its own crate, and the telemetry crate every service uses), to
-/// check that a variable the compose file sets is read by that code.
-fn source_text(service: &str) -> String {
-    fn walk(dir: &Path, out: &mut String) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
-            }
-        }
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut text = String::new();
-    match service {
-        // The one-shot migration step runs the `stack` binary.
-        "migrate" => walk(&root.join("src"), &mut text),
-        service => walk(&root.join("services").join(service).join("src"), &mut text),
-    }
-    walk(&root.join("shared/telemetry/src"), &mut text);
-    text
-}
-
-/// Whether `code` reads the environment variable `key`: through the configuration helpers, `std::env::var`
-/// or clap's `env = ...`. Documentation that merely names it does not count.
-fn reads_variable(code: &str, key: &str) -> bool {
-    // rustfmt may break a call after its opening parenthesis.
-    let code = code
-        .split('(')
-        .map(str::trim_start)
-        .collect::<Vec<_>>()
-        .join("(");
-    [
-        format!("env_or(\"{key}\""),
-        format!("env_parse(\"{key}\""),
-        format!("var(\"{key}\")"),
-        format!("env = \"{key}\""),
-        format!("required(\"{key}\""),
-    ]
-    .iter()
-    .any(|call| code.contains(call.as_str()))
-}
-
-/// Variables the libraries read themselves: the OpenTelemetry SDK (the standard environment) and
-/// tracing-subscriber (`RUST_LOG`, through `EnvFilter::try_from_default_env`).
-const LIBRARY_VARIABLES: &[&str] = &[
-    "RUST_LOG",
-    "OTEL_SERVICE_NAME",
-    "OTEL_RESOURCE_ATTRIBUTES",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_TRACES_SAMPLER",
-    "OTEL_TRACES_SAMPLER_ARG",
-    "OTEL_BSP_MAX_QUEUE_SIZE",
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-    "OTEL_BSP_SCHEDULE_DELAY",
-    "OTEL_BSP_EXPORT_TIMEOUT",
-];
 
 fn env_of(service: &Value) -> Vec<(String, String)> {
     service
@@ -392,7 +335,12 @@ fn compose_gives_each_service_the_variables_the_code_reads() {
         ("migrate", &["DATABASE_URL"]),
     ];
     for (service, variables) in required {
-        let code = source_text(service);
+        // The one-shot migration step runs the `stack` binary.
+        let code = source_text(if *service == "migrate" {
+            "stack"
+        } else {
+            service
+        });
         let definition = &compose["services"][*service];
         for variable in *variables {
             assert!(

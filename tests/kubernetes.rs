@@ -10,10 +10,13 @@
 // Test code, helpers included: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::deployment::{LIBRARY_VARIABLES, reads_variable, source_text};
 use serde::Deserialize;
 use serde_yaml::Value;
 use tracehop::secrets::ServiceKeys;
@@ -319,68 +322,6 @@ fn documented(names: &BTreeSet<String>, variable: &str) -> bool {
         None => name == variable,
     })
 }
-
-/// The Rust source a binary is built from (its own crate, and the telemetry crate every service uses), to
-/// check that a variable a manifest sets is read by that code. As in tests/compose.rs.
-fn source_text(binary: &str) -> String {
-    fn walk(dir: &Path, out: &mut String) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
-            }
-        }
-    }
-    let mut text = String::new();
-    match binary {
-        // The migration Job runs the `stack` binary.
-        "stack" => walk(&root().join("src"), &mut text),
-        service => walk(
-            &root().join("services").join(service).join("src"),
-            &mut text,
-        ),
-    }
-    walk(&root().join("shared/telemetry/src"), &mut text);
-    text
-}
-
-/// Whether `code` reads the environment variable `key`: through the configuration helpers, `std::env::var`
-/// or clap's `env = ...`. As in tests/compose.rs.
-fn reads_variable(code: &str, key: &str) -> bool {
-    // rustfmt may break a call after its opening parenthesis.
-    let code = code
-        .split('(')
-        .map(str::trim_start)
-        .collect::<Vec<_>>()
-        .join("(");
-    [
-        format!("env_or(\"{key}\""),
-        format!("env_parse(\"{key}\""),
-        format!("var(\"{key}\")"),
-        format!("env = \"{key}\""),
-        format!("required(\"{key}\""),
-    ]
-    .iter()
-    .any(|call| code.contains(call.as_str()))
-}
-
-/// Variables the libraries read themselves: the OpenTelemetry SDK (the standard environment) and
-/// tracing-subscriber (`RUST_LOG`). As in tests/compose.rs.
-const LIBRARY_VARIABLES: &[&str] = &[
-    "RUST_LOG",
-    "OTEL_SERVICE_NAME",
-    "OTEL_RESOURCE_ATTRIBUTES",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_TRACES_SAMPLER",
-    "OTEL_TRACES_SAMPLER_ARG",
-    "OTEL_BSP_MAX_QUEUE_SIZE",
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-    "OTEL_BSP_SCHEDULE_DELAY",
-    "OTEL_BSP_EXPORT_TIMEOUT",
-];
 
 /// A variable whose value is a credential, or carries one (a URL with a password).
 fn is_secret_variable(name: &str) -> bool {

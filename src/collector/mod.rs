@@ -81,6 +81,23 @@ impl Shared {
     }
 }
 
+/// The `service.name` of the resource that sent `part` (`unknown_service`, the SDKs' default, without one).
+pub(crate) fn service_name(part: &ResourceSpans) -> String {
+    part.resource
+        .as_ref()
+        .and_then(|resource| {
+            resource
+                .attributes
+                .iter()
+                .find(|kv| kv.key == "service.name")
+        })
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(name) => Some(name.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "unknown_service".to_owned())
+}
+
 /// The OTLP span kind as Jaeger's `span.kind` tag names it.
 pub(crate) fn span_kind_name(kind: i32) -> &'static str {
     match kind {
@@ -332,20 +349,7 @@ impl TraceService for Enriching {
             }));
         }
         for resource_spans in &mut request.get_mut().resource_spans {
-            let service = resource_spans
-                .resource
-                .as_ref()
-                .and_then(|resource| {
-                    resource
-                        .attributes
-                        .iter()
-                        .find(|kv| kv.key == "service.name")
-                })
-                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                    any_value::Value::StringValue(name) => Some(name.clone()),
-                    _ => None,
-                })
-                .unwrap_or_else(|| "unknown_service".to_owned());
+            let service = service_name(resource_spans);
             for scope_spans in &mut resource_spans.scope_spans {
                 for span in &mut scope_spans.spans {
                     self.shared.metrics.record(

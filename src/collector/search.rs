@@ -145,17 +145,7 @@ impl SearchIndex {
     /// Indexes the spans about to be stored.
     pub fn add(&mut self, parts: &[ResourceSpans]) {
         for part in parts {
-            let service = part
-                .resource
-                .as_ref()
-                .and_then(|resource| {
-                    resource
-                        .attributes
-                        .iter()
-                        .find(|kv| kv.key == "service.name")
-                })
-                .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
-                .unwrap_or_else(|| "unknown".to_owned());
+            let service = super::service_name(part);
             if !self.services.contains(&service) {
                 self.services.insert(service.clone());
             }

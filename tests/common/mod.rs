@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
+pub mod deployment;
 pub mod smtp;
 
 use std::path::PathBuf;

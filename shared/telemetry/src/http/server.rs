@@ -247,7 +247,10 @@ pub async fn not_found() -> ApiError {
 }
 
 /// The client's address as this service's [`RequestTrust`] allows it to be known: the connection's peer,
-/// or with `forwarded_headers` the first `Forwarded` / `X-Forwarded-For` address (bounded). It is what the
+/// or with `forwarded_headers` the **last** `Forwarded` (`for=`) or `X-Forwarded-For` address (bounded): the
+/// one the trusted proxy in front of us appended. Earlier entries are whatever the caller sent, so trusting
+/// the first would let any client choose its address (and dodge the per-address login limit). One trusted
+/// hop is assumed; behind a chain of proxies, have the outermost one overwrite the header. It is what the
 /// root span records as `client.address`, and what the login throttle counts by.
 pub fn client_address(request: &actix_web::HttpRequest) -> Option<String> {
     let trust = request
@@ -258,14 +261,43 @@ pub fn client_address(request: &actix_web::HttpRequest) -> Option<String> {
 }
 
 fn client_address_with(request: &actix_web::HttpRequest, trust: RequestTrust) -> Option<String> {
-    if trust.forwarded_headers {
-        request
-            .connection_info()
-            .realip_remote_addr()
-            .map(|address| bounded(address, MAX_CALLER_TEXT))
-    } else {
-        request.peer_addr().map(|address| address.ip().to_string())
+    let peer = || request.peer_addr().map(|address| address.ip().to_string());
+    if !trust.forwarded_headers {
+        return peer();
     }
+    let header = |name: &str| {
+        request
+            .headers()
+            .get_all(name)
+            .filter_map(|value| value.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    last_forwarded(&header("forwarded"), &header("x-forwarded-for"))
+        .map(|address| bounded(&address, MAX_CALLER_TEXT))
+        .or_else(peer)
+}
+
+/// The last address of `Forwarded` (its last element's `for=`), else of `X-Forwarded-For`; without quotes,
+/// brackets or port.
+fn last_forwarded(forwarded: &str, x_forwarded_for: &str) -> Option<String> {
+    let from_forwarded = forwarded.rsplit(',').next().and_then(|element| {
+        element.split(';').find_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            key.trim().eq_ignore_ascii_case("for").then(|| value.trim())
+        })
+    });
+    let raw = from_forwarded.or_else(|| x_forwarded_for.rsplit(',').next())?;
+    let raw = raw.trim().trim_matches('"');
+    // `[2001:db8::1]:443`, `203.0.113.9:443`, `2001:db8::1`, `203.0.113.9`
+    let address = if let Some(rest) = raw.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else if raw.matches(':').count() == 1 {
+        raw.split(':').next().unwrap_or(raw)
+    } else {
+        raw
+    };
+    (!address.is_empty()).then(|| address.to_owned())
 }
 
 /// `GET /healthz`: the process is up and serving.
@@ -307,6 +339,38 @@ pub fn bind(host: &str, port: u16) -> std::io::Result<(std::net::TcpListener, u1
     let listener = std::net::TcpListener::bind((host, port))?;
     let port = listener.local_addr()?.port();
     Ok((listener, port))
+}
+
+#[cfg(test)]
+mod forwarded_tests {
+    use super::last_forwarded;
+
+    #[test]
+    fn the_last_hop_is_believed_not_what_the_caller_sent() {
+        // The caller sent 1.2.3.4; the trusted proxy appended the address it saw.
+        assert_eq!(
+            last_forwarded("", "1.2.3.4, 203.0.113.9").as_deref(),
+            Some("203.0.113.9")
+        );
+        assert_eq!(
+            last_forwarded(
+                "for=1.2.3.4, for=\"[2001:db8::1]:443\";proto=https",
+                "9.9.9.9"
+            )
+            .as_deref(),
+            Some("2001:db8::1")
+        );
+        assert_eq!(
+            last_forwarded("", "203.0.113.9:5555").as_deref(),
+            Some("203.0.113.9")
+        );
+        assert_eq!(
+            last_forwarded("", "2001:db8::2").as_deref(),
+            Some("2001:db8::2")
+        );
+        assert_eq!(last_forwarded("", "").as_deref(), None);
+        assert_eq!(last_forwarded("proto=https", "").as_deref(), None);
+    }
 }
 
 #[cfg(test)]
