@@ -198,7 +198,10 @@ impl Upstreams {
         let mut tried = Vec::new();
         let mut request = request;
         loop {
-            let spare = request.try_clone();
+            // A copy to resend only when there is another replica to resend it to (the body is copied).
+            let spare = (replicas.bases.len() > 1)
+                .then(|| request.try_clone())
+                .flatten();
             let outcome = self.client.send(url_template, request).await;
             let Err(error) = &outcome else {
                 return outcome;
