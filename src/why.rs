@@ -7,7 +7,8 @@
 //! (a `process order.completed` that ends after the checkout answered is still what the trace waited on).
 //!
 //! The blame line names the span with the most self time on the path, the chain above it, and what its
-//! attributes say about it (an HTTP attempt that timed out and was retried, an error).
+//! attributes say about it (an HTTP attempt that timed out and was retried, an error, or, for a PRODUCER
+//! span, that its time is the message waiting in JetStream for its deliveries).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

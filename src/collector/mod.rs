@@ -253,10 +253,6 @@ impl Collector {
         self.shared.state.read().await.len()
     }
 
-    /// What `GET /metrics` serves.
-    pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render(self.shared.pending())
-    }
 }
 
 /// `GET /metrics`: Prometheus text.
