@@ -252,7 +252,6 @@ impl Collector {
     pub async fn trace_count(&self) -> usize {
         self.shared.state.read().await.len()
     }
-
 }
 
 /// `GET /metrics`: Prometheus text.
