@@ -4,7 +4,8 @@
 //! - two billing replicas sweeping the same backlog of outbox events publish each event once
 //!   (`FOR UPDATE SKIP LOCKED` and a lease), not once per replica;
 //! - reconciler rounds slowed to overlap the next, on two replicas, settle a charge once (advisory lock);
-//! - the advisory lock itself: one holder, released when its holder's session ends.
+//! - the advisory lock itself: one holder, released when its holder's session ends;
+//! - a session remembered by both users replicas ends at once on both when it is logged out through one.
 
 // Test code, helpers included: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -131,6 +132,49 @@ async fn replicas_share_the_work_and_a_killed_one_costs_no_checkout_and_no_secon
         );
     }
     assert_eq!(by_id.len(), orders.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_through_one_users_replica_ends_the_session_the_other_remembers_at_once() {
+    let test = boot(&[]).await;
+    assert!(test.stack.instances().contains(&"users-2".to_owned()));
+    let customer = test.customer().await;
+    // The gateway alternates between the two users replicas: the first two validations ask PostgreSQL, one
+    // on each, and the next two are answered from each replica's memory.
+    let mut trace_ids = Vec::new();
+    for _ in 0..4 {
+        let checkout = customer.checkout("3.00", "eur", None).await.unwrap();
+        assert_eq!(checkout.status, 200, "{}", checkout.body);
+        trace_ids.push(checkout.trace_id.clone().unwrap());
+    }
+    let mut remembered_by = std::collections::BTreeSet::new();
+    for trace_id in &trace_ids[2..] {
+        let validated = |t: &TraceView| t.spans.iter().any(|s| s.name == "session.validate");
+        let trace = test.trace(trace_id, validated).await;
+        let validate = trace
+            .spans
+            .iter()
+            .find(|s| s.name == "session.validate")
+            .unwrap();
+        assert_eq!(validate.tag("session.cached").as_deref(), Some("true"));
+        assert!(
+            trace.children(validate).is_empty(),
+            "a remembered session costs no statement"
+        );
+        remembered_by.insert(validate.service_instance.clone().unwrap_or_default());
+    }
+    assert_eq!(remembered_by.len(), 2, "{remembered_by:?}");
+
+    let logout = customer
+        .call(reqwest::Method::POST, "/logout", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(logout.status, 204, "{}", logout.body);
+    // Right away, through either replica: refused.
+    for _ in 0..4 {
+        let after = customer.checkout("3.00", "eur", None).await.unwrap();
+        assert_eq!(after.status, 401, "{}", after.body);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,9 +135,10 @@ pub struct OutboxEvent {
     pub trace_context: String,
 }
 
-/// Records a successful charge: the transaction goes from `pending` to `charged` and the `order.completed`
-/// event goes into the outbox, in one database transaction. (The notification is notifications' own row,
-/// made from the event.)
+/// Records a successful charge in one statement (so one round trip and one commit): the transaction goes
+/// from `pending` to `charged` and the `order.completed` event goes into the outbox, already claimed by this
+/// replica's relay (`claim`), which publishes it from memory right away without reading it back. (The
+/// notification is notifications' own row, made from the event.)
 ///
 /// Recording is idempotent, whoever records (the checkout, a retry after a database blip, the reconciler):
 /// only a `pending` transaction changes, and the event's id is derived from the order, so a second record
@@ -148,28 +149,30 @@ pub fn save_charged(
     statements: &Statements,
     order_id: uuid::Uuid,
     charge_id: &str,
-    event: OutboxEvent,
+    event: &OutboxEvent,
+    claim: &RelayClaim,
 ) -> Result<bool, DbError> {
-    connection.transaction::<_, DbError, _>(|connection| {
-        let query = diesel::update(
-            transactions::table
-                .find(order_id)
-                .filter(transactions::status.eq("pending")),
-        )
-        .set((
-            transactions::status.eq("charged"),
-            transactions::charge_id.eq(charge_id),
-            transactions::updated_at.eq(diesel::dsl::now),
-        ));
-        if traced(statements, query, |query| query.execute(connection))? == 0 {
-            return Ok(false);
-        }
-        let query = diesel::insert_into(outbox::table)
-            .values(event)
-            .on_conflict_do_nothing();
-        traced(statements, query, |query| query.execute(connection))?;
-        Ok(true)
-    })
+    use diesel::sql_types::{Text, Timestamptz, Uuid};
+    // The event row is inserted only if the update changed a row: a data-modifying CTE, because diesel's
+    // query builder has no `WITH`. Its text is constant, so diesel prepares it once per connection.
+    let query = diesel::sql_query(
+        "WITH charged AS (\
+           UPDATE transactions SET status = 'charged', charge_id = $2, updated_at = now() \
+           WHERE id = $1 AND status = 'pending' RETURNING id) \
+         INSERT INTO outbox (id, subject, payload, trace_context, claimed_by, claimed_until) \
+         SELECT $3, $4, $5, $6, $7, $8 FROM charged \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind::<Uuid, _>(order_id)
+    .bind::<Text, _>(charge_id)
+    .bind::<Uuid, _>(event.id)
+    .bind::<Text, _>(&event.subject)
+    .bind::<Text, _>(&event.payload)
+    .bind::<Text, _>(&event.trace_context)
+    .bind::<Text, _>(&claim.owner)
+    .bind::<Timestamptz, _>(claim.until());
+    let inserted = traced(statements, query, |query| query.execute(connection))?;
+    Ok(inserted == 1)
 }
 
 /// Who claims outbox events, and for how long.
@@ -187,48 +190,21 @@ impl RelayClaim {
     }
 }
 
-/// Claims one unpublished event by id, unless another relay holds a live claim on it (`None` then, or once
-/// published): one statement.
-pub fn claim_event(
-    connection: &mut DbConnection,
-    statements: &Statements,
-    event_id: uuid::Uuid,
-    claim: &RelayClaim,
-) -> Result<Option<OutboxEvent>, DbError> {
-    let query = diesel::update(
-        outbox::table
-            .filter(outbox::id.eq(event_id))
-            .filter(outbox::published_at.is_null())
-            .filter(
-                outbox::claimed_until
-                    .is_null()
-                    .or(outbox::claimed_until.lt(diesel::dsl::now)),
-            ),
-    )
-    .set((
-        outbox::claimed_by.eq(&claim.owner),
-        outbox::claimed_until.eq(claim.until()),
-    ))
-    .returning(OutboxEvent::as_returning());
-    Ok(traced(statements, query, |query| {
-        query.get_result(connection).optional()
-    })?)
-}
-
-/// Marks an event as acknowledged by JetStream.
+/// Marks events as acknowledged by JetStream and releases their claims: one statement for a batch (see
+/// [`tracehop_telemetry::db::GroupCommit`]), untraced because a batch belongs to many checkouts.
 pub fn mark_published(
     connection: &mut DbConnection,
-    statements: &Statements,
-    event_id: uuid::Uuid,
+    event_ids: &[uuid::Uuid],
 ) -> Result<(), DbError> {
-    let query = diesel::update(outbox::table.find(event_id)).set((
-        outbox::published_at.eq(diesel::dsl::now),
-        outbox::attempts.eq(outbox::attempts + 1),
-        outbox::last_error.eq(None::<String>),
-        outbox::claimed_by.eq(None::<String>),
-        outbox::claimed_until.eq(None::<DateTime<Utc>>),
-    ));
-    traced(statements, query, |query| query.execute(connection))?;
+    diesel::update(outbox::table.filter(outbox::id.eq_any(event_ids)))
+        .set((
+            outbox::published_at.eq(diesel::dsl::now),
+            outbox::attempts.eq(outbox::attempts + 1),
+            outbox::last_error.eq(None::<String>),
+            outbox::claimed_by.eq(None::<String>),
+            outbox::claimed_until.eq(None::<DateTime<Utc>>),
+        ))
+        .execute(connection)?;
     Ok(())
 }
 

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, watch};
@@ -17,13 +16,13 @@ use tracehop_telemetry::propagation::header_value;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::notifier::{self, Delivery, NotifierActor, SendConfirmation};
+use crate::notifier::{self, Delivery, Notifiers, SendConfirmation};
 
 /// Everything a delivery needs.
 #[derive(Clone)]
 pub struct ConsumerDeps {
     pub jetstream: jetstream::Context,
-    pub notifier: Addr<NotifierActor>,
+    pub notifiers: Notifiers,
     pub database: Database,
     /// Deliveries before dead-lettering.
     pub max_deliver: i64,
@@ -104,7 +103,8 @@ async fn handle(deps: &ConsumerDeps, message: jetstream::Message) {
         };
         let order_id = event.order_id;
         let outcome = deps
-            .notifier
+            .notifiers
+            .next()
             .send(Traced::new(SendConfirmation { event }))
             .await;
         let failure = match outcome {

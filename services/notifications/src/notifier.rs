@@ -1,15 +1,16 @@
 //! `NotifierActor`: sends one order confirmation and records it, at most once per order.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use actix::{Actor, Context, Handler, ResponseFuture, Supervised};
+use actix::{Actor, Addr, Arbiter, Context, Handler, ResponseFuture, Supervised, Supervisor};
 use chrono::Utc;
 use diesel::prelude::*;
 use tracehop_contracts::domain::{Amount, Currency};
 use tracehop_contracts::events::OrderCompleted;
 use tracehop_contracts::schema::notifications;
 use tracehop_telemetry::actor::{Traced, supervised_reply};
-use tracehop_telemetry::db::{Database, DbError, traced};
+use tracehop_telemetry::db::{Database, DbError, GroupCommit, traced};
 
 use crate::mailer::{Email, MailError, Mailer, Sent};
 
@@ -66,6 +67,50 @@ pub struct NotifierActor {
     database: Database,
     mailer: Arc<Mailer>,
     claims: Claims,
+    /// Records sent e-mails, in batches.
+    sent: GroupCommit<uuid::Uuid>,
+}
+
+/// The notifier actors: one per core, each on an arbiter (a thread) of its own, so that deliveries use
+/// every core; [`Notifiers::next`] spreads them round-robin.
+#[derive(Clone)]
+pub struct Notifiers {
+    actors: Arc<[Addr<NotifierActor>]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Notifiers {
+    /// Starts `count` supervised actors (at least one). Sent e-mails are recorded in batches by a writer on
+    /// the current runtime, shared by all of them.
+    pub fn start(count: usize, database: Database, mailer: Arc<Mailer>, claims: Claims) -> Self {
+        let sent = GroupCommit::start(database.clone(), 1000, mark_sent);
+        let actors = (0..count.max(1))
+            .map(|_| {
+                let (database, mailer, claims, sent) = (
+                    database.clone(),
+                    mailer.clone(),
+                    claims.clone(),
+                    sent.clone(),
+                );
+                Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| NotifierActor {
+                    database,
+                    mailer,
+                    claims,
+                    sent,
+                })
+            })
+            .collect();
+        Self {
+            actors,
+            next: Arc::default(),
+        }
+    }
+
+    /// The actor for the next delivery.
+    pub fn next(&self) -> &Addr<NotifierActor> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.actors.len();
+        &self.actors[index]
+    }
 }
 
 /// Who this process is when it claims a notification, and for how long a claim holds.
@@ -84,16 +129,6 @@ impl Claims {
         Self {
             owner: tracehop_telemetry::service::instance_id().to_owned(),
             lease,
-        }
-    }
-}
-
-impl NotifierActor {
-    pub fn new(database: Database, mailer: Arc<Mailer>, claims: Claims) -> Self {
-        Self {
-            database,
-            mailer,
-            claims,
         }
     }
 }
@@ -119,11 +154,12 @@ impl Handler<Traced<SendConfirmation>> for NotifierActor {
         let database = self.database.clone();
         let mailer = self.mailer.clone();
         let claims = self.claims.clone();
+        let sent = self.sent.clone();
         supervised_reply(
             message,
             context,
             |SendConfirmation { event }| async move {
-                send_confirmation(&database, &mailer, &claims, event).await
+                send_confirmation(&database, &mailer, &claims, &sent, event).await
             },
             |panic| Err(NotifyError::Panicked(panic)),
         )
@@ -147,6 +183,7 @@ async fn send_confirmation(
     database: &Database,
     mailer: &Mailer,
     claims: &Claims,
+    sent_records: &GroupCommit<uuid::Uuid>,
     event: OrderCompleted,
 ) -> Result<Delivery, NotifyError> {
     let span = tracing::Span::current();
@@ -187,9 +224,7 @@ async fn send_confirmation(
     if let Err(error) = sent {
         let code = error.code();
         let recorded = database
-            .run(move |connection, statements| {
-                record_attempt(connection, statements, &event, "pending", Some(code))
-            })
+            .run(move |connection, statements| record_attempt(connection, statements, &event, code))
             .await;
         if let Err(db_error) = recorded {
             crate::mailer::log_detail("could not record the failed attempt", &db_error.to_string());
@@ -200,18 +235,14 @@ async fn send_confirmation(
         }
         return Err(error.into());
     }
-    // Sent: now it must be recorded, or a later delivery would send again once the claim runs out. A
-    // database blip is waited out here, for as long as the claim holds (less a margin), rather than given
-    // up on.
+    // Sent: now it must be recorded, or a later delivery would send again once the claim runs out. Recorded
+    // with whatever other e-mails were sent meanwhile (one statement per batch); a database blip is waited
+    // out here, for as long as the claim holds (less a margin), rather than given up on. The delivery is
+    // acked only after this.
     let deadline = claimed_at + claims.lease.mul_f64(0.9);
     let mut pause = std::time::Duration::from_millis(100);
     loop {
-        let event = event.clone();
-        let recorded = database
-            .run(move |connection, statements| {
-                record_attempt(connection, statements, &event, "sent", None)
-            })
-            .await;
+        let recorded = sent_records.commit(event.order_id).await;
         match recorded {
             Ok(()) => break,
             Err(error) if std::time::Instant::now() + pause < deadline => {
@@ -315,48 +346,47 @@ fn claim(
     })
 }
 
-/// Records one more attempt and its outcome on the notification row and releases the claim, in one
-/// upsert (the row exists: the claim made it). A failed attempt never turns a `sent` notification back.
+/// Records a failed attempt on the notification row and releases the claim, in one update (the row exists:
+/// the claim made it). A failed attempt never turns a `sent` notification back.
 fn record_attempt(
     connection: &mut tracehop_telemetry::db::DbConnection,
     statements: &tracehop_telemetry::db::Statements,
     event: &OrderCompleted,
-    status: &str,
-    error: Option<&str>,
+    error: &str,
 ) -> Result<(), DbError> {
-    let sent_at = (status == "sent").then(Utc::now);
-    let insert = diesel::insert_into(notifications::table).values((
-        notifications::order_id.eq(event.order_id),
-        notifications::email.eq(&event.email),
-        notifications::status.eq(status),
-        notifications::attempts.eq(1),
-        notifications::last_error.eq(error),
-        notifications::sent_at.eq(sent_at),
-    ));
-    let changes = (
-        notifications::status.eq(status),
+    let query = diesel::update(
+        notifications::table
+            .filter(notifications::order_id.eq(event.order_id))
+            .filter(notifications::status.ne("sent")),
+    )
+    .set((
         notifications::attempts.eq(notifications::attempts + 1),
         notifications::last_error.eq(error),
-        notifications::sent_at.eq(sent_at),
         notifications::updated_at.eq(diesel::dsl::now),
         notifications::claimed_by.eq(None::<String>),
         notifications::claimed_until.eq(None::<chrono::DateTime<Utc>>),
-    );
-    if status == "sent" {
-        let query = insert
-            .on_conflict(notifications::order_id)
-            .do_update()
-            .set(changes);
-        traced(statements, query, |query| query.execute(connection))?;
-    } else {
-        let upsert = insert
-            .on_conflict(notifications::order_id)
-            .do_update()
-            .set(changes);
-        let query =
-            diesel::query_dsl::methods::FilterDsl::filter(upsert, notifications::status.ne("sent"));
-        traced(statements, query, |query| query.execute(connection))?;
-    }
+    ));
+    traced(statements, query, |query| query.execute(connection))?;
+    Ok(())
+}
+
+/// Records e-mails as sent and releases their claims: one statement for a batch (see [`GroupCommit`]),
+/// untraced because a batch belongs to many orders' traces.
+fn mark_sent(
+    connection: &mut tracehop_telemetry::db::DbConnection,
+    order_ids: &[uuid::Uuid],
+) -> Result<(), DbError> {
+    diesel::update(notifications::table.filter(notifications::order_id.eq_any(order_ids)))
+        .set((
+            notifications::status.eq("sent"),
+            notifications::attempts.eq(notifications::attempts + 1),
+            notifications::last_error.eq(None::<String>),
+            notifications::sent_at.eq(diesel::dsl::now),
+            notifications::updated_at.eq(diesel::dsl::now),
+            notifications::claimed_by.eq(None::<String>),
+            notifications::claimed_until.eq(None::<chrono::DateTime<Utc>>),
+        ))
+        .execute(connection)?;
     Ok(())
 }
 

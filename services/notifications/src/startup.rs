@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Supervisor;
 use actix_web::web;
 use anyhow::Context as _;
 use tokio::sync::watch;
@@ -15,7 +14,7 @@ use tracehop_telemetry::messaging::{self, ConsumerSettings};
 use crate::configuration::Settings;
 use crate::consumer::{self, ConsumerDeps};
 use crate::mailer::Mailer;
-use crate::notifier::NotifierActor;
+use crate::notifier::Notifiers;
 
 pub struct Application {
     server: actix_web::dev::Server,
@@ -100,14 +99,17 @@ impl Application {
         let notifier_mailer: Arc<Mailer> = mailer.clone().into_inner();
         let notifier_database = database.clone();
         let claims = crate::notifier::Claims::new(settings.claim_lease);
-        let notifier = Supervisor::start(move |_| {
-            NotifierActor::new(notifier_database, notifier_mailer, claims)
-        });
+        let notifiers = Notifiers::start(
+            std::thread::available_parallelism().map_or(1, usize::from),
+            notifier_database,
+            notifier_mailer,
+            claims,
+        );
 
         let (shutdown, shutdown_signal) = watch::channel(false);
         let deps = ConsumerDeps {
             jetstream,
-            notifier,
+            notifiers,
             database,
             max_deliver: settings.max_deliver,
             backoff: settings.backoff,

@@ -14,6 +14,9 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// `USERS_SESSION_TTL_HOURS` (default 24).
     pub session_ttl_hours: i64,
+    /// `USERS_SESSION_CACHE_MS` (default 5000; 0 turns the cache off): how long a validated session is
+    /// answered from memory. A logout takes effect at once regardless (`crate::sessions`).
+    pub session_cache: std::time::Duration,
     /// `USERS_RETENTION_EVERY_MS` (default 600000): how often expired sessions are deleted.
     pub retention_every: std::time::Duration,
     /// `SERVICE_TOKEN_PUBLIC_KEY_FILE` (required): the gateway's public key(s), PEM (README, "Security model").
@@ -35,6 +38,10 @@ impl Settings {
             port,
             database: DatabaseSettings::from_env(DEFAULT_DATABASE_URL, 8)?,
             session_ttl_hours: env_parse("USERS_SESSION_TTL_HOURS", 24)?,
+            session_cache: std::time::Duration::from_millis(env_parse(
+                "USERS_SESSION_CACHE_MS",
+                5_000,
+            )?),
             retention_every: std::time::Duration::from_millis(env_parse(
                 "USERS_RETENTION_EVERY_MS",
                 600_000,

@@ -21,6 +21,7 @@ pub mod configuration;
 pub mod hashing;
 pub mod password;
 pub mod routes;
+pub mod sessions;
 pub mod startup;
 pub mod throttle;
 pub mod token;

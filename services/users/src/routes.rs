@@ -13,6 +13,8 @@ pub struct State {
     pub session_ttl: chrono::Duration,
     /// Where Argon2 runs: one thread per core (see [`crate::hashing`]).
     pub hashing: crate::hashing::HashingPool,
+    /// Sessions validated in the last few seconds (`USERS_SESSION_CACHE_MS`).
+    pub sessions: std::sync::Arc<crate::sessions::SessionCache>,
     /// Failed logins per account and per client address.
     pub throttle: crate::throttle::LoginThrottle,
 }

@@ -30,8 +30,11 @@ impl Application {
             std::time::Duration::ZERO,
         )?;
         let (listener, port) = server::bind(&settings.host, settings.port)?;
+        let sessions =
+            crate::sessions::SessionCache::start(database.clone(), settings.session_cache);
         let state = web::Data::new(routes::State {
             database,
+            sessions,
             session_ttl: chrono::Duration::hours(settings.session_ttl_hours),
             hashing: crate::hashing::HashingPool::new(
                 std::thread::available_parallelism().map_or(2, |cores| cores.get()),

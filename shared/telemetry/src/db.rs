@@ -93,6 +93,9 @@ pub enum DbError {
     Query(#[from] diesel::result::Error),
     #[error("database task failed: {0}")]
     Task(String),
+    /// A [`GroupCommit`] batch this item was part of failed (the error is shared by the whole batch).
+    #[error("batched write failed: {0}")]
+    Batch(String),
 }
 
 impl DbError {
@@ -100,7 +103,7 @@ impl DbError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Unavailable(_) | Self::ConnectionLost(_) => "database_unavailable",
-            Self::Query(_) => "database_error",
+            Self::Query(_) | Self::Batch(_) => "database_error",
             Self::Task(_) => "database_task_failed",
         }
     }
@@ -160,6 +163,14 @@ impl Database {
             namespace,
             url: url.to_owned(),
         })
+    }
+
+    /// Opens a connection of its own, outside the pool (for `LISTEN`, say). Blocking: call it off the async
+    /// workers.
+    pub fn dedicated_connection(&self) -> Result<PgConnection, DbError> {
+        use diesel::Connection as _;
+        PgConnection::establish(&self.url)
+            .map_err(|error| DbError::ConnectionLost(format!("dedicated connection: {error}")))
     }
 
     /// Takes the session-level advisory lock `key` on a connection of its own, if no other session holds
@@ -367,7 +378,12 @@ pub fn statement_text<Q: QueryFragment<Pg>>(query: &Q) -> String {
 }
 
 /// Operation keyword and target table of a statement (`INSERT INTO "orders" ...` -> `INSERT`, `orders`).
+/// A statement with common table expressions (`WITH a AS (...) INSERT INTO ...`) is described by its
+/// main statement, the one after them.
 pub fn describe(sql: &str) -> (String, Option<String>) {
+    if let Some(main) = after_common_table_expressions(sql) {
+        return describe(main);
+    }
     let mut words = sql.split_whitespace();
     let operation = words.next().unwrap_or("QUERY").to_uppercase();
     let keyword = match operation.as_str() {
@@ -393,6 +409,31 @@ pub fn describe(sql: &str) -> (String, Option<String>) {
             .to_owned()
     });
     (operation, table.filter(|name| !name.is_empty()))
+}
+
+/// The main statement of `WITH name AS (...), ... <statement>`: what follows the first definition's closing
+/// parenthesis (at depth zero) that is not followed by a comma. `None` when `sql` does not start with `WITH`
+/// or its parentheses do not balance.
+fn after_common_table_expressions(sql: &str) -> Option<&str> {
+    let trimmed = sql.trim_start();
+    if !trimmed.get(..5)?.eq_ignore_ascii_case("WITH ") {
+        return None;
+    }
+    let mut depth = 0_usize;
+    for (index, character) in trimmed.char_indices() {
+        match character {
+            '(' => depth += 1,
+            ')' => {
+                depth = depth.checked_sub(1)?;
+                let rest = trimmed[index + 1..].trim_start();
+                if depth == 0 && !rest.starts_with(',') {
+                    return Some(rest).filter(|rest| !rest.is_empty());
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The database name in a `postgres://` URL (the part after the last `/`, before any `?`).
@@ -428,6 +469,17 @@ mod tests {
             ("UPDATE".into(), Some("notifications".into()))
         );
         assert_eq!(describe("SELECT 1"), ("SELECT".into(), None));
+        assert_eq!(
+            describe(
+                "WITH charged AS (UPDATE transactions SET status = 'charged' WHERE (id = $1) RETURNING id) \
+                 INSERT INTO outbox (id) SELECT $2 FROM charged"
+            ),
+            ("INSERT".into(), Some("outbox".into()))
+        );
+        assert_eq!(
+            describe("with a as (select 1), b as not materialized (select 2) select * from a, b"),
+            ("SELECT".into(), Some("a".into()))
+        );
     }
 
     #[test]
@@ -559,4 +611,143 @@ where
             }
         }
     });
+}
+
+/// One statement for many small writes: a group commit.
+///
+/// Work that finishes often and needs one small write each (an event published, an e-mail sent) hands its
+/// key here, and a task writes the keys that have gathered with one statement per batch instead of one per
+/// item. The first key handed over while the writer is idle is written at once, alone; keys that arrive while
+/// a batch is being written wait for the next one. So batches grow with the load and nothing waits for a
+/// timer: at rest an item costs what a statement of its own would, at load a fraction of it.
+///
+/// [`GroupCommit::commit`] waits for its batch and reports its outcome (the caller decides whether to retry);
+/// [`GroupCommit::submit`] does not wait, and a failed batch's submitted keys are written again a second
+/// later, until they succeed. The batches are written outside any trace (they belong to many), so `write`
+/// should run plain diesel statements, not [`traced`] ones, which would each become a trace of one span.
+///
+/// ```no_run
+/// use diesel::prelude::*;
+/// use tracehop_telemetry::db::{Database, GroupCommit};
+///
+/// diesel::table! { events (id) { id -> Uuid, sent -> Bool } }
+///
+/// # async fn run(database: Database, id: uuid::Uuid) -> Result<(), tracehop_telemetry::db::DbError> {
+/// let sent = GroupCommit::start(database, 500, |connection, ids: &[uuid::Uuid]| {
+///     diesel::update(events::table.filter(events::id.eq_any(ids)))
+///         .set(events::sent.eq(true))
+///         .execute(connection)?;
+///     Ok(())
+/// });
+/// sent.commit(id).await?; // written, alone or with whatever else finished meanwhile
+/// # Ok(())
+/// # }
+/// ```
+pub struct GroupCommit<K> {
+    queue: tokio::sync::mpsc::UnboundedSender<Batched<K>>,
+}
+
+impl<K> Clone for GroupCommit<K> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+struct Batched<K> {
+    key: K,
+    /// `None` for [`GroupCommit::submit`]: written again until it succeeds.
+    done: Option<tokio::sync::oneshot::Sender<Result<(), DbError>>>,
+}
+
+impl<K: Clone + Send + 'static> GroupCommit<K> {
+    /// Starts the writer on the current Tokio runtime. It stops when every handle is dropped (after
+    /// writing what it holds). `write` gets at most `max_batch` keys at a time.
+    pub fn start<F>(database: Database, max_batch: usize, write: F) -> Self
+    where
+        F: Fn(&mut DbConnection, &[K]) -> Result<(), DbError> + Clone + Send + Sync + 'static,
+    {
+        let (queue, mut incoming) = tokio::sync::mpsc::unbounded_channel::<Batched<K>>();
+        let max_batch = max_batch.max(1);
+        tokio::spawn(async move {
+            let mut again: Vec<Batched<K>> = Vec::new();
+            loop {
+                let mut batch = std::mem::take(&mut again);
+                if batch.is_empty() {
+                    match incoming.recv().await {
+                        Some(first) => batch.push(first),
+                        None => break,
+                    }
+                }
+                while batch.len() < max_batch {
+                    match incoming.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let keys: Vec<K> = batch.iter().map(|item| item.key.clone()).collect();
+                let write = write.clone();
+                let outcome = database
+                    .run(move |connection, _| write(connection, &keys))
+                    .instrument(Span::none())
+                    .await;
+                match outcome {
+                    Ok(()) => {
+                        for item in batch {
+                            if let Some(done) = item.done {
+                                let _ = done.send(Ok(()));
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        crate::setup::log_detail("batched write failed", &error);
+                        tracing::warn!(
+                            error = error.code(),
+                            keys = batch.len(),
+                            "batched write failed"
+                        );
+                        for item in batch {
+                            match item.done {
+                                Some(done) => {
+                                    let shared = if error.is_unavailable() {
+                                        DbError::ConnectionLost(error.to_string())
+                                    } else {
+                                        DbError::Batch(error.to_string())
+                                    };
+                                    let _ = done.send(Err(shared));
+                                }
+                                None => again.push(item),
+                            }
+                        }
+                        if !again.is_empty() {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Writes `key` with the next batch and waits for the outcome.
+    pub async fn commit(&self, key: K) -> Result<(), DbError> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.queue
+            .send(Batched {
+                key,
+                done: Some(done),
+            })
+            .map_err(|_| DbError::Task("the batch writer has stopped".to_owned()))?;
+        outcome
+            .await
+            .map_err(|_| DbError::Task("the batch writer has stopped".to_owned()))?
+    }
+
+    /// Writes `key` with the next batch, and again after a failure, without waiting.
+    pub fn submit(&self, key: K) {
+        if self.queue.send(Batched { key, done: None }).is_err() {
+            tracing::warn!("the batch writer has stopped; a write was dropped");
+        }
+    }
 }

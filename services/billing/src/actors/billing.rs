@@ -13,9 +13,9 @@ use tracehop_telemetry::http::error::{Failure, record_failure};
 use tracehop_telemetry::propagation::SerializedContext;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::outbox::{OutboxRelay, RelayEvent};
+use super::outbox::{Relay, RelayEvent};
 use super::stripe::{CreateCharge, StripeClientActor, StripeError};
-use crate::store::{self, Claim, OutboxEvent, PendingTransaction};
+use crate::store::{self, Claim, OutboxEvent, PendingTransaction, RelayClaim};
 
 /// How long a request waits for another request holding the same idempotency key to finish.
 const CLAIM_WAIT: Duration = Duration::from_secs(30);
@@ -68,7 +68,7 @@ impl Failure for ChargeError {
 pub struct BillingDeps {
     pub database: Database,
     pub stripe: Addr<StripeClientActor>,
-    pub relay: Addr<OutboxRelay>,
+    pub relay: Relay,
     /// Fault injection for the supervision test (`BILLING_FAULT_PANIC_AMOUNT_MINOR`): charging exactly this
     /// amount panics inside the actor.
     pub panic_on_amount: Option<i64>,
@@ -319,11 +319,12 @@ pub struct ChargedOrder {
     pub charge_id: String,
 }
 
-/// Records a charge (transaction, outbox event, pending notification: one database transaction) and pokes
-/// the relay. `trace_context` is stored with the event: its publish span will be that context's child.
+/// Records a charge (transaction and outbox event: one statement) and hands the event to the relay, unless
+/// it was recorded before (by another path, which relays it). `trace_context` is stored with the event: its
+/// publish span will be that context's child.
 pub async fn record_charge(
     database: &Database,
-    relay: &Addr<OutboxRelay>,
+    relay: &Relay,
     order: ChargedOrder,
     trace_context: SerializedContext,
 ) -> Result<(), ChargeError> {
@@ -336,27 +337,30 @@ pub async fn record_charge(
         currency: order.currency.clone(),
         charge_id: order.charge_id.clone(),
     };
-    let event_id = event.event_id;
-    save_transaction(
+    let recorded = save_transaction(
         database,
+        &relay.claim,
         order.order_id,
         &order.charge_id,
         event,
         trace_context,
     )
     .await?;
-    relay.do_send(Traced::new(RelayEvent { event_id }));
+    if let Some(event) = recorded {
+        relay.address.do_send(Traced::new(RelayEvent { event }));
+    }
     Ok(())
 }
 
 #[tracing::instrument(name = "db.save_transaction", skip_all, fields(order.id = %order_id, stripe.charge_id = %charge_id), err(Display))]
 async fn save_transaction(
     database: &Database,
+    claim: &RelayClaim,
     order_id: uuid::Uuid,
     charge_id: &str,
     event: OrderCompleted,
     trace_context: SerializedContext,
-) -> Result<(), ChargeError> {
+) -> Result<Option<OutboxEvent>, ChargeError> {
     let payload =
         serde_json::to_string(&event).map_err(|error| ChargeError::Internal(error.to_string()))?;
     let trace_context = serde_json::to_string(&trace_context)
@@ -368,13 +372,22 @@ async fn save_transaction(
         trace_context,
     };
     let charge_id = charge_id.to_owned();
+    let claim = claim.clone();
     let recorded = database
         .run(move |connection, statements| {
-            store::save_charged(connection, statements, order_id, &charge_id, outbox_event)
+            let recorded = store::save_charged(
+                connection,
+                statements,
+                order_id,
+                &charge_id,
+                &outbox_event,
+                &claim,
+            )?;
+            Ok(recorded.then_some(outbox_event))
         })
         .await?;
-    if !recorded {
+    if recorded.is_none() {
         tracing::info!(%order_id, "the charge was already recorded");
     }
-    Ok(())
+    Ok(recorded)
 }

@@ -1,11 +1,15 @@
 //! `OutboxRelay`: publishes outbox events to JetStream, then marks them sent.
 //!
-//! Billing pokes the relay right after a charge is committed; a periodic sweep catches whatever that missed
-//! (NATS down, billing restarted between commit and publish). Both paths first *claim* the event in
-//! PostgreSQL (a lease naming this replica, [`store::RelayClaim`]), so billing's replicas never publish the same
-//! event at once, and a dead replica's claims run out and are taken over by any sweep. Publishing uses the
-//! event id as `Nats-Msg-Id` as well, so should a lease run out mid-publish and a second relay publish it,
-//! JetStream keeps one (duplicate window: see [`tracehop_telemetry::messaging::StreamSettings`]).
+//! Billing hands the relay each event right after the charge is committed, and the relay publishes it from
+//! memory: the event row was written already claimed by this replica (a lease naming it,
+//! [`store::RelayClaim`], in the same statement as the charge), so nothing is read back. Published events
+//! are marked in batches ([`GroupCommit`]): one statement for all the events published while the previous
+//! batch was being written. A periodic sweep catches whatever the immediate path missed (NATS down, billing
+//! restarted between commit and publish); it claims the events it takes (`FOR UPDATE SKIP LOCKED`), so
+//! billing's replicas never publish the same event at once, and a dead replica's claims run out and are
+//! taken over by any sweep. Publishing uses the event id as `Nats-Msg-Id` as well, so should a lease run out
+//! mid-publish, or the batch that marks an event fail, and a second relay publish it, JetStream keeps one
+//! (duplicate window: see [`tracehop_telemetry::messaging::StreamSettings`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +19,7 @@ use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use async_nats::jetstream;
 use opentelemetry::Context as OtelContext;
 use tracehop_telemetry::actor::Traced;
-use tracehop_telemetry::db::Database;
+use tracehop_telemetry::db::{Database, GroupCommit};
 use tracehop_telemetry::messaging;
 use tracehop_telemetry::propagation::{SerializedContext, set_remote_parent};
 use tracing::Instrument;
@@ -23,19 +27,30 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::store::{self, OutboxEvent, RelayClaim};
 
-/// Publish this event now.
+/// Publish this event now: it was just committed, claimed by this replica.
 #[derive(Debug, Clone, actix::Message)]
 #[rtype(result = "()")]
 pub struct RelayEvent {
-    pub event_id: uuid::Uuid,
+    pub event: OutboxEvent,
+}
+
+/// What billing holds to hand events to the relay: the relay's address, and the claim the events are
+/// written with (this replica's, so that the relay may publish them without claiming them again).
+#[derive(Clone)]
+pub struct Relay {
+    pub address: actix::Addr<OutboxRelay>,
+    pub claim: RelayClaim,
 }
 
 pub struct OutboxRelay {
     database: Database,
     jetstream: jetstream::Context,
-    sweep_every: Duration,
+    /// `None` for the relays of the HTTP workers: one relay per process sweeps.
+    sweep_every: Option<Duration>,
     paused: bool,
     claim: RelayClaim,
+    /// Marks published events, in batches.
+    published: Option<GroupCommit<uuid::Uuid>>,
     /// Set while a sweep runs: a sweep stuck on a NATS outage must not be joined by the next one.
     sweeping: Arc<AtomicBool>,
 }
@@ -44,7 +59,7 @@ impl OutboxRelay {
     pub fn new(
         database: Database,
         jetstream: jetstream::Context,
-        sweep_every: Duration,
+        sweep_every: Option<Duration>,
         paused: bool,
         claim: RelayClaim,
     ) -> Self {
@@ -57,8 +72,18 @@ impl OutboxRelay {
             sweep_every,
             paused,
             claim,
+            published: None,
             sweeping: Arc::default(),
         }
+    }
+
+    /// The batch writer, started on first use (it needs the actor's runtime).
+    fn published(&mut self) -> GroupCommit<uuid::Uuid> {
+        self.published
+            .get_or_insert_with(|| {
+                GroupCommit::start(self.database.clone(), 1000, store::mark_published)
+            })
+            .clone()
     }
 }
 
@@ -66,10 +91,10 @@ impl Actor for OutboxRelay {
     type Context = Context<Self>;
 
     fn started(&mut self, context: &mut Self::Context) {
-        if self.paused {
+        let Some(sweep_every) = self.sweep_every.filter(|_| !self.paused) else {
             return;
-        }
-        context.run_interval(self.sweep_every, |relay, context| {
+        };
+        context.run_interval(sweep_every, |relay, context| {
             if relay.sweeping.swap(true, Ordering::AcqRel) {
                 return;
             }
@@ -77,8 +102,9 @@ impl Actor for OutboxRelay {
             let jetstream = relay.jetstream.clone();
             let sweeping = relay.sweeping.clone();
             let claim = relay.claim.clone();
+            let published = relay.published();
             context.spawn(actix::fut::wrap_future(async move {
-                sweep(database, jetstream, claim).await;
+                sweep(database, jetstream, published, claim).await;
                 sweeping.store(false, Ordering::Release);
             }));
         });
@@ -95,32 +121,19 @@ impl Handler<Traced<RelayEvent>> for OutboxRelay {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, message: Traced<RelayEvent>, _: &mut Self::Context) -> Self::Result {
-        let (RelayEvent { event_id }, span) = message.into_parts::<Self>();
+        let (RelayEvent { event }, span) = message.into_parts::<Self>();
         if self.paused {
             return Box::pin(async {});
         }
         let database = self.database.clone();
         let jetstream = self.jetstream.clone();
-        let claim = self.claim.clone();
+        let published = self.published();
         Box::pin(
             async move {
-                let event = database
-                    .run(move |connection, statements| {
-                        store::claim_event(connection, statements, event_id, &claim)
-                    })
-                    .await;
-                match event {
-                    // Relayed right away: the publish is a child of this handler span (itself a child of
-                    // billing.charge), so the in-process hop shows too.
-                    Ok(Some(event)) => {
-                        let parent = tracing::Span::current().context();
-                        publish_event(&database, &jetstream, event, parent).await
-                    }
-                    Ok(None) => tracing::debug!(%event_id, "already published, or claimed by another relay"),
-                    Err(error) => {
-                        tracing::warn!(error = error.code(), %event_id, "could not load event; the sweep will retry")
-                    }
-                }
+                // Relayed right away: the publish is a child of this handler span (itself a child of
+                // billing.charge), so the in-process hop shows too.
+                let parent = tracing::Span::current().context();
+                publish_event(&database, &jetstream, &published, event, parent).await
             }
             .instrument(span),
         )
@@ -130,7 +143,12 @@ impl Handler<Traced<RelayEvent>> for OutboxRelay {
 /// Claims and publishes the events still waiting (oldest first, at most 100 per sweep) that no other relay
 /// holds. Events younger than a few seconds are left to the immediate path, which is normally about to
 /// publish them.
-async fn sweep(database: Database, jetstream: jetstream::Context, claim: RelayClaim) {
+async fn sweep(
+    database: Database,
+    jetstream: jetstream::Context,
+    published: GroupCommit<uuid::Uuid>,
+    claim: RelayClaim,
+) {
     let created_before = chrono::Utc::now() - chrono::Duration::seconds(3);
     let events = database
         .run(move |connection, _| store::claim_unpublished(connection, created_before, 100, &claim))
@@ -148,7 +166,7 @@ async fn sweep(database: Database, jetstream: jetstream::Context, claim: RelayCl
                 let span = tracing::info_span!("outbox.relay", otel.kind = "internal", messaging.message.id = %event.id, outbox.late = true);
                 set_remote_parent(&span, parent);
                 let parent = span.context();
-                publish_event(&database, &jetstream, event, parent)
+                publish_event(&database, &jetstream, &published, event, parent)
                     .instrument(span)
                     .await;
             }
@@ -163,10 +181,12 @@ fn restore_context(event: &OutboxEvent) -> OtelContext {
         .unwrap_or_default()
 }
 
-/// Publishes one event (PRODUCER span, child of `parent`) and records the outcome.
+/// Publishes one event (PRODUCER span, child of `parent`) and records the outcome: a success with the next
+/// batch of `published`, a failure at once (releasing the claim, so that the sweep retries).
 async fn publish_event(
     database: &Database,
     jetstream: &jetstream::Context,
+    published: &GroupCommit<uuid::Uuid>,
     event: OutboxEvent,
     parent: OtelContext,
 ) {
@@ -182,11 +202,8 @@ async fn publish_event(
     .await;
     let recorded = match outcome {
         Ok(_) => {
-            database
-                .run(move |connection, statements| {
-                    store::mark_published(connection, statements, event_id)
-                })
-                .await
+            published.submit(event_id);
+            Ok(())
         }
         Err(error) => {
             let message = error.to_string();

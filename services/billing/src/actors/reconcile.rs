@@ -23,7 +23,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::billing::{ChargedOrder, record_charge};
-use super::outbox::OutboxRelay;
+use super::outbox::Relay;
 use super::stripe::{FindCharge, StripeClientActor};
 use crate::store::{self, Transaction};
 
@@ -33,7 +33,7 @@ pub const RECONCILE_LOCK: i64 = 0x7472_6163_7265_636f;
 pub struct Reconciler {
     database: Database,
     stripe: Addr<StripeClientActor>,
-    relay: Addr<OutboxRelay>,
+    relay: Relay,
     every: Duration,
     after: Duration,
 }
@@ -42,7 +42,7 @@ impl Reconciler {
     pub fn new(
         database: Database,
         stripe: Addr<StripeClientActor>,
-        relay: Addr<OutboxRelay>,
+        relay: Relay,
         every: Duration,
         after: Duration,
     ) -> Self {
@@ -77,7 +77,7 @@ impl Supervised for Reconciler {}
 async fn reconcile_stale(
     database: Database,
     stripe: Addr<StripeClientActor>,
-    relay: Addr<OutboxRelay>,
+    relay: Relay,
     after: Duration,
 ) {
     let lock = match database.try_advisory_lock(RECONCILE_LOCK).await {
@@ -112,7 +112,7 @@ fn slow_round_fault() -> Option<Duration> {
 async fn reconcile_round(
     database: &Database,
     stripe: &Addr<StripeClientActor>,
-    relay: &Addr<OutboxRelay>,
+    relay: &Relay,
     after: Duration,
 ) {
     let cutoff = chrono::Utc::now()
@@ -146,7 +146,7 @@ async fn reconcile_round(
 async fn reconcile_one(
     database: &Database,
     stripe: &Addr<StripeClientActor>,
-    relay: &Addr<OutboxRelay>,
+    relay: &Relay,
     transaction: Transaction,
 ) {
     let span = tracing::Span::current();

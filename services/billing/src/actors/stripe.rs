@@ -70,7 +70,8 @@ impl StripeError {
     }
 }
 
-/// Talks to Stripe; cheap to clone into handler futures.
+/// Talks to Stripe; cheap to clone into handler futures. Clones share one HTTP client and one breaker.
+#[derive(Clone)]
 pub struct StripeClientActor {
     client: Arc<StripeClient>,
 }

@@ -1,8 +1,8 @@
-//! `POST /sessions/revoke`: log out. The session row is deleted, so the token stops working at once.
+//! `POST /sessions/revoke`: log out. The session row is deleted and the deletion announced to every replica's
+//! session cache ([`crate::sessions`]), so the token stops working at once.
 
 use actix_web::{HttpResponse, web};
-use diesel::{ExpressionMethods, QueryDsl, RunQueryDsl};
-use tracehop_contracts::schema::sessions;
+use diesel::RunQueryDsl;
 use tracehop_contracts::users::SessionToken;
 use tracehop_telemetry::db::traced;
 use tracehop_telemetry::http::ApiError;
@@ -23,17 +23,20 @@ pub async fn revoke(
                 return Err(ApiError::unauthorized("unknown or expired session"));
             }
             let token_hash = token::digest(token.expose());
+            let revoked = token_hash.clone();
             let deleted = state
                 .database
                 .run(move |connection, statements| {
-                    let query =
-                        diesel::delete(sessions::table.filter(sessions::token_hash.eq(token_hash)));
+                    let query = diesel::sql_query(crate::sessions::REVOKE)
+                        .bind::<diesel::sql_types::Text, _>(revoked);
                     Ok(traced(statements, query, |query| {
                         query.execute(connection)
                     })?)
                 })
                 .await
                 .map_err(|error| ApiError::from_db(&error, "user"))?;
+            // Every replica hears of it through PostgreSQL; this one forgets it before answering.
+            state.sessions.forget(&token_hash);
             if deleted == 0 {
                 return Err(ApiError::unauthorized("unknown or expired session"));
             }
