@@ -238,6 +238,16 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// Initialises `data_dir` if needed and starts a server on `port` (trust auth, user `postgres`).
     pub fn start(data_dir: &Path, port: u16, log_path: &Path) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, port, log_path, "")
+    }
+
+    /// [`PrivatePostgres::start`] with more server options (`-c name=value ...`).
+    pub fn start_with(
+        data_dir: &Path,
+        port: u16,
+        log_path: &Path,
+        server_options: &str,
+    ) -> anyhow::Result<Self> {
         let initdb = find_executable("initdb").ok_or_else(|| {
             anyhow::anyhow!("initdb not found: install PostgreSQL (Debian: apt-get install postgresql) or set DATABASE_URL")
         })?;
@@ -281,7 +291,9 @@ impl PrivatePostgres {
             .arg("-l")
             .arg(log_path)
             .args(["-w", "-t", "60", "-o"])
-            .arg(format!("-p {port} -c listen_addresses=127.0.0.1 -k /tmp"))
+            .arg(format!(
+                "-p {port} -c listen_addresses=127.0.0.1 -k /tmp {server_options}"
+            ))
             .arg("start");
         run(&mut command)
             .with_context(|| format!("pg_ctl start failed; see {}", log_path.display()))?;
@@ -296,6 +308,17 @@ impl PrivatePostgres {
         } else {
             Command::new(program)
         }
+    }
+
+    /// The postmaster's process id (first line of `postmaster.pid`).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data_dir.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Leaves the server running after this handle is gone (`stack prepare`).

@@ -181,7 +181,7 @@ enum Command {
     Bench {
         #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
         database_url: String,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 32)]
         concurrency: usize,
         #[arg(long, default_value_t = 20)]
         duration_s: u64,
@@ -197,9 +197,16 @@ enum Command {
         fixed_rate: f64,
         #[arg(long, default_value = ".tracehop/bench")]
         state_dir: PathBuf,
-        /// Run one part only: `overhead` (sections 1 and 4) or `hops` (NATS hops at rest).
+        /// Run one part only: `overhead` (sections 1 and 4), `hops` (NATS hops at rest) or `compare`
+        /// (section 6).
         #[arg(long, value_enum)]
         only: Option<tracehop::bench::BenchPart>,
+        /// The baseline build's binaries for section 6 (`./dev bench` builds them).
+        #[arg(long)]
+        baseline_bin_dir: Option<PathBuf>,
+        /// Closed-loop clients of section 6's runs.
+        #[arg(long, default_value_t = 32)]
+        compare_concurrency: usize,
     },
     /// Publish dead-lettered notifications again (after fixing what made them fail).
     ReplayDeadLetters {
@@ -422,6 +429,8 @@ async fn main() -> anyhow::Result<()> {
             fixed_rate,
             state_dir,
             only,
+            baseline_bin_dir,
+            compare_concurrency,
         } => {
             std::fs::create_dir_all(&state_dir)?;
             let results = tracehop::bench::run(tracehop::bench::BenchOptions {
@@ -434,6 +443,8 @@ async fn main() -> anyhow::Result<()> {
                 completeness_duration: Duration::from_secs(completeness_s),
                 fixed_rate,
                 only,
+                baseline_bin_dir: baseline_bin_dir.map(std::fs::canonicalize).transpose()?,
+                compare_concurrency,
             })
             .await?;
             println!("{}", serde_json::to_string_pretty(&results)?);
@@ -668,6 +679,7 @@ async fn up(no_demo: bool, state_dir: PathBuf, ports: Ports, scale: Scale) -> an
             .unwrap_or_else(|_| "grpc".to_owned()),
         extra_env: Vec::new(),
         replicas: scale.replicas,
+        bin_dir: None,
     });
     let mut stack = interrupt
         .run("starting the stack", started)

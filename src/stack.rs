@@ -148,6 +148,9 @@ pub struct StackOptions {
     /// Processes of each of [`REPLICATED`] (1: one each). Replica `k` of `billing` is the instance
     /// `billing-k` on a free port; the first keeps the service's own name and port.
     pub replicas: usize,
+    /// Where the services' binaries are (`None`: this build's, [`crate::process::bin_dir`]). The
+    /// benchmark runs a baseline build this way.
+    pub bin_dir: Option<PathBuf>,
 }
 
 /// A running stack; everything stops when it is dropped.
@@ -427,7 +430,11 @@ impl Stack {
 
     /// Starts (or starts again) one instance and waits for its `/healthz`.
     pub async fn start_service(&mut self, name: &str) -> anyhow::Result<()> {
-        let mut command = Command::new(workspace_binary(service_of(name))?);
+        let program = match &self.options.bin_dir {
+            Some(dir) => dir.join(service_of(name)),
+            None => workspace_binary(service_of(name))?,
+        };
+        let mut command = Command::new(program);
         command.envs(self.service_env(name));
         let log_path = self
             .options

@@ -119,6 +119,7 @@ impl TestStack {
             otlp_protocol: otlp_protocol.to_owned(),
             extra_env: env,
             replicas,
+            bin_dir: None,
         };
         let stack = match Stack::start(options).await {
             Ok(stack) => stack,

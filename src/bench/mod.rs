@@ -3,6 +3,8 @@
 //! Each configuration gets a fresh stack of release binaries (own NATS, own database, embedded collector),
 //! so runs do not disturb each other; traced and untraced runs alternate within one session.
 
+mod compare;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,10 @@ pub struct BenchOptions {
     pub fixed_rate: f64,
     /// Run one part only (all when `None`).
     pub only: Option<BenchPart>,
+    /// The services' binaries of the baseline build that section 6 compares with (`None`: no baseline).
+    pub baseline_bin_dir: Option<std::path::PathBuf>,
+    /// Closed-loop clients of section 6's runs.
+    pub compare_concurrency: usize,
 }
 
 /// The parts of a benchmark session that can run alone.
@@ -38,6 +44,8 @@ pub enum BenchPart {
     Overhead,
     /// Part of section 3: NATS hops at rest (bare core NATS; JetStream with and without propagation).
     Hops,
+    /// Section 6: CPU, statements and commits per checkout against the baseline build; one core against two.
+    Compare,
 }
 
 /// CPU time (user + system) and resident memory of a process, from /proc.
@@ -132,6 +140,7 @@ async fn start(
         otlp_protocol: "grpc".to_owned(),
         extra_env,
         replicas: 1,
+        bin_dir: None,
     })
     .await
 }
@@ -337,7 +346,10 @@ fn split_medians(traces: &[Option<TraceView>]) -> BTreeMap<String, f64> {
 /// Runs every benchmark and returns the results as JSON.
 pub async fn run(options: BenchOptions) -> anyhow::Result<serde_json::Value> {
     let mut results = serde_json::Map::new();
-    if options.only != Some(BenchPart::Hops) {
+    if options.only.is_none() || options.only == Some(BenchPart::Compare) {
+        results.insert("compare".to_owned(), compare::run(&options).await?);
+    }
+    if options.only.is_none() || options.only == Some(BenchPart::Overhead) {
         let (overhead, max_rate) = overhead_runs(&options).await?;
         results.insert("overhead".to_owned(), overhead.into());
         if options.only.is_none() {
@@ -348,7 +360,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<serde_json::Value> {
             results.insert("time_split_ms".to_owned(), time_split);
         }
     }
-    if options.only != Some(BenchPart::Overhead) {
+    if options.only.is_none() || options.only == Some(BenchPart::Hops) {
         eprintln!("== NATS hops at rest");
         results.insert(
             "bare_nats_core_pubsub_ms".to_owned(),
@@ -371,7 +383,8 @@ async fn overhead_runs(options: &BenchOptions) -> anyhow::Result<(Vec<serde_json
         duration,
         warmup,
         users: 50,
-        lookup_share: 0.2,
+        // Checkouts only: the ratio is of checkouts per second.
+        lookup_share: 0.0,
         progress: true,
         slow_stripe: None,
     };
