@@ -34,6 +34,7 @@ const CUSTOM: &[&str] = &[
     "stripe.",
     "order.",
     "session.valid",
+    "session.cached",
     "notification.duplicate",
     "mail.transport",
     "outbox.late",

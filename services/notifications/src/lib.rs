@@ -2,8 +2,9 @@
 //!
 //! A durable JetStream consumer of `order.completed`. Each delivery runs in a `process order.completed`
 //! CONSUMER span (child of billing's publish span, so the e-mail is part of the checkout trace) and is handed
-//! to the [`notifier::NotifierActor`], which sends the confirmation (span `notification.send_confirmation`)
-//! and records it in PostgreSQL.
+//! to one of the [`notifier::NotifierActor`]s (one per core, each on a thread of its own), which claims the
+//! notification in PostgreSQL, sends the confirmation (span `notification.send_confirmation`) and records it
+//! with the next batch of sent e-mails.
 //!
 //! - The message is acked only after the e-mail is sent *and* recorded; a redelivery of an order whose
 //!   e-mail is already recorded as sent is acked without sending again.

@@ -14,7 +14,8 @@
 //! - [`messaging`]: JetStream publish (PRODUCER span, context in NATS headers) and consume (CONSUMER span
 //!   whose parent is the producer).
 //! - [`actor`]: [`actor::Traced`], the envelope that carries span context through an actix mailbox.
-//! - [`db`]: diesel over r2d2 on a blocking pool, one CLIENT span per statement.
+//! - [`db`]: diesel over r2d2 on a blocking pool, one CLIENT span per statement; [`db::GroupCommit`] for
+//!   small writes that many requests need (one statement per batch).
 //! - [`service`]: the shape of a service's `main` (telemetry, serve, log the error, flush).
 //! - [`config`]: reading settings from the environment.
 //!
