@@ -732,3 +732,63 @@ async fn retry_until_settled(
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
+
+/// Every trace sampled out (`parentbased_traceidratio` at 0): nothing reaches the collector, yet the trace id
+/// and the decision travel on: users' and billing's log lines, the stored order and the e-mail all carry the
+/// gateway's trace id, so no service started a trace of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampled_out_checkout_exports_nothing_and_keeps_one_trace_id_everywhere() {
+    let test = TestStack::boot(&[
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0"),
+    ])
+    .await;
+    let customer = test.customer().await;
+    let checkout = customer.checkout("7.00", "usd", None).await.unwrap();
+    assert_eq!(checkout.status, 200, "{}", checkout.body);
+    let trace_id = checkout.body["traceId"].as_str().unwrap().to_owned();
+    assert_eq!(trace_id.len(), 32);
+    assert_ne!(trace_id, "0".repeat(32));
+    let order_id = checkout.body["orderId"].as_str().unwrap().to_owned();
+
+    // The e-mail (written after the checkout answered) carries the checkout's trace id.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let email = loop {
+        let sent = test.sent_mail();
+        if let Some(email) = sent.into_iter().find(|e| e["orderId"] == order_id.as_str()) {
+            break email;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no e-mail for {order_id}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(email["traceId"], trace_id.as_str());
+    for service in ["users", "billing"] {
+        let log = std::fs::read_to_string(
+            test.stack
+                .options
+                .state_dir
+                .join("logs")
+                .join(format!("{service}.log")),
+        )
+        .unwrap();
+        assert!(
+            log.contains(&format!("\"trace_id\":\"{trace_id}\"")),
+            "{service} logged no line of trace {trace_id}"
+        );
+    }
+    let mut db = test.db();
+    let stored: String = tracehop_contracts::schema::transactions::table
+        .find(uuid::Uuid::parse_str(&order_id).unwrap())
+        .select(tracehop_contracts::schema::transactions::trace_id)
+        .first(&mut db)
+        .unwrap();
+    assert_eq!(stored, trace_id);
+
+    // Nothing of it was exported.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let found = TraceView::fetch(&test.jaeger(), &trace_id).await;
+    assert!(found.is_err() || found.is_ok_and(|t| t.spans.is_empty()));
+}

@@ -263,7 +263,7 @@ async fn dead_letter(deps: &ConsumerDeps, message: &jetstream::Message, reason: 
         &format!("{original_id}-dead"),
         headers,
         payload,
-        tracing::Span::current().context(),
+        tracehop_telemetry::propagation::context_of(&tracing::Span::current()),
     )
     .await;
     match published {

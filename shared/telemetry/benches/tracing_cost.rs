@@ -8,6 +8,8 @@
 //! exist for the logs' `trace_id`, nothing is exported). The difference is what the OpenTelemetry layer adds.
 //!
 //! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, section 3).
+//! With `OTEL_TRACES_SAMPLER=always_off` the `traced` cases measure spans of a sampled-out trace: what a
+//! request costs when it is not sampled (`./dev bench` runs both).
 
 #![allow(clippy::expect_used)]
 
@@ -55,9 +57,12 @@ fn subscribers() -> Vec<(&'static str, tracing::Dispatch, TelemetryGuard)> {
     ]
 }
 
-/// A parent span for the case, as a service would have (the request's server span).
+/// A parent span for the case, as a service would have (the request's server span, whose sampling
+/// decision is taken when it starts: under `OTEL_TRACES_SAMPLER=always_off` every case below it is a span of
+/// a sampled-out trace).
 fn with_parent<R>(work: impl FnOnce() -> R) -> R {
     let parent = tracing::info_span!("bench.parent", otel.kind = "server");
+    tracehop_telemetry::setup::note_sampling(&parent);
     parent.in_scope(work)
 }
 

@@ -49,7 +49,6 @@ use std::time::Instant;
 
 use actix::Message;
 use opentelemetry::Context;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::propagation::set_remote_parent;
 
@@ -67,7 +66,10 @@ impl<M: Message> Message for Traced<M> {
 impl<M> Traced<M> {
     /// Wraps `message`, capturing the current span as the parent of the handler's span.
     pub fn new(message: M) -> Self {
-        Self::with_parent(message, tracing::Span::current().context())
+        Self::with_parent(
+            message,
+            crate::propagation::context_of(&tracing::Span::current()),
+        )
     }
 
     /// Wraps `message` with an explicit parent context (a context restored from storage, say).
@@ -224,6 +226,8 @@ mod tests {
         assert_eq!(short_type_name::<PingActor>(), "PingActor");
         assert_eq!(short_type_name::<Traced<Ping>>(), "Traced");
     }
+
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
 
     /// Keeps what it is given, for reading back.
     #[derive(Debug, Clone, Default)]

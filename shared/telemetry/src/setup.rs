@@ -198,17 +198,29 @@ pub fn propagator() -> TextMapCompositePropagator {
     ])
 }
 
-/// The OpenTelemetry layer's filter: [`span_worthy`], decided once per callsite (the answer depends on the
-/// callsite's metadata only), so a span or event pays no string comparisons at run time.
+/// The OpenTelemetry layer's filter. Whether a callsite is worth a span at all ([`span_worthy`]) is decided
+/// once per callsite, so a span or event pays no string comparisons at run time. What is left is decided per
+/// span: nothing is built inside a trace that was sampled out, whose nearest traced ancestor carries the
+/// [`SampledOut`] mark ([`note_sampling`]). Such a span still exists for the logs (and its trace id is in
+/// them, [`crate::propagation::context_of`]); it only costs the OpenTelemetry layer nothing.
 struct SpanWorthy;
 
-impl<S> tracing_subscriber::layer::Filter<S> for SpanWorthy {
+/// The mark of a span whose trace was sampled out (see [`note_sampling`]).
+struct SampledOut;
+
+impl<S> tracing_subscriber::layer::Filter<S> for SpanWorthy
+where
+    S: tracing::Subscriber + for<'lookup> tracing_subscriber::registry::LookupSpan<'lookup>,
+{
     fn enabled(
         &self,
-        metadata: &tracing::Metadata<'_>,
-        _: &tracing_subscriber::layer::Context<'_, S>,
+        _: &tracing::Metadata<'_>,
+        context: &tracing_subscriber::layer::Context<'_, S>,
     ) -> bool {
-        span_worthy(metadata)
+        // `lookup_current` sees the spans this layer traced only: the nearest traced ancestor.
+        context
+            .lookup_current()
+            .is_none_or(|span| span.extensions().get::<SampledOut>().is_none())
     }
 
     fn callsite_enabled(
@@ -216,11 +228,41 @@ impl<S> tracing_subscriber::layer::Filter<S> for SpanWorthy {
         metadata: &'static tracing::Metadata<'static>,
     ) -> tracing::subscriber::Interest {
         if span_worthy(metadata) {
-            tracing::subscriber::Interest::always()
+            tracing::subscriber::Interest::sometimes()
         } else {
             tracing::subscriber::Interest::never()
         }
     }
+}
+
+/// Takes the sampling decision for `span` now, and if its trace is sampled out, marks it so that the
+/// OpenTelemetry layer builds nothing beneath it: a sampled-out request then costs one span per process it
+/// crosses (the one that receives the decision) instead of one per span. Call it on a span that starts a
+/// process's part of a trace, once its parent is set: tracehop's own helpers do (the HTTP server span,
+/// [`crate::propagation::set_remote_parent`], so the consumer and actor spans). Without the OpenTelemetry
+/// layer (`OTEL_SDK_DISABLED=true`) it does nothing.
+///
+/// ```
+/// let span = tracing::info_span!("job");
+/// tracehop_telemetry::setup::note_sampling(&span);
+/// ```
+pub fn note_sampling(span: &tracing::Span) {
+    use tracing_subscriber::registry::LookupSpan;
+    // Asking for the context starts the OpenTelemetry span, and the sampler decides.
+    let context = span.context();
+    let started = context.span();
+    let span_context = started.span_context();
+    if !span_context.is_valid() || span_context.is_sampled() {
+        return;
+    }
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(data) = dispatch
+            .downcast_ref::<tracing_subscriber::Registry>()
+            .and_then(|registry| registry.span(id))
+        {
+            data.extensions_mut().replace(SampledOut);
+        }
+    });
 }
 
 /// What becomes part of a trace: spans at INFO and above, and on them events at WARN and above (errors
@@ -308,8 +350,7 @@ fn resource(default_service_name: &'static str) -> Resource {
 
 /// The trace id of the current span as 32 lowercase hex digits (all zeros when there is none).
 pub fn current_trace_id() -> String {
-    tracing::Span::current()
-        .context()
+    crate::propagation::context_of(&tracing::Span::current())
         .span()
         .span_context()
         .trace_id()

@@ -11,7 +11,6 @@ use tracehop_telemetry::actor::{Traced, supervised_reply};
 use tracehop_telemetry::db::{Database, DbError};
 use tracehop_telemetry::http::error::{Failure, record_failure};
 use tracehop_telemetry::propagation::SerializedContext;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::outbox::{Relay, RelayEvent};
 use super::stripe::{CreateCharge, StripeClientActor, StripeError};
@@ -263,7 +262,7 @@ async fn charge_card(deps: &BillingDeps, charge: Charge) -> Result<ChargeReceipt
                 &deps.database,
                 &deps.relay,
                 facts,
-                SerializedContext::capture(&span.context()),
+                SerializedContext::capture(&tracehop_telemetry::propagation::context_of(&span)),
             )
             .await;
             if let Err(error) = recorded {

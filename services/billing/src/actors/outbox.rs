@@ -132,7 +132,7 @@ impl Handler<Traced<RelayEvent>> for OutboxRelay {
             async move {
                 // Relayed right away: the publish is a child of this handler span (itself a child of
                 // billing.charge), so the in-process hop shows too.
-                let parent = tracing::Span::current().context();
+                let parent = tracehop_telemetry::propagation::context_of(&tracing::Span::current());
                 publish_event(&database, &jetstream, &published, event, parent).await
             }
             .instrument(span),

@@ -20,7 +20,6 @@ use tracehop_telemetry::actor::Traced;
 use tracehop_telemetry::db::Database;
 use tracehop_telemetry::propagation::SerializedContext;
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::billing::{ChargedOrder, record_charge};
 use super::outbox::Relay;
@@ -167,7 +166,7 @@ async fn reconcile_one(
                     database,
                     relay,
                     order,
-                    SerializedContext::capture(&span.context()),
+                    SerializedContext::capture(&tracehop_telemetry::propagation::context_of(&span)),
                 )
                 .await
                 {

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::propagation::{HttpHeaderInjector, inject, w3c};
 
@@ -121,7 +120,7 @@ impl TracedClient {
         if resend_count > 0 {
             span.record("http.request.resend_count", i64::from(resend_count));
         }
-        let context = span.context();
+        let context = crate::propagation::context_of(&span);
         if self.third_party {
             if let Some(value) = w3c::traceparent(&context).and_then(|value| value.parse().ok()) {
                 request.headers_mut().insert(w3c::TRACEPARENT, value);

@@ -114,6 +114,7 @@ impl RootSpanBuilder for SemconvRootSpan {
             set_remote_parent(&span, caller);
         } else {
             link_to_caller(&span, &caller);
+            crate::setup::note_sampling(&span);
         }
         span
     }

@@ -173,8 +173,9 @@ pub fn extract(extractor: &dyn Extractor) -> Context {
     global::get_text_map_propagator(|propagator| propagator.extract(extractor))
 }
 
-/// Makes `span` a child of `parent` when `parent` carries a valid span context. A span without a remote
-/// parent simply starts a new trace.
+/// Makes `span` a child of `parent` when `parent` carries a valid span context (a span without a remote
+/// parent simply starts a new trace), then takes its sampling decision ([`crate::setup::note_sampling`]):
+/// inside a sampled-out trace nothing is built beneath it.
 pub fn set_remote_parent(span: &tracing::Span, parent: Context) {
     use opentelemetry::trace::TraceContextExt;
     if parent.span().span_context().is_valid() {
@@ -182,6 +183,21 @@ pub fn set_remote_parent(span: &tracing::Span, parent: Context) {
         if let Err(error) = span.set_parent(parent) {
             tracing::debug!(%error, "could not set remote parent");
         }
+    }
+    crate::setup::note_sampling(span);
+}
+
+/// The context to propagate from `span`: its own, or, for a span the OpenTelemetry layer did not build
+/// because its trace was sampled out ([`crate::setup::note_sampling`]), the one its nearest traced ancestor
+/// made current on this thread. So the trace id and the decision "not sampled" still travel downstream, and
+/// the next service does not start a trace of its own. Empty without the OpenTelemetry layer.
+pub fn context_of(span: &tracing::Span) -> Context {
+    use opentelemetry::trace::TraceContextExt;
+    let own = span.context();
+    if own.span().span_context().is_valid() {
+        own
+    } else {
+        Context::current()
     }
 }
 

@@ -7,7 +7,6 @@ use opentelemetry::trace::TraceContextExt;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -48,7 +47,7 @@ where
         }
         if let Some(span) = ctx.lookup_current() {
             line.insert("span".into(), Value::String(span.name().to_owned()));
-            let otel = tracing::Span::current().context();
+            let otel = crate::propagation::context_of(&tracing::Span::current());
             let span_context = otel.span().span_context().clone();
             if span_context.is_valid() {
                 line.insert(
