@@ -680,6 +680,7 @@ async fn up(no_demo: bool, state_dir: PathBuf, ports: Ports, scale: Scale) -> an
         extra_env: Vec::new(),
         replicas: scale.replicas,
         bin_dir: None,
+        cpus: None,
     });
     let mut stack = interrupt
         .run("starting the stack", started)

@@ -151,6 +151,9 @@ pub struct StackOptions {
     /// Where the services' binaries are (`None`: this build's, [`crate::process::bin_dir`]). The
     /// benchmark runs a baseline build this way.
     pub bin_dir: Option<PathBuf>,
+    /// Run the services on these CPUs only (`taskset -c <list>`, from their start, so that they size
+    /// their thread pools for them); `None`: wherever the system puts them.
+    pub cpus: Option<String>,
 }
 
 /// A running stack; everything stops when it is dropped.
@@ -434,7 +437,15 @@ impl Stack {
             Some(dir) => dir.join(service_of(name)),
             None => workspace_binary(service_of(name))?,
         };
-        let mut command = Command::new(program);
+        let mut command = match &self.options.cpus {
+            // taskset execs the service: same process, so the pid is the service's.
+            Some(cpus) => {
+                let mut command = Command::new("taskset");
+                command.args(["-c", cpus.as_str()]).arg(program);
+                command
+            }
+            None => Command::new(program),
+        };
         command.envs(self.service_env(name));
         let log_path = self
             .options

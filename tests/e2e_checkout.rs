@@ -792,3 +792,73 @@ async fn a_sampled_out_checkout_exports_nothing_and_keeps_one_trace_id_everywher
     let found = TraceView::fetch(&test.jaeger(), &trace_id).await;
     assert!(found.is_err() || found.is_ok_and(|t| t.spans.is_empty()));
 }
+
+/// Half the traces sampled out (`parentbased_traceidratio` at 0.5): the sampled-in checkouts are whole, and
+/// no span of a sampled-out one reaches the collector as a trace of its own (the statements run on
+/// another thread than their request: the decision must travel there too), nor does a batch's or a
+/// timer's wait for a pooled connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_half_the_traces_sampled_out_no_statement_becomes_a_trace_of_its_own() {
+    let test = TestStack::boot(&[
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+    ])
+    .await;
+    let customer = test.customer().await;
+    let mut trace_ids = Vec::new();
+    for _ in 0..16 {
+        let checkout = customer.checkout("2.00", "usd", None).await.unwrap();
+        assert_eq!(checkout.status, 200, "{}", checkout.body);
+        trace_ids.push(checkout.body["traceId"].as_str().unwrap().to_owned());
+    }
+    // The notifications' spans come after the answer, and the batch processors export every 500 ms.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut sampled = 0;
+    for trace_id in &trace_ids {
+        if let Ok(trace) = TraceView::fetch(&test.jaeger(), trace_id).await
+            && !trace.spans.is_empty()
+        {
+            sampled += 1;
+            assert!(
+                !trace.named("POST /checkout").is_empty()
+                    && !trace.named("INSERT notifications").is_empty(),
+                "a sampled checkout is whole"
+            );
+        }
+    }
+    assert!(
+        sampled > 0 && sampled < trace_ids.len(),
+        "{sampled} of {} sampled",
+        trace_ids.len()
+    );
+    for service in ["users", "billing", "notifications"] {
+        let traces = TraceView::search(
+            &test.jaeger(),
+            &[
+                ("service", service.to_owned()),
+                ("limit", "1000".to_owned()),
+            ],
+        )
+        .await
+        .unwrap();
+        // Traces start at a request (a SERVER span) or at a timer's round: nothing else is a root.
+        for trace in &traces {
+            for root in trace
+                .spans
+                .iter()
+                .filter(|span| trace.parent(span).is_none())
+            {
+                assert!(
+                    root.kind() == "server" || root.name.starts_with("retention "),
+                    "{} of {} exported as a trace of its own ({}: {:?}, parent {:?}, {} spans)",
+                    root.name,
+                    root.service,
+                    trace.trace_id,
+                    root.tags,
+                    root.parent_id,
+                    trace.spans.len()
+                );
+            }
+        }
+    }
+}

@@ -4,7 +4,9 @@
 //!
 //! Every run is a fresh stack on a private PostgreSQL cluster that loads `pg_stat_statements` (so that
 //! statements can be counted whatever the machine's own server is configured with): closed loop, checkouts
-//! only, spans exported to the counting collector. Per checkout it reports the CPU of each service, of
+//! only, spans exported to the counting collector; "services on 1 core" starts every service under
+//! `taskset -c 0`, so each sizes its thread pools for one core (PostgreSQL, NATS and the load generator keep
+//! both). Per checkout it reports the CPU of each service, of
 //! PostgreSQL (the cluster's postmaster and its children) and of NATS, from `/proc`; and, for the two-core
 //! traced runs, the statements (`pg_stat_statements` calls in the stack's database, without `BEGIN`,
 //! `COMMIT` and `ROLLBACK`; the background jobs' included) and commits (`pg_stat_database.xact_commit`,
@@ -143,6 +145,7 @@ async fn one_run(
         } else {
             None
         },
+        cpus: variant.one_core.then(|| "0".to_owned()),
     })
     .await?;
     let outcome = measure(options, &mut stack, server_url, postmaster, variant).await;
@@ -159,11 +162,6 @@ async fn measure(
     variant: Variant,
 ) -> anyhow::Result<serde_json::Value> {
     let pids = service_pids(stack);
-    if variant.one_core {
-        for (name, pid) in &pids {
-            pin_to_first_core(*pid).map_err(|error| anyhow::anyhow!("pinning {name}: {error}"))?;
-        }
-    }
     let nats_pid = stack.nats.as_ref().and_then(|nats| nats.process.pid());
     let users = load::user_pool(&stack.gateway_url(), 50).await?;
     let database = stack.options.database_name.clone();
@@ -273,9 +271,19 @@ impl Cpu {
     }
 }
 
-/// CPU ticks of `root` and its children (PostgreSQL's backends are the postmaster's children).
+/// CPU ticks of `root` and its children (PostgreSQL's backends are the postmaster's children): the live
+/// ones' own, and what the ones that exited left in `root`'s `cutime` and `cstime` when it reaped them.
 fn process_tree_ticks(root: u32) -> u64 {
-    let mut total = cpu_ticks(Path::new(&format!("/proc/{root}/stat")));
+    let stat = std::fs::read_to_string(format!("/proc/{root}/stat")).unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    // After the command name: utime, stime, cutime, cstime are fields 12 to 15 (counting from state, 0).
+    let mut total: u64 = fields.get(11..15).map_or(0, |ticks| ticks.iter().sum());
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return total;
     };
@@ -298,16 +306,6 @@ fn process_tree_ticks(root: u32) -> u64 {
         }
     }
     total
-}
-
-/// `taskset -a -p -c 0 <pid>`: every thread of the process on the first core.
-fn pin_to_first_core(pid: u32) -> anyhow::Result<()> {
-    let status = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", "0", &pid.to_string()])
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "taskset failed ({status})");
-    Ok(())
 }
 
 /// Counters of the stack's database.

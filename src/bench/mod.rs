@@ -141,6 +141,7 @@ async fn start(
         extra_env,
         replicas: 1,
         bin_dir: None,
+        cpus: None,
     })
     .await
 }

@@ -120,6 +120,7 @@ impl TestStack {
             extra_env: env,
             replicas,
             bin_dir: None,
+            cpus: None,
         };
         let stack = match Stack::start(options).await {
             Ok(stack) => stack,

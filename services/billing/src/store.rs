@@ -152,28 +152,66 @@ pub fn save_charged(
     event: &OutboxEvent,
     claim: &RelayClaim,
 ) -> Result<bool, DbError> {
-    use diesel::sql_types::{Text, Timestamptz, Uuid};
-    // The event row is inserted only if the update changed a row: a data-modifying CTE, because diesel's
-    // query builder has no `WITH`. Its text is constant, so diesel prepares it once per connection.
-    let query = diesel::sql_query(
-        "WITH charged AS (\
-           UPDATE transactions SET status = 'charged', charge_id = $2, updated_at = now() \
-           WHERE id = $1 AND status = 'pending' RETURNING id) \
-         INSERT INTO outbox (id, subject, payload, trace_context, claimed_by, claimed_until) \
-         SELECT $3, $4, $5, $6, $7, $8 FROM charged \
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind::<Uuid, _>(order_id)
-    .bind::<Text, _>(charge_id)
-    .bind::<Uuid, _>(event.id)
-    .bind::<Text, _>(&event.subject)
-    .bind::<Text, _>(&event.payload)
-    .bind::<Text, _>(&event.trace_context)
-    .bind::<Text, _>(&claim.owner)
-    .bind::<Timestamptz, _>(claim.until());
+    let query = SaveCharged {
+        order_id,
+        charge_id,
+        event,
+        claimed_by: &claim.owner,
+        claimed_until: claim.until(),
+    };
     let inserted = traced(statements, query, |query| query.execute(connection))?;
     Ok(inserted == 1)
 }
+
+/// The statement of [`save_charged`]: the event row is inserted only if the update changed a row, a
+/// data-modifying CTE, because diesel's query builder has no `WITH`. A type of its own rather than
+/// `sql_query`, so that diesel prepares it once per connection (its SQL never changes) instead of having
+/// PostgreSQL parse and plan it for every checkout.
+struct SaveCharged<'a> {
+    order_id: uuid::Uuid,
+    charge_id: &'a str,
+    event: &'a OutboxEvent,
+    claimed_by: &'a str,
+    claimed_until: DateTime<Utc>,
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for SaveCharged<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Text, Timestamptz, Uuid};
+        out.push_sql("WITH charged AS (UPDATE transactions SET status = 'charged', charge_id = ");
+        out.push_bind_param::<Text, _>(&self.charge_id)?;
+        out.push_sql(", updated_at = now() WHERE id = ");
+        out.push_bind_param::<Uuid, _>(&self.order_id)?;
+        out.push_sql(
+            " AND status = 'pending' RETURNING id) \
+             INSERT INTO outbox (id, subject, payload, trace_context, claimed_by, claimed_until) SELECT ",
+        );
+        out.push_bind_param::<Uuid, _>(&self.event.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.event.subject)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.event.payload)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.event.trace_context)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.claimed_by)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamptz, _>(&self.claimed_until)?;
+        out.push_sql(" FROM charged ON CONFLICT (id) DO NOTHING");
+        Ok(())
+    }
+}
+
+/// One query type, one SQL text: diesel keys its prepared statement by this.
+impl diesel::query_builder::QueryId for SaveCharged<'_> {
+    type QueryId = SaveCharged<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<Connection> diesel::RunQueryDsl<Connection> for SaveCharged<'_> {}
 
 /// Who claims outbox events, and for how long.
 #[derive(Debug, Clone)]

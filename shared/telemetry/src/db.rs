@@ -169,7 +169,14 @@ impl Database {
     /// workers.
     pub fn dedicated_connection(&self) -> Result<PgConnection, DbError> {
         use diesel::Connection as _;
-        PgConnection::establish(&self.url)
+        // TCP keepalives, so that a connection whose server or network is gone is noticed within about
+        // 25 s even while it only listens (libpq's defaults leave that to the kernel: hours).
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        let url = format!(
+            "{}{separator}keepalives=1&keepalives_idle=10&keepalives_interval=5&keepalives_count=3",
+            self.url
+        );
+        PgConnection::establish(&url)
             .map_err(|error| DbError::ConnectionLost(format!("dedicated connection: {error}")))
     }
 
@@ -209,13 +216,25 @@ impl Database {
             namespace: self.namespace.clone(),
         };
         let parent = Span::current();
+        // The OpenTelemetry context travels too: in a sampled-out trace the parent has none of its own, and
+        // the statements' spans must still know they belong to it (`setup::note_sampling`).
+        let context = crate::propagation::context_of(&parent);
         tokio::task::spawn_blocking(move || {
+            let _context = context.attach();
             let _entered = parent.enter();
             let waiting_since = Instant::now();
             let connection = pool.get();
             let waited = waiting_since.elapsed();
             if waited > Duration::from_millis(1) || connection.is_err() {
-                record_pool_wait(waited, &pool, connection.as_ref().err());
+                // Work outside any request (a batch, a timer's poll) gets no span: it would be a trace
+                // of one span. A failure is still logged.
+                if parent.is_none() {
+                    if let Err(error) = &connection {
+                        crate::setup::log_detail("no database connection", error);
+                    }
+                } else {
+                    record_pool_wait(waited, &pool, connection.as_ref().err());
+                }
             }
             let mut connection = connection?;
             match work(&mut connection, &statements) {

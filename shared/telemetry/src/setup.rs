@@ -198,10 +198,10 @@ pub fn propagator() -> TextMapCompositePropagator {
     ])
 }
 
-/// The OpenTelemetry layer's filter. Whether a callsite is worth a span at all ([`span_worthy`]) is decided
-/// once per callsite, so a span or event pays no string comparisons at run time. What is left is decided per
+/// The OpenTelemetry layer's filter. Whether a callsite is worth a span at all ([`span_worthy`]) is told to
+/// `tracing` once per callsite, so the callsites nobody wants cost nothing. What is left is decided per
 /// span: nothing is built inside a trace that was sampled out, whose nearest traced ancestor carries the
-/// [`SampledOut`] mark ([`note_sampling`]). Such a span still exists for the logs (and its trace id is in
+/// [`SampledOut`] mark ([`note_sampling`]), or whose context was handed to this thread unsampled. Such a span still exists for the logs (and its trace id is in
 /// them, [`crate::propagation::context_of`]); it only costs the OpenTelemetry layer nothing.
 struct SpanWorthy;
 
@@ -214,13 +214,24 @@ where
 {
     fn enabled(
         &self,
-        _: &tracing::Metadata<'_>,
+        metadata: &tracing::Metadata<'_>,
         context: &tracing_subscriber::layer::Context<'_, S>,
     ) -> bool {
-        // `lookup_current` sees the spans this layer traced only: the nearest traced ancestor.
-        context
-            .lookup_current()
-            .is_none_or(|span| span.extensions().get::<SampledOut>().is_none())
+        // Asked whenever another layer (the logs) wants the callsite, so the callsite's own rule first.
+        if !span_worthy(metadata) {
+            return false;
+        }
+        // `lookup_current` sees the spans this layer traced only: the nearest traced ancestor on this thread.
+        match context.lookup_current() {
+            Some(span) => span.extensions().get::<SampledOut>().is_none(),
+            // None on this thread (work handed to another thread, which carries the context it was given,
+            // as `db::Database::run` does): the current OpenTelemetry context decides.
+            None => opentelemetry::Context::map_current(|current| {
+                let span = current.span();
+                let span_context = span.span_context();
+                !span_context.is_valid() || span_context.is_sampled()
+            }),
+        }
     }
 
     fn callsite_enabled(
