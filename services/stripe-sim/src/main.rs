@@ -1,10 +1,5 @@
 //! stripe-sim binary: see the library.
 
-/// mimalloc, not glibc's malloc: it hands freed memory back to the system instead of keeping an arena per
-/// thread (users' Argon2 hashes took ~360 MiB that way), and costs less CPU per allocation (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()

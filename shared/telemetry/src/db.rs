@@ -14,9 +14,40 @@ use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use tracing::{Instrument, Span};
 
 /// The pool type every service uses.
-pub type DbPool = Pool<ConnectionManager<PgConnection>>;
+pub type DbPool = Pool<PgManager>;
 /// A connection checked out of [`DbPool`].
-pub type DbConnection = PooledConnection<ConnectionManager<PgConnection>>;
+pub type DbConnection = PooledConnection<PgManager>;
+
+/// The pool's connection manager: diesel's, except for the check made before a connection is handed out.
+/// diesel's sends `SELECT 1` and waits for it, a round trip and a transaction on every checkout: in
+/// BENCHMARKS.md's first run of section 6 that was half of all the statements PostgreSQL ran. This one reads
+/// only what the socket already holds, without waiting: a server that went away (restarted, shut down,
+/// killed) closed the connection, libpq sees the end of the stream, and the connection is replaced before
+/// anyone uses it. A connection that dies silently (a network cut) is found by its first statement, which
+/// fails; the pool then drops it.
+#[derive(Debug)]
+pub struct PgManager(ConnectionManager<PgConnection>);
+
+impl diesel::r2d2::ManageConnection for PgManager {
+    type Connection = PgConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<PgConnection, Self::Error> {
+        self.0.connect()
+    }
+
+    fn is_valid(&self, connection: &mut PgConnection) -> Result<(), Self::Error> {
+        // Pool connections never LISTEN, so anything read here is the end of the stream or an error.
+        match connection.notifications_iter().next() {
+            Some(Err(error)) => Err(diesel::r2d2::Error::QueryError(error)),
+            _ => Ok(()),
+        }
+    }
+
+    fn has_broken(&self, connection: &mut PgConnection) -> bool {
+        self.0.has_broken(connection)
+    }
+}
 
 /// A pool plus what the spans need to know about it.
 #[derive(Clone)]
@@ -151,7 +182,7 @@ impl Database {
     /// Builds a pool of `max_size` connections. Does not fail when PostgreSQL is down (connections are opened
     /// lazily): a service starts, answers 503 while the database is away, and recovers by itself.
     pub fn connect(url: &str, max_size: u32) -> Result<Self, DbError> {
-        let manager = ConnectionManager::<PgConnection>::new(url);
+        let manager = PgManager(ConnectionManager::<PgConnection>::new(url));
         let pool = Pool::builder()
             .max_size(max_size)
             .min_idle(Some(1))
