@@ -126,7 +126,7 @@ pub fn release(
 }
 
 /// An event to relay.
-#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = outbox)]
 pub struct OutboxEvent {
     pub id: uuid::Uuid,
