@@ -17,8 +17,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libpq5 ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 tracehop \
- && mkdir -p /secrets/private /secrets/public \
- && chown tracehop /secrets/private /secrets/public \
+ && mkdir -p /secrets/private /secrets/public /var/spool/tracehop \
+ && chown tracehop /secrets/private /secrets/public /var/spool/tracehop \
  && chmod 700 /secrets/private
 COPY --from=build /out/ /usr/local/bin/
 USER tracehop

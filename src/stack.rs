@@ -364,6 +364,12 @@ impl Stack {
             // Sized so that nothing is dropped at full load on the benchmark machine (BENCHMARKS.md).
             ("OTEL_BSP_MAX_QUEUE_SIZE".into(), "32768".into()),
             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE".into(), "2048".into()),
+            // One spool directory for every process of the stack: a killed process's spans are exported by
+            // a sibling (README, "Spans that survive a kill").
+            (
+                "TRACEHOP_SPAN_SPOOL".into(),
+                self.options.state_dir.join("spool").display().to_string(),
+            ),
             // Each service as its own role, with rights on its own tables only.
             (
                 "DATABASE_URL".into(),

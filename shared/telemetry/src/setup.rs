@@ -11,13 +11,22 @@
 //! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` (default) or `http/protobuf` |
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling (default `parentbased_always_on`) |
 //! | `OTEL_SDK_DISABLED` | `true`: no spans at all (so no context propagation either); logs stay |
-//! | `OTEL_BSP_*` | batch span processor queue, batch size, delay, timeout |
+//! | `OTEL_BSP_*` | batch span processor queue, batch size, delay, timeout (with the spool: delay and batch size) |
+//! | `TRACEHOP_SPAN_SPOOL` | a directory: spans go through a spool file there, so a killed process's spans are exported by its successor or a sibling ([`spool`](self#the-span-spool)) |
 //! | `OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`, `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT` | longest string attribute value exported (default [`DEFAULT_VALUE_LENGTH_LIMIT`]) |
 //! | `RUST_LOG` | log filter (default `info`); spans are not affected by it |
 //! | `LOG_FORMAT` | `json` (default) or `text` |
 //!
 //! Export runs on the batch processor's own thread: an unreachable collector costs a full queue and dropped
 //! spans (counted and logged at shutdown), never a slower or failed request.
+//!
+//! # The span spool
+//!
+//! With `TRACEHOP_SPAN_SPOOL` set, a span processor of our own takes the batch processor's place: each
+//! process writes its finished spans (one `write(2)` per local tree) to a file under that directory before
+//! they are exported, and writes a span whose context leaves the process before it leaves. Processes
+//! sharing the directory (the replicas on one host, or a container and its restarted successor on one
+//! volume) export the spool of one that died. See `spool.rs` for the mechanism and its limits.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -37,8 +46,11 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 mod export;
 mod json_log;
+mod spool;
 
 pub use export::{DEFAULT_VALUE_LENGTH_LIMIT, ExportCounts};
+pub use spool::SpoolError;
+pub(crate) use spool::expose;
 
 /// Why telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +61,8 @@ pub enum TelemetryError {
     Protocol(String),
     #[error("a global tracing subscriber is already installed: {0}")]
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 /// Keeps the tracer provider alive; [`TelemetryGuard::shutdown`] flushes what is still queued.
@@ -102,7 +116,14 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
     } else {
         Some(span_exporter()?)
     };
-    let (dispatch, guard) = dispatch_with_exporter(default_service_name, exporter);
+    let spool = std::env::var("TRACEHOP_SPAN_SPOOL")
+        .ok()
+        .filter(|dir| !dir.trim().is_empty())
+        .map(|dir| Spool {
+            dir: dir.into(),
+            make_exporter: Box::new(|| span_exporter().ok()),
+        });
+    let (dispatch, guard) = dispatch(default_service_name, exporter, spool)?;
     dispatch.try_init()?;
     if !guard.is_exporting() {
         tracing::info!("OTEL_SDK_DISABLED=true: spans are not exported");
@@ -120,6 +141,27 @@ pub fn dispatch_with_exporter<E>(
     default_service_name: &'static str,
     exporter: Option<E>,
 ) -> (tracing::Dispatch, TelemetryGuard)
+where
+    E: SpanExporter + 'static,
+{
+    match dispatch(default_service_name, exporter, None) {
+        Ok(made) => made,
+        // Only the spool can fail, and there is none.
+        Err(error) => unreachable!("{error}"),
+    }
+}
+
+/// Where the spool goes, and how to make an exporter for a dead process's spans.
+struct Spool<E> {
+    dir: std::path::PathBuf,
+    make_exporter: Box<dyn Fn() -> Option<E> + Send>,
+}
+
+fn dispatch<E>(
+    default_service_name: &'static str,
+    exporter: Option<E>,
+    spool: Option<Spool<E>>,
+) -> Result<(tracing::Dispatch, TelemetryGuard), SpoolError>
 where
     E: SpanExporter + 'static,
 {
@@ -152,19 +194,40 @@ where
             provider: None,
             counts: Arc::default(),
         };
-        return (tracing_subscriber::registry().with(fmt_layer).into(), guard);
+        return Ok((tracing_subscriber::registry().with(fmt_layer).into(), guard));
     };
 
     let counts = Arc::new(ExportCounts::default());
+    let value_limit = export::value_length_limit();
     let exporter = export::GuardedExporter {
         inner: exporter,
         counts: counts.clone(),
-        value_limit: export::value_length_limit(),
+        value_limit,
     };
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource(default_service_name))
-        .build();
+    let builder = SdkTracerProvider::builder().with_resource(resource(default_service_name));
+    let provider = match spool {
+        None => builder.with_batch_exporter(exporter),
+        Some(Spool { dir, make_exporter }) => {
+            let service = std::env::var("OTEL_SERVICE_NAME")
+                .unwrap_or_else(|_| default_service_name.to_owned());
+            let counts = counts.clone();
+            let make_exporter = move || {
+                make_exporter().map(|inner| export::GuardedExporter {
+                    inner,
+                    counts: counts.clone(),
+                    value_limit,
+                })
+            };
+            builder.with_span_processor(spool::SpoolProcessor::start(
+                &dir,
+                &service,
+                exporter,
+                make_exporter,
+                spool::Settings::from_env(),
+            )?)
+        }
+    }
+    .build();
     let tracer = provider.tracer("tracehop");
     global::set_tracer_provider(provider.clone());
 
@@ -186,7 +249,7 @@ where
         provider: Some(provider),
         counts,
     };
-    (dispatch, guard)
+    Ok((dispatch, guard))
 }
 
 /// The propagator every tracehop process installs: strict W3C Trace Context ([`crate::propagation::w3c`])

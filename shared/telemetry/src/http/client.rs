@@ -122,6 +122,7 @@ impl TracedClient {
         }
         let context = crate::propagation::context_of(&span);
         if self.third_party {
+            crate::setup::expose(&context);
             if let Some(value) = w3c::traceparent(&context).and_then(|value| value.parse().ok()) {
                 request.headers_mut().insert(w3c::TRACEPARENT, value);
             }

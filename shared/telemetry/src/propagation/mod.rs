@@ -150,6 +150,7 @@ pub struct SerializedContext(pub std::collections::BTreeMap<String, String>);
 impl SerializedContext {
     /// Captures an OpenTelemetry context.
     pub fn capture(context: &Context) -> Self {
+        crate::setup::expose(context);
         let mut carrier = Self::default();
         global::get_text_map_propagator(|propagator| {
             propagator.inject_context(context, &mut carrier)
@@ -163,8 +164,11 @@ impl SerializedContext {
     }
 }
 
-/// Injects `context` with the global propagator.
+/// Injects `context` with the global propagator. With the span spool, the span it names is written to the
+/// spool first (`setup`, the span spool): a span another process may make children under must outlive this
+/// one's death.
 pub fn inject(context: &Context, injector: &mut dyn Injector) {
+    crate::setup::expose(context);
     global::get_text_map_propagator(|propagator| propagator.inject_context(context, injector));
 }
 

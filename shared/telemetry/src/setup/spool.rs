@@ -1,0 +1,960 @@
+//! The span spool: spans reach a file before they reach the exporter, so a process killed with SIGKILL (an
+//! OOM kill, a crashed node agent, a drill) does not take its last spans with it. Another process of the
+//! same host (a sibling replica, or the killed one's successor) finds the spool it left and exports it.
+//!
+//! Why: with a batch processor in memory, a kill loses up to one batch delay of spans, and the traces of
+//! orders that *were* answered lose their middle: a billing span missing under the gateway's call, a
+//! notifier's delivery whose parent was never exported. A trace with a hole cannot say what happened.
+//!
+//! How (`TRACEHOP_SPAN_SPOOL=<directory>` switches it on; [`super::init`]):
+//!
+//! - **One write per local tree.** A span that ends while its parent (in this process) is still open waits
+//!   in memory under that parent; the span with no open local parent (the request's server span, a
+//!   consumer span, a late relay span) is written with everything that waited under it in one `write(2)`.
+//!   So the file never holds a child without its parent, and the request path pays one system call per
+//!   tree, into the page cache, which survives the process.
+//! - **A span whose context leaves the process is on disk first.** Before a context is injected into an
+//!   outgoing request, a NATS message or a stored row ([`expose`]), the span and its open local ancestors
+//!   are written as `Open` records: what they were when they started. If the process dies before they
+//!   end, the successor exports them as ended at the death, with an error status, so the downstream spans
+//!   that already exist still hang from their parent.
+//! - **The file is the queue.** This process's export thread reads the spool from where it stopped, hands
+//!   the spans to the exporter in batches (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) and
+//!   records how far it got in a small `exported` file. Segments are rotated at [`SEGMENT_BYTES`] and
+//!   deleted once exported.
+//! - **A dead owner is found by its lock.** Each process holds an exclusive `flock` on its own spool
+//!   directory's `lock` file for its whole life; the kernel releases it when the process dies, however it
+//!   dies. Every [`ADOPT_EVERY`] the export thread tries the lock of every other spool directory under the
+//!   same root: one it can take belongs to a dead process, whose unexported spans it exports under the dead
+//!   process's own resource (`service.name`, `service.instance.id`), then removes.
+//! - **Bounded.** When the export falls [`MAX_BACKLOG_BYTES`] behind (a collector down for long), new
+//!   spans are dropped and counted, as a full batch queue would: never a slower or failed request.
+//!
+//! What it does not cover: a kill of the machine (the page cache is not synced), and a span whose context
+//! never left the process and that had not ended (it is lost with the process, and nothing points to it).
+
+mod codec;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use opentelemetry::Context;
+use opentelemetry::trace::{SpanId, Status, TraceContextExt};
+use opentelemetry::{KeyValue, Value};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
+
+use codec::Kind;
+
+/// A segment is closed and a new one begun past this size.
+pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// How far the export may fall behind the spans written before new spans are dropped.
+pub const MAX_BACKLOG_BYTES: u64 = 256 * 1024 * 1024;
+/// How often the spool directories of other processes are checked for a dead owner.
+pub const ADOPT_EVERY: Duration = Duration::from_secs(1);
+/// Spans that may wait under one open parent; past it they are written on their own (with their open
+/// ancestors as `Open` records), so a span that never ends cannot hold its children back for ever.
+const MAX_WAITING: usize = 1024;
+
+/// The one spool of this process, for [`expose`].
+static SPOOL: OnceLock<Arc<Shared>> = OnceLock::new();
+
+/// Call before `context` leaves the process: the span it names, and its open ancestors in this process,
+/// are written to the spool (once each), so the spans another process makes beneath it will have a parent
+/// even if this process dies first. Does nothing without a spool.
+pub(crate) fn expose(context: &Context) {
+    if let Some(shared) = SPOOL.get() {
+        let span_id = context.span().span_context().span_id();
+        shared.expose(span_id);
+    }
+}
+
+/// A span that has started and not ended.
+struct Open {
+    /// The span as it started.
+    start: SpanData,
+    /// Written as an `Open` record (its context left the process).
+    exposed: bool,
+    /// Its descendants that ended before it, to be written with it.
+    waiting: Vec<SpanData>,
+}
+
+struct Segment {
+    number: u64,
+    file: File,
+    bytes: u64,
+}
+
+struct Shared {
+    dir: PathBuf,
+    root: PathBuf,
+    open: Mutex<HashMap<SpanId, Open>>,
+    segment: Mutex<Segment>,
+    /// Bytes written and bytes the export has passed, over all segments.
+    written: AtomicU64,
+    passed: AtomicU64,
+    /// Ended spans written and not yet handed to the exporter (a full batch wakes the export early).
+    pending: AtomicU64,
+    /// Spans per export batch.
+    batch: u64,
+    dropped: AtomicU64,
+    control: Mutex<Control>,
+    wake: Condvar,
+    /// Held (with its `flock`) for the life of the process: the sign that this spool has an owner.
+    _lock: File,
+}
+
+#[derive(Default)]
+struct Control {
+    resource: Option<Resource>,
+    flush_requested: u64,
+    flush_done: u64,
+    shutdown: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data behind (every update is one
+    // statement), so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn expose(&self, span_id: SpanId) {
+        let mut chain = Vec::new();
+        {
+            let mut open = lock(&self.open);
+            let mut next = Some(span_id);
+            while let Some(id) = next {
+                let Some(entry) = open.get_mut(&id) else {
+                    break;
+                };
+                if entry.exposed {
+                    break;
+                }
+                entry.exposed = true;
+                chain.push(entry.start.clone());
+                next = Some(entry.start.parent_span_id);
+            }
+        }
+        if !chain.is_empty() {
+            let mut buffer = Vec::new();
+            for span in &chain {
+                codec::push_record(&mut buffer, Kind::Open, span);
+            }
+            self.write(&buffer, chain.len(), 0);
+        }
+    }
+
+    /// Appends `buffer` (`spans` records, of which `ended` are `Ended`) to the current segment, in one write.
+    /// False when the spans were dropped.
+    fn write(&self, buffer: &[u8], spans: usize, ended: u64) -> bool {
+        let backlog = self
+            .written
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.passed.load(Ordering::Relaxed));
+        if backlog > MAX_BACKLOG_BYTES {
+            self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
+            return false;
+        }
+        let mut segment = lock(&self.segment);
+        if segment.bytes >= SEGMENT_BYTES
+            && let Err(error) = self.rotate(&mut segment)
+        {
+            eprintln!("span spool: could not begin a new segment: {error}");
+        }
+        // Before the write: the export thread must never see a record it has not been told of.
+        self.pending.fetch_add(ended, Ordering::Relaxed);
+        match segment.file.write_all(buffer) {
+            Ok(()) => {
+                segment.bytes += buffer.len() as u64;
+                self.written
+                    .fetch_add(buffer.len() as u64, Ordering::Relaxed);
+                true
+            }
+            Err(error) => {
+                // A write that failed part-way may have left a record cut short: nothing more goes into this
+                // segment, whose reader then stops there.
+                segment.bytes = SEGMENT_BYTES;
+                self.pending.fetch_sub(ended, Ordering::Relaxed);
+                self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
+                eprintln!("span spool: write failed, {spans} span(s) dropped: {error}");
+                false
+            }
+        }
+    }
+
+    /// Begins the next segment. The spans already exposed and still open are written into it again, so a
+    /// successor that finds only the newer segments still knows them.
+    fn rotate(&self, segment: &mut Segment) -> std::io::Result<()> {
+        let number = segment.number + 1;
+        let file = open_segment(&self.dir, number)?;
+        let mut buffer = Vec::new();
+        let mut spans = 0;
+        for entry in lock(&self.open).values().filter(|entry| entry.exposed) {
+            codec::push_record(&mut buffer, Kind::Open, &entry.start);
+            spans += 1;
+        }
+        *segment = Segment {
+            number,
+            file,
+            bytes: 0,
+        };
+        if spans > 0 {
+            segment.file.write_all(&buffer)?;
+            segment.bytes = buffer.len() as u64;
+            self.written
+                .fetch_add(buffer.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:010}.spool"))
+}
+
+fn open_segment(dir: &Path, number: u64) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(segment_path(dir, number))
+}
+
+/// The spool's span processor. Holds the exporter's thread; `E` exports this process's spans and, built
+/// anew by `make_exporter`, a dead process's.
+pub(crate) struct SpoolProcessor {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SpoolProcessor {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SpoolProcessor")
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Export settings, from the batch processor's standard variables.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) delay: Duration,
+    pub(crate) batch: usize,
+}
+
+impl Settings {
+    pub(crate) fn from_env() -> Self {
+        let number = |name: &str| std::env::var(name).ok()?.trim().parse::<u64>().ok();
+        Self {
+            delay: Duration::from_millis(number("OTEL_BSP_SCHEDULE_DELAY").unwrap_or(5000)),
+            batch: number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
+                .and_then(|size| usize::try_from(size).ok())
+                .filter(|size| *size > 0)
+                .unwrap_or(512),
+        }
+    }
+}
+
+/// Why the spool could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("span spool in {dir}: {source}")]
+pub struct SpoolError {
+    dir: PathBuf,
+    source: std::io::Error,
+}
+
+impl SpoolProcessor {
+    /// A spool in a directory of its own under `root` (created if missing), named after the service and
+    /// this process.
+    pub(crate) fn start<E, F>(
+        root: &Path,
+        service: &str,
+        exporter: E,
+        make_exporter: F,
+        settings: Settings,
+    ) -> Result<Self, SpoolError>
+    where
+        E: SpanExporter + 'static,
+        F: Fn() -> Option<E> + Send + 'static,
+    {
+        let failed = |dir: &Path| {
+            let dir = dir.to_owned();
+            move |source| SpoolError { dir, source }
+        };
+        // One process may run more than one spool (tests do).
+        static SPOOLS: AtomicU64 = AtomicU64::new(0);
+        let serial = SPOOLS.fetch_add(1, Ordering::Relaxed);
+        let name: String = format!("{service}-{}-{serial}", crate::service::instance_id())
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let dir = root.join(&name);
+        // Made under a hidden name and renamed once locked, so no other process ever sees it unlocked.
+        let making = root.join(format!(".{name}"));
+        fs::create_dir_all(&making).map_err(failed(&making))?;
+        let lock_file = File::create(making.join("lock")).map_err(failed(&making))?;
+        lock_file
+            .try_lock()
+            .map_err(|error| failed(&making)(std::io::Error::other(error.to_string())))?;
+        fs::rename(&making, &dir).map_err(failed(&dir))?;
+        let file = open_segment(&dir, 0).map_err(failed(&dir))?;
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            root: root.to_owned(),
+            open: Mutex::default(),
+            segment: Mutex::new(Segment {
+                number: 0,
+                file,
+                bytes: 0,
+            }),
+            written: AtomicU64::new(0),
+            passed: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            batch: settings.batch as u64,
+            dropped: AtomicU64::new(0),
+            control: Mutex::default(),
+            wake: Condvar::new(),
+            _lock: lock_file,
+        });
+        let worker = shared.clone();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let thread = std::thread::Builder::new()
+            .name("span-spool".to_owned())
+            .spawn(move || {
+                // The gRPC exporter's connection lives on the service's runtime.
+                let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                export_loop(&worker, exporter, &make_exporter, settings);
+            })
+            .map_err(failed(&dir))?;
+        // The first spool of the process serves `expose` (tests may build more than one).
+        let _ = SPOOL.set(shared.clone());
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Spans dropped because the export fell too far behind or a write failed.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    fn request(&self, shutdown: bool, timeout: Duration) -> OTelSdkResult {
+        let deadline = Instant::now() + timeout;
+        let mut control = lock(&self.shared.control);
+        control.flush_requested += 1;
+        control.shutdown |= shutdown;
+        let ticket = control.flush_requested;
+        self.shared.wake.notify_all();
+        while control.flush_done < ticket {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(OTelSdkError::Timeout(timeout));
+            }
+            control = self
+                .shared
+                .wake
+                .wait_timeout(control, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Ok(())
+    }
+}
+
+impl SpanProcessor for SpoolProcessor {
+    fn on_start(&self, span: &mut Span, _cx: &Context) {
+        // The span as it starts, kept in case its context leaves the process before it ends.
+        if let Some(start) = span.exported_data() {
+            let id = start.span_context.span_id();
+            lock(&self.shared.open).insert(
+                id,
+                Open {
+                    start,
+                    exposed: false,
+                    waiting: Vec::new(),
+                },
+            );
+        }
+    }
+
+    fn on_end(&self, span: SpanData) {
+        let shared = &self.shared;
+        let tree = {
+            let mut open = lock(&shared.open);
+            let mut waiting = open
+                .remove(&span.span_context.span_id())
+                .map(|entry| entry.waiting)
+                .unwrap_or_default();
+            match open.get_mut(&span.parent_span_id) {
+                // The parent is open here and still has room: wait for it.
+                Some(parent) if parent.waiting.len() + waiting.len() < MAX_WAITING => {
+                    parent.waiting.append(&mut waiting);
+                    parent.waiting.push(span);
+                    return;
+                }
+                _ => {}
+            }
+            waiting.push(span);
+            waiting
+        };
+        // A parent still open here (one that had no room left) goes to disk as `Open` first, so the file
+        // never holds a span without its parent.
+        if let Some(last) = tree.last() {
+            shared.expose(last.parent_span_id);
+        }
+        let mut buffer = Vec::with_capacity(512 * tree.len());
+        for span in &tree {
+            codec::push_record(&mut buffer, Kind::Ended, span);
+        }
+        let count = tree.len() as u64;
+        // The export thread wakes on its own schedule; a full batch wakes it early.
+        if shared.write(&buffer, tree.len(), count)
+            && shared.pending.load(Ordering::Relaxed) >= shared.batch
+        {
+            shared.wake.notify_all();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.request(false, Duration::from_secs(30))
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let outcome = self.request(true, timeout);
+        if let Some(thread) = lock(&self.thread).take()
+            && outcome.is_ok()
+        {
+            let _ = thread.join();
+        }
+        let dropped = self.dropped();
+        if dropped > 0 {
+            eprintln!("span spool: {dropped} span(s) dropped");
+        }
+        outcome
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        // Kept beside the spool, so a successor exports a dead process's spans under its own name.
+        let attributes: Vec<KeyValue> = resource
+            .iter()
+            .map(|(key, value)| KeyValue::new(key.clone(), value.clone()))
+            .collect();
+        if let Err(error) = fs::write(
+            self.shared.dir.join("resource"),
+            codec::encode_attributes(&attributes),
+        ) {
+            eprintln!("span spool: could not record the resource: {error}");
+        }
+        lock(&self.shared.control).resource = Some(resource.clone());
+        self.shared.wake.notify_all();
+    }
+}
+
+/// Where the export has got to: a segment and the offset in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Position {
+    segment: u64,
+    offset: u64,
+}
+
+impl Position {
+    fn read(dir: &Path) -> Self {
+        let Ok(bytes) = fs::read(dir.join("exported")) else {
+            return Self::default();
+        };
+        let number = |range: std::ops::Range<usize>| {
+            bytes
+                .get(range)
+                .and_then(|slice| slice.try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        Self {
+            segment: number(0..8),
+            offset: number(8..16),
+        }
+    }
+
+    fn write(self, file: &File) {
+        let mut bytes = [0_u8; 16];
+        bytes[..8].copy_from_slice(&self.segment.to_le_bytes());
+        bytes[8..].copy_from_slice(&self.offset.to_le_bytes());
+        if let Err(error) = file.write_all_at(&bytes, 0) {
+            eprintln!("span spool: could not record the export position: {error}");
+        }
+    }
+}
+
+fn export_loop<E, F>(shared: &Shared, mut exporter: E, make_exporter: &F, settings: Settings)
+where
+    E: SpanExporter,
+    F: Fn() -> Option<E>,
+{
+    let mark = match OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(shared.dir.join("exported"))
+    {
+        Ok(file) => Some(file),
+        Err(error) => {
+            eprintln!("span spool: no export position file: {error}");
+            None
+        }
+    };
+    let mut at = Position::default();
+    let mut next_export = Instant::now() + settings.delay;
+    let mut next_adoption = Instant::now();
+    loop {
+        let (ticket, flush, shutdown) = {
+            let mut control = lock(&shared.control);
+            loop {
+                let flush = control.flush_done < control.flush_requested;
+                let full = shared.pending.load(Ordering::Relaxed) >= settings.batch as u64;
+                let left = next_export
+                    .min(next_adoption)
+                    .saturating_duration_since(Instant::now());
+                if control.shutdown || flush || full || left.is_zero() {
+                    break;
+                }
+                control = shared
+                    .wake
+                    .wait_timeout(control, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            if let Some(resource) = control.resource.take() {
+                exporter.set_resource(&resource);
+            }
+            let flush = control.flush_done < control.flush_requested;
+            (control.flush_requested, flush, control.shutdown)
+        };
+        let now = Instant::now();
+        let full = shared.pending.load(Ordering::Relaxed) >= settings.batch as u64;
+        if flush || shutdown || full || now >= next_export {
+            drain(shared, &exporter, &mut at, mark.as_ref(), settings.batch);
+            next_export = now + settings.delay;
+        }
+        if !shutdown && now >= next_adoption {
+            adopt_orphans(&shared.root, &shared.dir, make_exporter, settings.batch);
+            next_adoption = Instant::now() + ADOPT_EVERY;
+        }
+        {
+            let mut control = lock(&shared.control);
+            control.flush_done = control.flush_done.max(ticket);
+            shared.wake.notify_all();
+        }
+        if shutdown {
+            let _ = exporter.shutdown();
+            // Everything was exported: nothing for a successor to find.
+            if shared.written.load(Ordering::Relaxed) == shared.passed.load(Ordering::Relaxed) {
+                let _ = fs::remove_dir_all(&shared.dir);
+            }
+            return;
+        }
+    }
+}
+
+/// Exports what this process wrote since `at`, segment after segment.
+fn drain<E: SpanExporter>(
+    shared: &Shared,
+    exporter: &E,
+    at: &mut Position,
+    mark: Option<&File>,
+    batch_size: usize,
+) {
+    loop {
+        // Read before looking at the file: a segment the writer has left is complete.
+        let writer_segment = lock(&shared.segment).number;
+        let path = segment_path(&shared.dir, at.segment);
+        let bytes = match fs::File::open(&path).and_then(|file| read_from(&file, at.offset)) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                eprintln!("span spool: could not read {}: {error}", path.display());
+                Vec::new()
+            }
+        };
+        let mut batch = Vec::new();
+        // Bytes read, and of them, bytes whose spans have been handed to the exporter.
+        let (mut consumed, mut passed) = (0, 0);
+        while let Some((kind, payload, used)) = codec::next_record(&bytes[consumed..]) {
+            consumed += used;
+            if kind == Some(Kind::Ended) {
+                // Counted up before the record was written (under the segment lock), so never below zero.
+                shared.pending.fetch_sub(1, Ordering::Relaxed);
+                if let Some(span) = codec::decode_span(payload) {
+                    batch.push(span);
+                }
+            }
+            if batch.len() >= batch_size {
+                export(exporter, std::mem::take(&mut batch));
+                pass(shared, at, consumed - passed, mark);
+                passed = consumed;
+            }
+        }
+        if !batch.is_empty() {
+            export(exporter, batch);
+        }
+        pass(shared, at, consumed - passed, mark);
+        if writer_segment > at.segment {
+            // The writer has moved on and this segment is read to its end.
+            let _ = fs::remove_file(&path);
+            *at = Position {
+                segment: at.segment + 1,
+                offset: 0,
+            };
+            if let Some(mark) = mark {
+                at.write(mark);
+            }
+            continue;
+        }
+        return;
+    }
+}
+
+/// Moves the export position `consumed` bytes on (and records it).
+fn pass(shared: &Shared, at: &mut Position, consumed: usize, mark: Option<&File>) {
+    if consumed == 0 {
+        return;
+    }
+    at.offset += consumed as u64;
+    shared.passed.fetch_add(consumed as u64, Ordering::Relaxed);
+    if let Some(mark) = mark {
+        at.write(mark);
+    }
+}
+
+fn read_from(file: &File, offset: u64) -> std::io::Result<Vec<u8>> {
+    let length = file.metadata()?.len().saturating_sub(offset);
+    let mut bytes = vec![0; usize::try_from(length).unwrap_or(usize::MAX)];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        match file.read_at(&mut bytes[filled..], offset + filled as u64)? {
+            0 => break,
+            read => filled += read,
+        }
+    }
+    bytes.truncate(filled);
+    Ok(bytes)
+}
+
+fn export<E: SpanExporter>(exporter: &E, batch: Vec<SpanData>) {
+    // Failures are counted by the exporter wrapper ([`super::export::GuardedExporter`]) and the batch is
+    // dropped, as the batch processor does: a collector that refuses a batch would refuse it again.
+    let _ = futures::executor::block_on(exporter.export(batch));
+}
+
+/// Exports and removes the spools under `root` whose owner has died.
+fn adopt_orphans<E, F>(root: &Path, own: &Path, make_exporter: &F, batch_size: usize)
+where
+    E: SpanExporter,
+    F: Fn() -> Option<E>,
+{
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if dir == own || hidden || !dir.is_dir() {
+            continue;
+        }
+        let Ok(lock_file) = File::open(dir.join("lock")) else {
+            continue;
+        };
+        // Taken: its owner is gone. (Still held: alive.)
+        if lock_file.try_lock().is_err() {
+            continue;
+        }
+        // No resource: another adopter finished it between our open and our lock, or its owner died before
+        // it traced anything. Either way there is nothing to export.
+        if !dir.join("resource").exists() {
+            let _ = fs::remove_dir_all(&dir);
+            continue;
+        }
+        let Some(mut exporter) = make_exporter() else {
+            return;
+        };
+        if adopt(&dir, &mut exporter, batch_size) {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        let _ = exporter.shutdown();
+    }
+}
+
+/// Exports the unexported spans of the dead process's spool `dir`, and its exposed spans that never ended
+/// as ended at its death. True when all of it was exported.
+fn adopt<E: SpanExporter>(dir: &Path, exporter: &mut E, batch_size: usize) -> bool {
+    let attributes = fs::read(dir.join("resource"))
+        .ok()
+        .and_then(|bytes| codec::decode_attributes(&bytes))
+        .unwrap_or_default();
+    exporter.set_resource(
+        &Resource::builder_empty()
+            .with_attributes(attributes)
+            .build(),
+    );
+    let from = Position::read(dir);
+    let mut segments: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let number = name.strip_suffix(".spool")?.parse().ok()?;
+            Some((number, entry.path()))
+        })
+        .filter(|(number, _)| *number >= from.segment)
+        .collect();
+    segments.sort();
+    let mut ended = Vec::new();
+    let mut ended_ids = HashSet::new();
+    let mut open: HashMap<SpanId, SpanData> = HashMap::new();
+    let mut death = SystemTime::UNIX_EPOCH;
+    for (number, path) in &segments {
+        let Ok(bytes) = fs::read(path) else { continue };
+        if let Ok(modified) = fs::metadata(path).and_then(|meta| meta.modified()) {
+            death = death.max(modified);
+        }
+        let skip = if *number == from.segment {
+            usize::try_from(from.offset).unwrap_or(usize::MAX)
+        } else {
+            0
+        };
+        let mut at = 0;
+        while let Some((kind, payload, used)) = bytes.get(at..).and_then(codec::next_record) {
+            let unexported = at >= skip;
+            at += used;
+            let Some(span) = codec::decode_span(payload) else {
+                continue;
+            };
+            match kind {
+                Some(Kind::Ended) => {
+                    ended_ids.insert(span.span_context.span_id());
+                    if unexported {
+                        ended.push(span);
+                    }
+                }
+                Some(Kind::Open) => {
+                    open.insert(span.span_context.span_id(), span);
+                }
+                None => {}
+            }
+        }
+    }
+    // The spans that had gone out and never came back: ended by the death of their process.
+    let unfinished = open
+        .into_iter()
+        .filter(|(id, _)| !ended_ids.contains(id))
+        .map(|(_, mut span)| {
+            span.end_time = death.max(span.start_time);
+            span.status = Status::error("the process ended before this span did");
+            span.attributes
+                .push(KeyValue::new("error.type", Value::from("process_exited")));
+            span
+        });
+    ended.extend(unfinished);
+    let mut whole = true;
+    for chunk in ended.chunks(batch_size.max(1)) {
+        whole &= futures::executor::block_on(exporter.export(chunk.to_vec())).is_ok();
+    }
+    whole
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use opentelemetry::trace::{Span as _, TraceContextExt, Tracer, TracerProvider as _};
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+
+    use super::*;
+
+    /// Collects what it is given, with the `service.name` it was given.
+    #[derive(Debug, Clone, Default)]
+    struct Collect {
+        spans: Arc<Mutex<Vec<(String, SpanData)>>>,
+        service: String,
+    }
+
+    impl SpanExporter for Collect {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            let mut spans = self.spans.lock().unwrap();
+            spans.extend(batch.into_iter().map(|span| (self.service.clone(), span)));
+            Ok(())
+        }
+
+        fn set_resource(&mut self, resource: &Resource) {
+            self.service = resource
+                .get(&opentelemetry::Key::new("service.name"))
+                .map(|value| value.to_string())
+                .unwrap_or_default();
+        }
+    }
+
+    fn provider(
+        root: &Path,
+        service: &str,
+        exporter: Collect,
+        delay: Duration,
+    ) -> SdkTracerProvider {
+        let make = {
+            let exporter = exporter.clone();
+            move || Some(exporter.clone())
+        };
+        let settings = Settings { delay, batch: 512 };
+        let processor = SpoolProcessor::start(root, service, exporter, make, settings).unwrap();
+        SdkTracerProvider::builder()
+            .with_resource(
+                Resource::builder_empty()
+                    .with_service_name(service.to_owned())
+                    .build(),
+            )
+            .with_span_processor(processor)
+            .build()
+    }
+
+    /// Not a test of its own: the process `a_killed_process_s_spans_are_exported_by_a_sibling` kills.
+    #[test]
+    #[ignore = "run by another test as the process it kills"]
+    fn killed_child() {
+        let Ok(root) = std::env::var("TRACEHOP_TEST_SPOOL_ROOT") else {
+            return;
+        };
+        // It never exports on its own: everything it leaves is found in its spool.
+        let provider = provider(
+            Path::new(&root),
+            "child",
+            Collect::default(),
+            Duration::from_secs(3600),
+        );
+        let tracer = provider.tracer("test");
+        let request = Context::new().with_span(tracer.start("request"));
+        let call = request.with_span(tracer.start_with_context("call", &request));
+        // The call's context leaves the process (into a request or a message).
+        expose(&call);
+        // Ended under the still-open call: waits for it in memory, and dies with the process.
+        tracer.start_with_context("inside", &call).end();
+        // A whole local tree: on disk when it ends.
+        tracer.start("finished").end();
+        println!("ready");
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_killed_process_s_spans_are_exported_by_a_sibling() {
+        let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
+        fs::create_dir_all(&root).unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "setup::spool::tests::killed_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("TRACEHOP_TEST_SPOOL_ROOT", &root)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let ready = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains("ready"));
+        assert!(ready, "the child never got ready");
+        // SIGKILL: no shutdown, no flush.
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let collect = Collect::default();
+        let provider = provider(&root, "sibling", collect.clone(), Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let found: Vec<(String, SpanData)> = collect.spans.lock().unwrap().clone();
+            if found.len() >= 3 || Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let named = |name: &str| found.iter().find(|(_, span)| span.name == name);
+        // Exported under the dead process's own name.
+        assert!(
+            found.iter().all(|(service, _)| service == "child"),
+            "{found:?}"
+        );
+        let (_, finished) = named("finished").expect("the ended tree");
+        assert_eq!(finished.status, Status::Unset);
+        // The exposed spans that never ended: ended by the death, as errors, parent before child.
+        let (_, request) = named("request").expect("the exposed parent");
+        let (_, call) = named("call").expect("the exposed span");
+        assert_eq!(call.parent_span_id, request.span_context.span_id());
+        for span in [request, call] {
+            assert!(matches!(span.status, Status::Error { .. }), "{span:?}");
+            assert!(span.end_time >= span.start_time);
+            assert!(
+                span.attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == "error.type"
+                        && kv.value.as_str() == "process_exited")
+            );
+        }
+        // Never exposed, never ended, never written: gone, and nothing points to it.
+        assert!(named("inside").is_none());
+        assert_eq!(found.len(), 3, "{found:?}");
+        // The dead process's spool is gone once exported.
+        let left: Vec<_> = fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|entry| entry.file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        provider.shutdown().unwrap();
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_tree_is_exported_whole_and_the_spool_removed_at_shutdown() {
+        let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
+        let collect = Collect::default();
+        let provider = provider(&root, "alone", collect.clone(), Duration::from_secs(3600));
+        let tracer = provider.tracer("test");
+        let request = Context::new().with_span(tracer.start("request"));
+        for _ in 0..3 {
+            tracer.start_with_context("step", &request).end();
+        }
+        // Nothing of the tree is written before its root ends.
+        assert_eq!(
+            provider
+                .force_flush()
+                .map(|()| collect.spans.lock().unwrap().len())
+                .unwrap(),
+            0
+        );
+        request.span().end();
+        provider.force_flush().unwrap();
+        let spans = collect.spans.lock().unwrap().clone();
+        assert_eq!(spans.len(), 4);
+        assert!(spans.iter().all(|(service, _)| service == "alone"));
+        provider.shutdown().unwrap();
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+        let _ = fs::remove_dir_all(&root);
+    }
+}
