@@ -207,6 +207,10 @@ enum Command {
         /// Closed-loop clients of section 6's runs.
         #[arg(long, default_value_t = 32)]
         compare_concurrency: usize,
+        /// `KEY=VALUE` added to the services' environment in the overhead runs (repeatable), e.g.
+        /// `TRACEHOP_SPAN_SPOOL=` for the batch span processor instead of the span spool.
+        #[arg(long, value_parser = parse_key_value)]
+        service_env: Vec<(String, String)>,
     },
     /// Publish dead-lettered notifications again (after fixing what made them fail).
     ReplayDeadLetters {
@@ -431,6 +435,7 @@ async fn main() -> anyhow::Result<()> {
             only,
             baseline_bin_dir,
             compare_concurrency,
+            service_env,
         } => {
             std::fs::create_dir_all(&state_dir)?;
             let results = tracehop::bench::run(tracehop::bench::BenchOptions {
@@ -445,6 +450,7 @@ async fn main() -> anyhow::Result<()> {
                 only,
                 baseline_bin_dir: baseline_bin_dir.map(std::fs::canonicalize).transpose()?,
                 compare_concurrency,
+                service_env,
             })
             .await?;
             println!("{}", serde_json::to_string_pretty(&results)?);
@@ -864,4 +870,15 @@ async fn demo(
         }
     }
     Ok(())
+}
+
+/// `KEY=VALUE` (the value may be empty).
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err(format!("{text:?}: an empty name"));
+    }
+    Ok((key.to_owned(), value.to_owned()))
 }

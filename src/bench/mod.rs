@@ -35,6 +35,9 @@ pub struct BenchOptions {
     pub baseline_bin_dir: Option<std::path::PathBuf>,
     /// Closed-loop clients of section 6's runs.
     pub compare_concurrency: usize,
+    /// Extra environment for the services of the overhead runs (`--service-env KEY=VALUE`), applied last:
+    /// e.g. `TRACEHOP_SPAN_SPOOL=` to measure the batch span processor instead of the spool.
+    pub service_env: Vec<(String, String)>,
 }
 
 /// The parts of a benchmark session that can run alone.
@@ -52,7 +55,8 @@ pub enum BenchPart {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessSample {
     pub cpu_ticks: u64,
-    /// CPU of the batch span processor's thread(s) (`OpenTelemetry.Traces.BatchProcessor`): span export.
+    /// CPU of the span export thread(s): the batch span processor's (`OpenTelemetry.Traces.BatchProcessor`)
+    /// or the span spool's (`span-spool`).
     pub export_cpu_ticks: u64,
     pub rss_kib: u64,
 }
@@ -84,7 +88,7 @@ fn export_thread_ticks(pid: u32) -> u64 {
         .flatten()
         .filter(|task| {
             std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|name| name.starts_with("OpenTelemetry"))
+                .is_ok_and(|name| name.starts_with("OpenTelemetry") || name.trim() == "span-spool")
         })
         .map(|task| cpu_ticks(&task.path().join("stat")))
         .sum()
@@ -130,6 +134,7 @@ async fn start(
     if !traced {
         extra_env.push(("OTEL_SDK_DISABLED".to_owned(), "true".to_owned()));
     }
+    extra_env.extend(options.service_env.iter().cloned());
     Stack::start(StackOptions {
         state_dir: options.state_dir.join(format!("{label}-{}", &id[..8])),
         ports: Ports::free()?,

@@ -38,7 +38,7 @@ mod codec;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -306,7 +306,12 @@ impl SpoolProcessor {
         let dir = root.join(&name);
         // Made under a hidden name and renamed once locked, so no other process ever sees it unlocked.
         let making = root.join(format!(".{name}"));
-        fs::create_dir_all(&making).map_err(failed(&making))?;
+        // Spans can hold what a request said: only the services' own user reads them (siblings run as it).
+        fs::create_dir_all(root).map_err(failed(root))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&making)
+            .map_err(failed(&making))?;
         let lock_file = File::create(making.join("lock")).map_err(failed(&making))?;
         lock_file
             .try_lock()
