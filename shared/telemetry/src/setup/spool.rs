@@ -63,6 +63,8 @@ pub const ADOPT_EVERY: Duration = Duration::from_secs(1);
 /// Spans that may wait under one open parent; past it they are written on their own (with their open
 /// ancestors as `Open` records), so a span that never ends cannot hold its children back for ever.
 const MAX_WAITING: usize = 1024;
+/// How long spans may wait under one open parent; past it they are written on their own, as above.
+const MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// The one spool of this process, for [`expose`].
 static SPOOL: OnceLock<Arc<Shared>> = OnceLock::new();
@@ -77,14 +79,44 @@ pub(crate) fn expose(context: &Context) {
     }
 }
 
-/// A span that has started and not ended.
-struct Open {
-    /// The span as it started.
-    start: SpanData,
-    /// Written as an `Open` record (its context left the process).
-    exposed: bool,
-    /// Its descendants that ended before it, to be written with it.
-    waiting: Vec<SpanData>,
+/// A span of this process not yet on disk as ended: open, or ended and waiting for an open ancestor.
+struct Entry {
+    state: State,
+    /// Its descendants that ended before it and wait to be written with it (each still an entry).
+    waiting: Vec<SpanId>,
+}
+
+enum State {
+    /// Started, not ended: the span as it started, and whether it was written as `Open` (its context left
+    /// the process).
+    Open { start: SpanData, exposed: bool },
+    /// Ended, waiting in memory for the ancestor under which it will be written.
+    Ended(SpanData),
+}
+
+impl Entry {
+    /// Whether its children may still wait for it: an open span started less than [`MAX_WAIT`] ago (a span
+    /// that lives long, a loop's, must not hold its children back for as long as it lives).
+    fn is_young(&self) -> bool {
+        match &self.state {
+            State::Open { start, .. } => start.start_time.elapsed().is_ok_and(|age| age < MAX_WAIT),
+            State::Ended(_) => true,
+        }
+    }
+}
+
+/// Takes `id` and everything that waits under it out of `entries`: the ended spans of that subtree, to be
+/// written together.
+fn take_tree(entries: &mut HashMap<SpanId, Entry>, id: SpanId, tree: &mut Vec<SpanData>) {
+    let mut next = vec![id];
+    while let Some(id) = next.pop() {
+        if let Some(entry) = entries.remove(&id) {
+            if let State::Ended(span) = entry.state {
+                tree.push(span);
+            }
+            next.extend(entry.waiting);
+        }
+    }
 }
 
 struct Segment {
@@ -96,7 +128,7 @@ struct Segment {
 struct Shared {
     dir: PathBuf,
     root: PathBuf,
-    open: Mutex<HashMap<SpanId, Open>>,
+    entries: Mutex<HashMap<SpanId, Entry>>,
     segment: Mutex<Segment>,
     /// Bytes written and bytes the export has passed, over all segments.
     written: AtomicU64,
@@ -127,29 +159,38 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Puts `span_id` and its ancestors in this process on disk: an open one as it started (`Open`, once),
+    /// an ended one still waiting in memory as it ended (with what waits under it). Stops at the first
+    /// already on disk: its own ancestors are too.
     fn expose(&self, span_id: SpanId) {
-        let mut chain = Vec::new();
+        let mut buffer = Vec::new();
+        let (mut opened, mut ended) = (0, Vec::new());
         {
-            let mut open = lock(&self.open);
-            let mut next = Some(span_id);
-            while let Some(id) = next {
-                let Some(entry) = open.get_mut(&id) else {
-                    break;
-                };
-                if entry.exposed {
-                    break;
+            let mut entries = lock(&self.entries);
+            let mut next = span_id;
+            while let Some(entry) = entries.get_mut(&next) {
+                match &mut entry.state {
+                    State::Open { exposed: true, .. } => break,
+                    State::Open { start, exposed } => {
+                        *exposed = true;
+                        codec::push_record(&mut buffer, Kind::Open, start);
+                        opened += 1;
+                        next = start.parent_span_id;
+                    }
+                    State::Ended(span) => {
+                        let parent = span.parent_span_id;
+                        // Written now, so it is no longer in the tree its ancestor will write.
+                        take_tree(&mut entries, next, &mut ended);
+                        next = parent;
+                    }
                 }
-                entry.exposed = true;
-                chain.push(entry.start.clone());
-                next = Some(entry.start.parent_span_id);
             }
         }
-        if !chain.is_empty() {
-            let mut buffer = Vec::new();
-            for span in &chain {
-                codec::push_record(&mut buffer, Kind::Open, span);
-            }
-            self.write(&buffer, chain.len(), 0);
+        for span in &ended {
+            codec::push_record(&mut buffer, Kind::Ended, span);
+        }
+        if !buffer.is_empty() {
+            self.write(&buffer, opened + ended.len(), ended.len() as u64);
         }
     }
 
@@ -183,7 +224,7 @@ impl Shared {
                 // A write that failed part-way may have left a record cut short: nothing more goes into this
                 // segment, whose reader then stops there.
                 segment.bytes = SEGMENT_BYTES;
-                self.pending.fetch_sub(ended, Ordering::Relaxed);
+                decrement(&self.pending, ended);
                 self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
                 eprintln!("span spool: write failed, {spans} span(s) dropped: {error}");
                 false
@@ -198,9 +239,15 @@ impl Shared {
         let file = open_segment(&self.dir, number)?;
         let mut buffer = Vec::new();
         let mut spans = 0;
-        for entry in lock(&self.open).values().filter(|entry| entry.exposed) {
-            codec::push_record(&mut buffer, Kind::Open, &entry.start);
-            spans += 1;
+        for entry in lock(&self.entries).values() {
+            if let State::Open {
+                start,
+                exposed: true,
+            } = &entry.state
+            {
+                codec::push_record(&mut buffer, Kind::Open, start);
+                spans += 1;
+            }
         }
         *segment = Segment {
             number,
@@ -215,6 +262,13 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// `counter - by`, never below zero (a write that failed part-way may have had some of its records read).
+fn decrement(counter: &AtomicU64, by: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| {
+        Some(value.saturating_sub(by))
+    });
 }
 
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
@@ -321,7 +375,7 @@ impl SpoolProcessor {
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             root: root.to_owned(),
-            open: Mutex::default(),
+            entries: Mutex::default(),
             segment: Mutex::new(Segment {
                 number: 0,
                 file,
@@ -387,42 +441,57 @@ impl SpanProcessor for SpoolProcessor {
         // The span as it starts, kept in case its context leaves the process before it ends.
         if let Some(start) = span.exported_data() {
             let id = start.span_context.span_id();
-            lock(&self.shared.open).insert(
-                id,
-                Open {
+            let entry = Entry {
+                state: State::Open {
                     start,
                     exposed: false,
-                    waiting: Vec::new(),
                 },
-            );
+                waiting: Vec::new(),
+            };
+            lock(&self.shared.entries).insert(id, entry);
         }
     }
 
     fn on_end(&self, span: SpanData) {
         let shared = &self.shared;
-        let tree = {
-            let mut open = lock(&shared.open);
-            let mut waiting = open
-                .remove(&span.span_context.span_id())
-                .map(|entry| entry.waiting)
-                .unwrap_or_default();
-            match open.get_mut(&span.parent_span_id) {
-                // The parent is open here and still has room: wait for it.
-                Some(parent) if parent.waiting.len() + waiting.len() < MAX_WAITING => {
-                    parent.waiting.append(&mut waiting);
-                    parent.waiting.push(span);
+        let id = span.span_context.span_id();
+        let parent = span.parent_span_id;
+        let mut tree = Vec::new();
+        {
+            let mut entries = lock(&shared.entries);
+            let waiting = entries.get(&id).map_or(0, |entry| entry.waiting.len());
+            match entries.get_mut(&parent) {
+                // The parent is still in memory here (open, or ended and itself waiting), has room, and is
+                // young: wait with it.
+                Some(parent)
+                    if parent.waiting.len() + waiting < MAX_WAITING && parent.is_young() =>
+                {
+                    parent.waiting.push(id);
+                    match entries.get_mut(&id) {
+                        Some(entry) => entry.state = State::Ended(span),
+                        None => {
+                            let state = State::Ended(span);
+                            let waiting = Vec::new();
+                            entries.insert(id, Entry { state, waiting });
+                        }
+                    }
                     return;
                 }
                 _ => {}
             }
-            waiting.push(span);
-            waiting
-        };
-        // A parent still open here (one that had no room left) goes to disk as `Open` first, so the file
-        // never holds a span without its parent.
-        if let Some(last) = tree.last() {
-            shared.expose(last.parent_span_id);
+            take_tree(&mut entries, id, &mut tree);
+            tree.push(span);
+            // A parent in memory that is full or old: what waits under it goes now too, rather than for as
+            // long as it lives.
+            if let Some(parent) = entries.get_mut(&parent) {
+                for waiting in std::mem::take(&mut parent.waiting) {
+                    take_tree(&mut entries, waiting, &mut tree);
+                }
+            }
         }
+        // A parent still in memory here (one that had no room left) goes to disk first, so the file never
+        // holds a span without its parent.
+        shared.expose(parent);
         let mut buffer = Vec::with_capacity(512 * tree.len());
         for span in &tree {
             codec::push_record(&mut buffer, Kind::Ended, span);
@@ -600,8 +669,8 @@ fn drain<E: SpanExporter>(
         while let Some((kind, payload, used)) = codec::next_record(&bytes[consumed..]) {
             consumed += used;
             if kind == Some(Kind::Ended) {
-                // Counted up before the record was written (under the segment lock), so never below zero.
-                shared.pending.fetch_sub(1, Ordering::Relaxed);
+                // Counted up before the record was written (under the segment lock).
+                decrement(&shared.pending, 1);
                 if let Some(span) = codec::decode_span(payload) {
                     batch.push(span);
                 }
@@ -858,6 +927,12 @@ mod tests {
         expose(&call);
         // Ended under the still-open call: waits for it in memory, and dies with the process.
         tracer.start_with_context("inside", &call).end();
+        // A span that ends before its child, whose context then leaves the process (as a relay publishes
+        // after the handler returned): the ended parent must reach the disk with it.
+        let handler = request.with_span(tracer.start_with_context("handler", &request));
+        let publish = handler.with_span(tracer.start_with_context("publish", &handler));
+        handler.span().end();
+        expose(&publish);
         // A whole local tree: on disk when it ends.
         tracer.start("finished").end();
         println!("ready");
@@ -894,7 +969,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         let found = loop {
             let found: Vec<(String, SpanData)> = collect.spans.lock().unwrap().clone();
-            if found.len() >= 3 || Instant::now() > deadline {
+            if found.len() >= 5 || Instant::now() > deadline {
                 break found;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -911,7 +986,13 @@ mod tests {
         let (_, request) = named("request").expect("the exposed parent");
         let (_, call) = named("call").expect("the exposed span");
         assert_eq!(call.parent_span_id, request.span_context.span_id());
-        for span in [request, call] {
+        // The ended parent of an exposed span, as it ended.
+        let (_, handler) = named("handler").expect("the ended parent");
+        assert_eq!(handler.status, Status::Unset);
+        assert_eq!(handler.parent_span_id, request.span_context.span_id());
+        let (_, publish) = named("publish").expect("the exposed child");
+        assert_eq!(publish.parent_span_id, handler.span_context.span_id());
+        for span in [request, call, publish] {
             assert!(matches!(span.status, Status::Error { .. }), "{span:?}");
             assert!(span.end_time >= span.start_time);
             assert!(
@@ -923,7 +1004,7 @@ mod tests {
         }
         // Never exposed, never ended, never written: gone, and nothing points to it.
         assert!(named("inside").is_none());
-        assert_eq!(found.len(), 3, "{found:?}");
+        assert_eq!(found.len(), 5, "{found:?}");
         // The dead process's spool is gone once exported.
         let left: Vec<_> = fs::read_dir(&root)
             .unwrap()
