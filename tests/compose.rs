@@ -626,8 +626,12 @@ fn service_tokens_in_compose_keep_the_private_key_with_the_gateway() {
             Some("/secrets/public/service-token.pub.pem"),
             "{service}"
         );
+        let token_mounts: Vec<String> = mounts(service)
+            .into_iter()
+            .filter(|mount| mount.starts_with("token-"))
+            .collect();
         assert_eq!(
-            mounts(service),
+            token_mounts,
             vec!["token-public:/secrets/public:ro".to_owned()],
             "{service}"
         );
@@ -1084,4 +1088,35 @@ fn prometheus_scrapes_the_collectors_span_metrics() {
     );
     assert_eq!(ports_of(service), vec!["127.0.0.1:9090:9090".to_owned()]);
     assert_eq!(service["read_only"].as_bool(), Some(true));
+}
+
+/// Every traced service spools its spans on the one `spans` volume, where the variable points: a container
+/// SIGKILLed and restarted (or a sibling) exports what it had not (README, "Spans that survive a kill").
+#[test]
+fn traced_services_share_the_span_spool_volume() {
+    let compose = compose();
+    let services = &compose["services"];
+    assert!(
+        compose["volumes"].get("spans").is_some(),
+        "the spans volume is declared"
+    );
+    for service in ["gateway", "users", "billing", "notifications"] {
+        let spool = env_value(&services[service], "TRACEHOP_SPAN_SPOOL")
+            .unwrap_or_else(|| panic!("{service}: TRACEHOP_SPAN_SPOOL"));
+        let mounted = services[service]["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|mount| mount.as_str())
+            .any(|mount| mount == format!("spans:{spool}"));
+        assert!(mounted, "{service}: the spans volume at {spool}");
+    }
+    // The image makes the mount point for its user, so a new named volume is writable by it.
+    let dockerfile = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"),
+    )
+    .unwrap();
+    assert!(
+        dockerfile.contains("chown tracehop /secrets/private /secrets/public /var/spool/tracehop")
+    );
 }

@@ -315,49 +315,42 @@ impl Reader<'_> {
         Some(SpanContext::new(trace_id, span_id, flags, remote, state))
     }
 
-    fn attributes(&mut self) -> Option<Vec<KeyValue>> {
+    /// A count, then that many items. The count never sizes an allocation: a damaged record must not ask
+    /// for gigabytes.
+    fn list<T>(&mut self, mut item: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
         let count = self.u32()? as usize;
-        // Never trust a count to size an allocation: a damaged record must not ask for gigabytes.
-        let mut attributes = Vec::with_capacity(count.min(64));
+        let mut items = Vec::with_capacity(count.min(64));
         for _ in 0..count {
-            let key = self.string()?;
-            let value = match self.u8()? {
-                0 => Value::Bool(self.u8()? != 0),
-                1 => Value::I64(i64::from_le_bytes(self.array()?)),
-                2 => Value::F64(f64::from_le_bytes(self.array()?)),
-                3 => Value::String(StringValue::from(self.string()?)),
-                4 => {
-                    let count = self.u32()? as usize;
-                    Value::Array(Array::Bool(
-                        self.take(count)?.iter().map(|byte| *byte != 0).collect(),
-                    ))
-                }
-                5 => {
-                    let count = self.u32()? as usize;
-                    let values = (0..count)
-                        .map(|_| Some(i64::from_le_bytes(self.array()?)))
-                        .collect::<Option<Vec<_>>>()?;
-                    Value::Array(Array::I64(values))
-                }
-                6 => {
-                    let count = self.u32()? as usize;
-                    let values = (0..count)
-                        .map(|_| Some(f64::from_le_bytes(self.array()?)))
-                        .collect::<Option<Vec<_>>>()?;
-                    Value::Array(Array::F64(values))
-                }
-                7 => {
-                    let count = self.u32()? as usize;
-                    let values = (0..count)
-                        .map(|_| Some(StringValue::from(self.string()?)))
-                        .collect::<Option<Vec<_>>>()?;
-                    Value::Array(Array::String(values))
-                }
-                _ => return None,
-            };
-            attributes.push(KeyValue::new(key, value));
+            items.push(item(self)?);
         }
-        Some(attributes)
+        Some(items)
+    }
+
+    fn attributes(&mut self) -> Option<Vec<KeyValue>> {
+        self.list(|reader| {
+            let key = reader.string()?;
+            Some(KeyValue::new(key, reader.value()?))
+        })
+    }
+
+    fn value(&mut self) -> Option<Value> {
+        Some(match self.u8()? {
+            0 => Value::Bool(self.u8()? != 0),
+            1 => Value::I64(i64::from_le_bytes(self.array()?)),
+            2 => Value::F64(f64::from_le_bytes(self.array()?)),
+            3 => Value::String(StringValue::from(self.string()?)),
+            4 => Value::Array(Array::Bool(self.list(|r| Some(r.u8()? != 0))?)),
+            5 => Value::Array(Array::I64(
+                self.list(|r| Some(i64::from_le_bytes(r.array()?)))?,
+            )),
+            6 => Value::Array(Array::F64(
+                self.list(|r| Some(f64::from_le_bytes(r.array()?)))?,
+            )),
+            7 => Value::Array(Array::String(
+                self.list(|r| Some(StringValue::from(r.string()?)))?,
+            )),
+            _ => return None,
+        })
     }
 }
 
