@@ -8,16 +8,18 @@
 //!
 //! How (`TRACEHOP_SPAN_SPOOL=<directory>` switches it on; [`super::init`]):
 //!
-//! - **One write per local tree.** A span that ends while its parent (in this process) is still open waits
-//!   in memory under that parent; the span with no open local parent (the request's server span, a
+//! - **One write per local tree.** A span that ends while its parent (in this process) is still in memory
+//!   waits there with it; the span with no local parent left in memory (the request's server span, a
 //!   consumer span, a late relay span) is written with everything that waited under it in one `write(2)`.
 //!   So the file never holds a child without its parent, and the request path pays one system call per
-//!   tree, into the page cache, which survives the process.
+//!   tree, into the page cache, which survives the process. (Spans wait under one parent for at most
+//!   [`MAX_WAITING`] of them and [`MAX_WAIT`]: a parent that lives long does not hold its children back.)
 //! - **A span whose context leaves the process is on disk first.** Before a context is injected into an
-//!   outgoing request, a NATS message or a stored row ([`expose`]), the span and its open local ancestors
-//!   are written as `Open` records: what they were when they started. If the process dies before they
-//!   end, the successor exports them as ended at the death, with an error status, so the downstream spans
-//!   that already exist still hang from their parent.
+//!   outgoing request, a NATS message or a stored row ([`expose`]), the span and its local ancestors are
+//!   written: an open one as an `Open` record, what it was when it started; an ended one still waiting in
+//!   memory as it ended. If the process dies before the open ones end, the successor exports them as ended
+//!   at the death, with an error status, so the downstream spans that already exist still hang from their
+//!   parent.
 //! - **The file is the queue.** This process's export thread reads the spool from where it stopped, hands
 //!   the spans to the exporter in batches (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) and
 //!   records how far it got in a small `exported` file. Segments are rotated at [`SEGMENT_BYTES`] and
