@@ -34,6 +34,11 @@
 //!
 //! What it does not cover: a kill of the machine (the page cache is not synced), and a span whose context
 //! never left the process and that had not ended (it is lost with the process, and nothing points to it).
+//!
+//! What it costs: the writes happen on the thread that ended the span or injected the context, an async
+//! worker among them. They go to the page cache and return in microseconds; they would wait for the disk
+//! only if the kernel throttled writers for dirty pages (gigabytes behind on this workload's few MB/s). The
+//! measured price is in BENCHMARKS.md, section 8.
 
 mod codec;
 
