@@ -5,7 +5,9 @@
 //! it: any actix-web service that talks HTTP, NATS and PostgreSQL can use it as tracehop's services do.
 //!
 //! - [`setup`]: OpenTelemetry from the standard `OTEL_*` environment ([`init`]), JSON logs that carry
-//!   `trace_id`/`span_id`, a guard that flushes the last spans on shutdown, attribute value limits.
+//!   `trace_id`/`span_id`, a guard that flushes the last spans on shutdown, attribute value limits, and
+//!   the span spool (`TRACEHOP_SPAN_SPOOL`): spans through a file, so a SIGKILLed process's are exported by
+//!   a sibling.
 //! - [`propagation`]: the strict W3C Trace Context Level 2 propagator ([`propagation::w3c`]) and the
 //!   carriers for actix-web, `http` (reqwest) and NATS header maps, and for a stored context.
 //! - [`http`]: the actix-web root span (HTTP server semantic conventions, an edge policy for what callers
