@@ -289,8 +289,8 @@ fn open_segment(dir: &Path, number: u64) -> std::io::Result<File> {
         .open(segment_path(dir, number))
 }
 
-/// The spool's span processor. Holds the exporter's thread; `E` exports this process's spans and, built
-/// anew by `make_exporter`, a dead process's.
+/// The spool's span processor. Holds the export thread, which exports this process's spans with the
+/// exporter given to [`SpoolProcessor::start`] and a dead process's with one made by `make_exporter`.
 pub(crate) struct SpoolProcessor {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -464,7 +464,7 @@ impl SpanProcessor for SpoolProcessor {
         let id = span.span_context.span_id();
         let parent = span.parent_span_id;
         let mut tree = Vec::new();
-        {
+        let parent_in_memory = {
             let mut entries = lock(&shared.entries);
             let waiting = entries.get(&id).map_or(0, |entry| entry.waiting.len());
             match entries.get_mut(&parent) {
@@ -490,15 +490,21 @@ impl SpanProcessor for SpoolProcessor {
             tree.push(span);
             // A parent in memory that is full or old: what waits under it goes now too, rather than for as
             // long as it lives.
-            if let Some(parent) = entries.get_mut(&parent) {
-                for waiting in std::mem::take(&mut parent.waiting) {
-                    take_tree(&mut entries, waiting, &mut tree);
+            match entries.get_mut(&parent) {
+                Some(parent) => {
+                    for waiting in std::mem::take(&mut parent.waiting) {
+                        take_tree(&mut entries, waiting, &mut tree);
+                    }
+                    true
                 }
+                None => false,
             }
+        };
+        // A parent still in memory here (full or old) goes to disk first, so the file never holds a span
+        // without its parent. (The usual tree, whose root has no parent here, skips this.)
+        if parent_in_memory {
+            shared.expose(parent);
         }
-        // A parent still in memory here (one that had no room left) goes to disk first, so the file never
-        // holds a span without its parent.
-        shared.expose(parent);
         let mut buffer = Vec::with_capacity(512 * tree.len());
         for span in &tree {
             codec::push_record(&mut buffer, Kind::Ended, span);
