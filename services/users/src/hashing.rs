@@ -1,8 +1,9 @@
 //! A small fixed pool of threads for password hashing, with a bounded queue.
 //!
-//! Argon2id takes ~19 MiB and a core per hash. On the general blocking pool every thread that ever hashed
-//! keeps its malloc arena, so a sign-up burst left users at ~800 MiB (BENCHMARKS.md); a pool of one
-//! thread per core bounds both the memory and the CPU that hashing can take from everything else.
+//! Argon2id takes a core and 7 MiB per hash ([`crate::password::PARAMS`]). On the general blocking pool every
+//! thread that ever hashed kept its malloc arena, so a sign-up burst left users at ~800 MiB (BENCHMARKS.md);
+//! a pool of one thread per core, each with its own [`HashMemory`] lent to every job, bounds both the memory
+//! (7 MiB per thread, allocated once) and the CPU that hashing can take from everything else.
 //!
 //! The queue in front of it is bounded too: when it is full a login or sign-up is refused at once with
 //! [`Busy`] (answered 503 with `Retry-After`) instead of waiting behind a flood until the gateway's timeout.
@@ -10,7 +11,9 @@
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-type Job = Box<dyn FnOnce() + Send>;
+use crate::password::HashMemory;
+
+type Job = Box<dyn FnOnce(&mut HashMemory) + Send>;
 
 /// The pool; cheap to share behind `web::Data`.
 pub struct HashingPool {
@@ -51,13 +54,14 @@ impl HashingPool {
             std::thread::Builder::new()
                 .name(format!("argon2-{index}"))
                 .spawn(move || {
+                    let mut memory = HashMemory::default();
                     loop {
                         let job = match receiver.lock() {
                             Ok(receiver) => receiver.recv(),
                             Err(_) => return,
                         };
                         match job {
-                            Ok(job) => job(),
+                            Ok(job) => job(&mut memory),
                             Err(_) => return,
                         }
                     }
@@ -68,17 +72,17 @@ impl HashingPool {
         })
     }
 
-    /// Runs `work` on a hashing thread, inside the caller's span, and awaits its result; [`HashingError::Busy`]
-    /// at once when the queue is full.
+    /// Runs `work` on a hashing thread with that thread's memory, inside the caller's span, and awaits its
+    /// result; [`HashingError::Busy`] at once when the queue is full.
     pub async fn run<T, F>(&self, work: F) -> Result<T, HashingError>
     where
         T: Send + 'static,
-        F: FnOnce() -> T + Send + 'static,
+        F: FnOnce(&mut HashMemory) -> T + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let span = tracing::Span::current();
-        let job: Job = Box::new(move || {
-            let _ = reply.send(span.in_scope(work));
+        let job: Job = Box::new(move |memory| {
+            let _ = reply.send(span.in_scope(|| work(memory)));
         });
         self.jobs
             .lock()
@@ -107,20 +111,20 @@ mod tests {
         let running = {
             let pool = pool.clone();
             let wait = wait.clone();
-            tokio::spawn(async move { pool.run(move || wait.lock().unwrap().recv().ok()).await })
+            tokio::spawn(async move { pool.run(move |_| wait.lock().unwrap().recv().ok()).await })
         };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let queued = {
             let pool = pool.clone();
             let wait = wait.clone();
-            tokio::spawn(async move { pool.run(move || wait.lock().unwrap().recv().ok()).await })
+            tokio::spawn(async move { pool.run(move |_| wait.lock().unwrap().recv().ok()).await })
         };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert!(matches!(pool.run(|| ()).await, Err(HashingError::Busy)));
+        assert!(matches!(pool.run(|_| ()).await, Err(HashingError::Busy)));
         release.send(()).unwrap();
         release.send(()).unwrap();
         assert!(running.await.unwrap().is_ok());
         assert!(queued.await.unwrap().is_ok());
-        assert!(pool.run(|| 7).await.is_ok());
+        assert!(pool.run(|_| 7).await.is_ok());
     }
 }

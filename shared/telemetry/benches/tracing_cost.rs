@@ -1,11 +1,15 @@
 //! What tracing costs the thread that serves a request: the span builders of `tracehop-telemetry`, and an actix
 //! mailbox hop with and without the [`Traced`] envelope.
 //!
-//! Every case runs twice, under the subscriber the services install (`telemetry::dispatch_with_exporter`):
-//! `traced` exports every span through the batch span processor, exactly as in production except that the
-//! exporter at the end of the queue discards the batches (the collector and the network are measured by
-//! `stack bench`, not here); `untraced` is the same subscriber with `OTEL_SDK_DISABLED=true` (spans still
-//! exist for the logs' `trace_id`, nothing is exported). The difference is what the OpenTelemetry layer adds.
+//! Every case runs three times, under the subscriber the services install: `spooled` exports every span
+//! through the span spool (`TRACEHOP_SPAN_SPOOL`, as the services run), `traced` through the batch span
+//! processor (the spool unset); in both the exporter at the end discards the batches (the collector and the
+//! network are measured by `stack bench`, not here). `untraced` is the same subscriber with
+//! `OTEL_SDK_DISABLED=true` (spans still exist for the logs' `trace_id`, nothing is exported). The difference
+//! is what the OpenTelemetry layer adds.
+//!
+//! Everything is measured in CPU time of the whole process ([`ProcessCpu`]), so a span's figure includes
+//! what the span processor's own thread spends on it.
 //!
 //! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, section 3).
 //! With `OTEL_TRACES_SAMPLER=always_off` the `traced` cases measure spans of a sampled-out trace: what a
@@ -14,9 +18,10 @@
 #![allow(clippy::expect_used)]
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::{Actor, Context, Handler, Message};
+use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{Criterion, criterion_group, criterion_main};
 use diesel::prelude::*;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -33,7 +38,7 @@ diesel::table! {
         status -> Text,
     }
 }
-use tracehop_telemetry::setup::{TelemetryGuard, dispatch_with_exporter};
+use tracehop_telemetry::setup::{TelemetryGuard, dispatch_with_exporter, dispatch_with_spool};
 use tracing_actix_web::RootSpanBuilder;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -48,13 +53,83 @@ impl SpanExporter for DiscardExporter {
     }
 }
 
-fn subscribers() -> Vec<(&'static str, tracing::Dispatch, TelemetryGuard)> {
-    let (traced, traced_guard) = dispatch_with_exporter("bench", Some(DiscardExporter));
-    let (untraced, untraced_guard) = dispatch_with_exporter("bench", None::<DiscardExporter>);
-    vec![
-        ("traced", traced, traced_guard),
-        ("untraced", untraced, untraced_guard),
-    ]
+/// The subscribers each case runs under, in this order: `traced` with the batch span processor,
+/// `untraced` (`OTEL_SDK_DISABLED=true`), and `spooled` as the services run (`TRACEHOP_SPAN_SPOOL`: every
+/// span through the span spool's file). The spool comes last and is made only when its turn comes: once one
+/// exists, `propagation::inject` asks it about every context (`setup::expose`).
+const MODES: [&str; 3] = ["traced", "untraced", "spooled"];
+
+fn subscriber(mode: &str) -> (tracing::Dispatch, TelemetryGuard) {
+    match mode {
+        "spooled" => {
+            let dir =
+                std::env::temp_dir().join(format!("tracehop-bench-spool-{}", std::process::id()));
+            dispatch_with_spool("bench", DiscardExporter, &dir).expect("a spool in the temp dir")
+        }
+        "traced" => dispatch_with_exporter("bench", Some(DiscardExporter)),
+        _ => dispatch_with_exporter("bench", None::<DiscardExporter>),
+    }
+}
+
+/// CPU time of the whole process, every thread: the serving thread's work and what the span processor's
+/// export thread does for it (the spool's reading back, the batch processor's batching). Summed from
+/// `/proc/self/task/*/schedstat` (nanoseconds on CPU per thread), so a span's cost "including export" is
+/// what the process pays for it, wherever it is paid.
+struct ProcessCpu;
+
+fn process_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+impl Measurement for ProcessCpu {
+    type Intermediate = u64;
+    type Value = u64;
+
+    fn start(&self) -> u64 {
+        process_cpu_ns()
+    }
+    fn end(&self, started: u64) -> u64 {
+        process_cpu_ns().saturating_sub(started)
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, value: &u64) -> f64 {
+        *value as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &CpuFormatter
+    }
+}
+
+/// Nanoseconds of CPU, printed as `ns` (the unit every case here is in).
+struct CpuFormatter;
+
+impl ValueFormatter for CpuFormatter {
+    fn scale_values(&self, _typical: f64, _values: &mut [f64]) -> &'static str {
+        "ns (CPU)"
+    }
+    fn scale_throughputs(
+        &self,
+        _typical: f64,
+        _throughput: &criterion::Throughput,
+        _values: &mut [f64],
+    ) -> &'static str {
+        "ns (CPU)"
+    }
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
 }
 
 /// A parent span for the case, as a service would have (the request's server span, whose sampling
@@ -66,7 +141,16 @@ fn with_parent<R>(work: impl FnOnce() -> R) -> R {
     parent.in_scope(work)
 }
 
-fn span_builders(c: &mut Criterion) {
+/// Every case under each subscriber in turn.
+fn all_cases(c: &mut Criterion<ProcessCpu>) {
+    for mode in MODES {
+        let (dispatch, _guard) = subscriber(mode);
+        span_builders(c, mode, &dispatch);
+        actor_hop(c, mode, &dispatch);
+    }
+}
+
+fn span_builders(c: &mut Criterion<ProcessCpu>, mode: &str, dispatch: &tracing::Dispatch) {
     let request = actix_web::test::TestRequest::post()
         .uri("/checkout")
         .insert_header(("user-agent", "bench/1.0"))
@@ -81,9 +165,9 @@ fn span_builders(c: &mut Criterion) {
     );
     let statements = Statements::new("tracehop");
 
-    for (mode, dispatch, _guard) in subscribers() {
+    {
         let mut group = c.benchmark_group(format!("span_builders/{mode}"));
-        tracing::dispatcher::with_default(&dispatch, || {
+        tracing::dispatcher::with_default(dispatch, || {
             group.bench_function("http_server_root_span", |b| {
                 b.iter(|| {
                     let span = tracehop_telemetry::http::server::SemconvRootSpan::on_request_start(
@@ -192,10 +276,10 @@ impl Handler<Traced<Ping>> for Echo {
 }
 
 /// Round trips through an actix mailbox: `send(Ping)` against `send(Traced::new(Ping))`.
-fn actor_hop(c: &mut Criterion) {
-    for (mode, dispatch, _guard) in subscribers() {
+fn actor_hop(c: &mut Criterion<ProcessCpu>, mode: &str, dispatch: &tracing::Dispatch) {
+    {
         let mut group = c.benchmark_group(format!("actor_hop/{mode}"));
-        tracing::dispatcher::with_default(&dispatch, || {
+        tracing::dispatcher::with_default(dispatch, || {
             let system = actix::System::new();
             let echo = system.block_on(async { Echo.start() });
             for enveloped in [false, true] {
@@ -210,7 +294,7 @@ fn actor_hop(c: &mut Criterion) {
                         system.block_on(async move {
                             let parent = tracing::info_span!("bench.parent", otel.kind = "server");
                             let _entered = parent.enter();
-                            let started = Instant::now();
+                            let started = process_cpu_ns();
                             for i in 0..iterations {
                                 let reply = if enveloped {
                                     echo.send(Traced::new(Ping(i))).await
@@ -219,7 +303,7 @@ fn actor_hop(c: &mut Criterion) {
                                 };
                                 black_box(reply.ok());
                             }
-                            started.elapsed()
+                            process_cpu_ns().saturating_sub(started)
                         })
                     })
                 });
@@ -232,8 +316,9 @@ fn actor_hop(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default()
+        .with_measurement(ProcessCpu)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = span_builders, actor_hop
+    targets = all_cases
 }
 criterion_main!(benches);

@@ -151,6 +151,43 @@ where
     }
 }
 
+/// [`dispatch_with_exporter`] with the span spool in `dir` in place of the batch span processor, as a
+/// service runs with `TRACEHOP_SPAN_SPOOL=dir`: for benchmarks that measure what the spool costs. A dead
+/// process's spool found under `dir` is left where it is (there is no exporter to adopt it with).
+///
+/// ```no_run
+/// use opentelemetry_sdk::error::OTelSdkResult;
+/// use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+///
+/// #[derive(Debug)]
+/// struct Discard;
+///
+/// impl SpanExporter for Discard {
+///     async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+///         Ok(())
+///     }
+/// }
+///
+/// let dir = std::env::temp_dir().join("tracehop-example-spool");
+/// let (dispatch, _guard) = tracehop_telemetry::setup::dispatch_with_spool("example", Discard, &dir)?;
+/// tracing::dispatcher::with_default(&dispatch, || tracing::info_span!("work").in_scope(|| ()));
+/// # Ok::<(), tracehop_telemetry::setup::SpoolError>(())
+/// ```
+pub fn dispatch_with_spool<E>(
+    default_service_name: &'static str,
+    exporter: E,
+    dir: &std::path::Path,
+) -> Result<(tracing::Dispatch, TelemetryGuard), SpoolError>
+where
+    E: SpanExporter + 'static,
+{
+    let spool = Spool {
+        dir: dir.to_owned(),
+        make_exporter: Box::new(|| None),
+    };
+    dispatch(default_service_name, Some(exporter), Some(spool))
+}
+
 /// Where the spool goes, and how to make an exporter for a dead process's spans.
 struct Spool<E> {
     dir: std::path::PathBuf,

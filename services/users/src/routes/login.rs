@@ -79,9 +79,12 @@ pub async fn login(
             // (The dummy hash is computed once, lazily: on the hashing pool too.)
             let matches = state
                 .hashing
-                .run(move || {
-                    let stored = stored.as_deref().unwrap_or_else(|| password::dummy_hash());
-                    password::verify(password.expose(), stored)
+                .run(move |memory| {
+                    let stored = match stored.as_deref() {
+                        Some(stored) => stored,
+                        None => password::dummy_hash(memory),
+                    };
+                    password::verify(password.expose(), stored, memory)
                 })
                 .await?;
             let user_id = match (found, matches) {

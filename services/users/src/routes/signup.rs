@@ -68,7 +68,7 @@ pub async fn signup(
                 .map_err(|error| SignupError::Invalid(error.to_string()))?;
             let password_hash = state
                 .hashing
-                .run(move || password::hash(&password))
+                .run(move |memory| password::hash(&password, memory))
                 .await?
                 .map_err(SignupError::from)?;
 
