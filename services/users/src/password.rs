@@ -111,7 +111,12 @@ fn check(password: &str, stored: &str, memory: &mut HashMemory) -> Option<bool> 
     let argon2 = Argon2::new(algorithm, version, params.clone());
     let count = params.block_count();
     let hashed = if count <= PARAMS.block_count() {
-        argon2.hash_password_into_with_memory(password.as_bytes(), salt, &mut out, memory.blocks(count))
+        argon2.hash_password_into_with_memory(
+            password.as_bytes(),
+            salt,
+            &mut out,
+            memory.blocks(count),
+        )
     } else {
         // An older hash asking for more than the thread keeps: memory for this check only.
         argon2.hash_password_into(password.as_bytes(), salt, &mut out)
@@ -143,7 +148,10 @@ mod tests {
         let mut memory = HashMemory::default();
         let password = Password::parse(Secret::new("correct horse battery")).unwrap();
         let stored = hash(&password, &mut memory).unwrap();
-        assert!(stored.starts_with("$argon2id$v=19$m=7168,t=5,p=1$"), "{stored}");
+        assert!(
+            stored.starts_with("$argon2id$v=19$m=7168,t=5,p=1$"),
+            "{stored}"
+        );
         assert!(verify("correct horse battery", &stored, &mut memory));
         assert!(!verify("wrong horse battery", &stored, &mut memory));
         assert!(!verify("anything", "not a hash", &mut memory));

@@ -351,7 +351,8 @@ impl Verifier {
             return Ok(caller);
         }
         let (caller, expires) = self.check(token)?;
-        self.checked.put(token.to_owned(), caller.clone(), expires, now);
+        self.checked
+            .put(token.to_owned(), caller.clone(), expires, now);
         Ok(caller)
     }
 

@@ -669,7 +669,8 @@ where
 /// key here, and a task writes the keys that have gathered with one statement per batch instead of one per
 /// item. The first key handed over while the writer is idle is written at once, alone; keys that arrive while
 /// a batch is being written wait for the next one. So batches grow with the load and nothing waits for a
-/// timer: at rest an item costs what a statement of its own would, at load a fraction of it.
+/// timer: at rest an item costs what a statement of its own would, at load a fraction of it. Keys nobody
+/// waits for can be held longer, for fewer and larger batches: [`GroupCommit::start_lingering`].
 ///
 /// [`GroupCommit::commit`] waits for its batch and reports its outcome (the caller decides whether to retry);
 /// [`GroupCommit::submit`] does not wait, and a failed batch's submitted keys are written again a second
@@ -718,6 +719,21 @@ impl<K: Clone + Send + 'static> GroupCommit<K> {
     where
         F: Fn(&mut DbConnection, &[K]) -> Result<(), DbError> + Clone + Send + Sync + 'static,
     {
+        Self::start_lingering(database, max_batch, Duration::ZERO, write)
+    }
+
+    /// [`GroupCommit::start`], with each batch written `linger` after its first key arrived rather than at
+    /// once: for keys nobody waits for ([`GroupCommit::submit`]), where one statement a second instead of
+    /// one per few keys is worth the delay (billing's published events: BENCHMARKS.md, section 7).
+    pub fn start_lingering<F>(
+        database: Database,
+        max_batch: usize,
+        linger: Duration,
+        write: F,
+    ) -> Self
+    where
+        F: Fn(&mut DbConnection, &[K]) -> Result<(), DbError> + Clone + Send + Sync + 'static,
+    {
         let (queue, mut incoming) = tokio::sync::mpsc::unbounded_channel::<Batched<K>>();
         let max_batch = max_batch.max(1);
         tokio::spawn(async move {
@@ -728,6 +744,9 @@ impl<K: Clone + Send + 'static> GroupCommit<K> {
                     match incoming.recv().await {
                         Some(first) => batch.push(first),
                         None => break,
+                    }
+                    if !linger.is_zero() {
+                        tokio::time::sleep(linger).await;
                     }
                 }
                 while batch.len() < max_batch {

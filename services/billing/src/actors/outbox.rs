@@ -3,8 +3,8 @@
 //! Billing hands the relay each event right after the charge is committed, and the relay publishes it from
 //! memory: the event row was written already claimed by this replica (a lease naming it,
 //! [`store::RelayClaim`], in the same statement as the charge), so nothing is read back. Published events
-//! are marked in batches ([`GroupCommit`]): one statement for all the events published while the previous
-//! batch was being written. A periodic sweep catches whatever the immediate path missed (NATS down, billing
+//! are marked in batches ([`GroupCommit`]): one statement a second for all the events published in it
+//! ([`MARK_LINGER`]). A periodic sweep catches whatever the immediate path missed (NATS down, billing
 //! restarted between commit and publish); it claims the events it takes (`FOR UPDATE SKIP LOCKED`), so
 //! billing's replicas never publish the same event at once, and a dead replica's claims run out and are
 //! taken over by any sweep. Publishing uses the event id as `Nats-Msg-Id` as well, so should a lease run out
@@ -26,6 +26,15 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::store::{self, OutboxEvent, RelayClaim};
+
+/// How long a published event waits to be marked, with the others published meanwhile: one `UPDATE outbox`
+/// a second instead of one per few events (0.29 statements and commits per checkout at 800 checkouts/s,
+/// BENCHMARKS.md section 7). Nobody waits for the mark, and the event's own claim keeps the sweep off it far
+/// longer than this ([`store::RelayClaim`]); a mark lost with the process costs a republish that JetStream's
+/// duplicate window drops.
+const MARK_LINGER: Duration = Duration::from_secs(1);
+/// The most events one mark covers.
+const MARK_BATCH: usize = 5000;
 
 /// Publish this event now: it was just committed, claimed by this replica.
 #[derive(Debug, Clone, actix::Message)]
@@ -81,7 +90,12 @@ impl OutboxRelay {
     fn published(&mut self) -> GroupCommit<uuid::Uuid> {
         self.published
             .get_or_insert_with(|| {
-                GroupCommit::start(self.database.clone(), 1000, store::mark_published)
+                GroupCommit::start_lingering(
+                    self.database.clone(),
+                    MARK_BATCH,
+                    MARK_LINGER,
+                    store::mark_published,
+                )
             })
             .clone()
     }
