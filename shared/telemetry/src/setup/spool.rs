@@ -23,10 +23,7 @@
 //! - **The file is the queue.** This process's export thread reads the spool from where it stopped, hands
 //!   the spans to the exporter in batches (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) and
 //!   records how far it got in a small `exported` file. Segments are rotated at [`SEGMENT_BYTES`] and
-//!   deleted once exported. The spans a write put on disk are also handed to the export thread in memory
-//!   (up to [`MAX_HANDED_OVER`] of them waiting), so a live process does not decode its own spool again:
-//!   the export thread passes a handed-over write's bytes unread and decodes only what it was not handed
-//!   (past that bound, and always a dead process's spool).
+//!   deleted once exported.
 //! - **A dead owner is found by its lock.** Each process holds an exclusive `flock` on its own spool
 //!   directory's `lock` file for its whole life; the kernel releases it when the process dies, however it
 //!   dies. Every [`ADOPT_EVERY`] the export thread tries the lock of every other spool directory under the
@@ -75,9 +72,6 @@ pub const ADOPT_EVERY: Duration = Duration::from_secs(1);
 const MAX_WAITING: usize = 1024;
 /// How long spans may wait under one open parent; past it they are written on their own, as above.
 const MAX_WAIT: Duration = Duration::from_secs(10);
-/// Ended spans that may wait in memory for the export thread beside their copy on disk; past it a write's
-/// spans are left on disk only, and the export thread decodes them there.
-pub const MAX_HANDED_OVER: usize = 8192;
 
 /// The span ids' own hasher: they are random already (W3C Trace Context), so their bytes are the hash.
 /// (SipHash was 2% of a span's cost in `entries`.)
@@ -98,15 +92,6 @@ impl std::hash::Hasher for SpanIdHasher {
 }
 
 type SpanIdMap<V> = HashMap<SpanId, V, std::hash::BuildHasherDefault<SpanIdHasher>>;
-
-/// The ended spans of one write, handed to the export thread in memory: they are the `Ended` records of
-/// `segment` from `start` to `end`.
-struct HandedOver {
-    segment: u64,
-    start: u64,
-    end: u64,
-    spans: Vec<SpanData>,
-}
 
 /// The one spool of this process, for [`expose`].
 static SPOOL: OnceLock<Arc<Shared>> = OnceLock::new();
@@ -172,10 +157,6 @@ struct Shared {
     root: PathBuf,
     entries: Mutex<SpanIdMap<Entry>>,
     segment: Mutex<Segment>,
-    /// Written spans handed to the export thread in memory, in the order of the file.
-    handed_over: Mutex<std::collections::VecDeque<HandedOver>>,
-    /// How many spans `handed_over` holds (at most [`MAX_HANDED_OVER`]).
-    handed_over_spans: AtomicU64,
     /// Bytes written and bytes the export has passed, over all segments.
     written: AtomicU64,
     passed: AtomicU64,
@@ -236,15 +217,13 @@ impl Shared {
             codec::push_record(&mut buffer, Kind::Ended, span);
         }
         if !buffer.is_empty() {
-            self.write(&buffer, opened, ended);
+            self.write(&buffer, opened + ended.len(), ended.len() as u64);
         }
     }
 
-    /// Appends `buffer` (`opened` `Open` records, then the `Ended` records of `ended`) to the current segment,
-    /// in one write, and hands `ended` to the export thread if it has room. False when the spans were dropped.
-    fn write(&self, buffer: &[u8], opened: usize, ended: Vec<SpanData>) -> bool {
-        let spans = opened + ended.len();
-        let ended_count = ended.len() as u64;
+    /// Appends `buffer` (`spans` records, of which `ended` are `Ended`) to the current segment, in one write.
+    /// False when the spans were dropped.
+    fn write(&self, buffer: &[u8], spans: usize, ended: u64) -> bool {
         let backlog = self
             .written
             .load(Ordering::Relaxed)
@@ -260,66 +239,24 @@ impl Shared {
             eprintln!("span spool: could not begin a new segment: {error}");
         }
         // Before the write: the export thread must never see a record it has not been told of.
-        self.pending.fetch_add(ended_count, Ordering::Relaxed);
+        self.pending.fetch_add(ended, Ordering::Relaxed);
         match segment.file.write_all(buffer) {
             Ok(()) => {
-                let start = segment.bytes;
                 segment.bytes += buffer.len() as u64;
                 self.written
                     .fetch_add(buffer.len() as u64, Ordering::Relaxed);
-                // Under the segment lock, so the hand-overs are in the order of the file.
-                if ended_count > 0
-                    && self.handed_over_spans.load(Ordering::Relaxed) + ended_count
-                        <= MAX_HANDED_OVER as u64
-                {
-                    self.handed_over_spans
-                        .fetch_add(ended_count, Ordering::Relaxed);
-                    lock(&self.handed_over).push_back(HandedOver {
-                        segment: segment.number,
-                        start,
-                        end: segment.bytes,
-                        spans: ended,
-                    });
-                }
                 true
             }
             Err(error) => {
                 // A write that failed part-way may have left a record cut short: nothing more goes into this
                 // segment, whose reader then stops there.
                 segment.bytes = SEGMENT_BYTES;
-                decrement(&self.pending, ended_count);
+                decrement(&self.pending, ended);
                 self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
                 eprintln!("span spool: write failed, {spans} span(s) dropped: {error}");
                 false
             }
         }
-    }
-
-    /// The spans handed over for the write that starts at `offset` of `segment`, with where it ends, if it
-    /// ends by `read_to` (the bytes read). Hand-overs of writes before that point (passed by decoding, as when
-    /// the queue was full) are dropped on the way.
-    fn take_handed_over(
-        &self,
-        segment: u64,
-        offset: u64,
-        read_to: u64,
-    ) -> Option<(Vec<SpanData>, u64)> {
-        let mut queue = lock(&self.handed_over);
-        while let Some(front) = queue.front() {
-            if (front.segment, front.start) >= (segment, offset) {
-                break;
-            }
-            if let Some(stale) = queue.pop_front() {
-                decrement(&self.handed_over_spans, stale.spans.len() as u64);
-            }
-        }
-        let front = queue.front()?;
-        if front.segment != segment || front.start != offset || front.end > read_to {
-            return None;
-        }
-        let taken = queue.pop_front()?;
-        decrement(&self.handed_over_spans, taken.spans.len() as u64);
-        Some((taken.spans, taken.end))
     }
 
     /// Begins the next segment. The spans already exposed and still open are written into it again, so a
@@ -466,8 +403,6 @@ impl SpoolProcessor {
             dir: dir.clone(),
             root: root.to_owned(),
             entries: Mutex::default(),
-            handed_over: Mutex::default(),
-            handed_over_spans: AtomicU64::new(0),
             segment: Mutex::new(Segment {
                 number: 0,
                 file,
@@ -594,8 +529,10 @@ impl SpanProcessor for SpoolProcessor {
         for span in &tree {
             codec::push_record(&mut buffer, Kind::Ended, span);
         }
+        let count = tree.len() as u64;
         // The export thread wakes on its own schedule; a full batch wakes it early.
-        if shared.write(&buffer, 0, tree) && shared.pending.load(Ordering::Relaxed) >= shared.batch
+        if shared.write(&buffer, tree.len(), count)
+            && shared.pending.load(Ordering::Relaxed) >= shared.batch
         {
             shared.wake.notify_all();
         }
@@ -762,36 +699,23 @@ fn drain<E: SpanExporter>(
         let mut batch = Vec::new();
         // Bytes read, and of them, bytes whose spans have been handed to the exporter.
         let (mut consumed, mut passed) = (0, 0);
-        // Where `bytes` begins in the segment (`at` moves on as batches are passed).
-        let base = at.offset;
-        loop {
-            // A write whose spans were handed over in memory, starting here: its bytes are passed unread.
-            let here = base + consumed as u64;
-            let read_to = base + bytes.len() as u64;
-            if let Some((spans, end)) = shared.take_handed_over(at.segment, here, read_to) {
-                consumed += usize::try_from(end - here).unwrap_or(usize::MAX);
-                decrement(&shared.pending, spans.len() as u64);
-                batch.extend(spans);
-            } else if let Some((kind, payload, used)) = codec::next_record(&bytes[consumed..]) {
-                consumed += used;
-                if kind == Some(Kind::Ended) {
-                    // Counted up before the record was written (under the segment lock).
-                    decrement(&shared.pending, 1);
-                    if let Some(span) = codec::decode_span(payload) {
-                        batch.push(span);
-                    }
+        while let Some((kind, payload, used)) = codec::next_record(&bytes[consumed..]) {
+            consumed += used;
+            if kind == Some(Kind::Ended) {
+                // Counted up before the record was written (under the segment lock).
+                decrement(&shared.pending, 1);
+                if let Some(span) = codec::decode_span(payload) {
+                    batch.push(span);
                 }
-            } else {
-                break;
             }
             if batch.len() >= batch_size {
-                export_in_batches(exporter, std::mem::take(&mut batch), batch_size);
+                export(exporter, std::mem::take(&mut batch));
                 pass(shared, at, consumed - passed, mark);
                 passed = consumed;
             }
         }
         if !batch.is_empty() {
-            export_in_batches(exporter, batch, batch_size);
+            export(exporter, batch);
         }
         pass(shared, at, consumed - passed, mark);
         if writer_segment > at.segment {
@@ -834,16 +758,6 @@ fn read_from(file: &File, offset: u64) -> std::io::Result<Vec<u8>> {
     }
     bytes.truncate(filled);
     Ok(bytes)
-}
-
-/// Exports `spans` in batches of at most `batch_size` (a tree handed over whole can pass the size).
-fn export_in_batches<E: SpanExporter>(exporter: &E, mut spans: Vec<SpanData>, batch_size: usize) {
-    while spans.len() > batch_size {
-        let rest = spans.split_off(batch_size);
-        export(exporter, spans);
-        spans = rest;
-    }
-    export(exporter, spans);
 }
 
 fn export<E: SpanExporter>(exporter: &E, batch: Vec<SpanData>) {
@@ -981,20 +895,15 @@ mod tests {
 
     use super::*;
 
-    /// Collects what it is given, with the `service.name` it was given; each export waits for `gate`.
+    /// Collects what it is given, with the `service.name` it was given.
     #[derive(Debug, Clone, Default)]
     struct Collect {
         spans: Arc<Mutex<Vec<(String, SpanData)>>>,
         service: String,
-        gate: Arc<Mutex<()>>,
-        largest_batch: Arc<AtomicU64>,
     }
 
     impl SpanExporter for Collect {
         async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-            drop(self.gate.lock().unwrap());
-            self.largest_batch
-                .fetch_max(batch.len() as u64, Ordering::Relaxed);
             let mut spans = self.spans.lock().unwrap();
             spans.extend(batch.into_iter().map(|span| (self.service.clone(), span)));
             Ok(())
@@ -1136,77 +1045,6 @@ mod tests {
             .map(|entry| entry.file_name())
             .collect();
         assert_eq!(left.len(), 1, "{left:?}");
-        provider.shutdown().unwrap();
-        let _ = fs::remove_dir_all(&root);
-    }
-
-    #[test]
-    fn spans_past_the_hand_over_bound_are_read_back_from_disk_once_each() {
-        let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
-        let collect = Collect::default();
-        let settings = Settings {
-            delay: Duration::from_secs(3600),
-            batch: 512,
-        };
-        let processor =
-            SpoolProcessor::start(&root, "busy", collect.clone(), || None, settings).unwrap();
-        let shared = processor.shared.clone();
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .build();
-        let tracer = provider.tracer("test");
-        // The exporter stalls (a slow collector) while the process writes more than can wait in memory.
-        let stalled = collect.gate.lock().unwrap();
-        let total = MAX_HANDED_OVER + 2000;
-        for index in 0..total {
-            let mut span = tracer.start("work");
-            span.set_attribute(KeyValue::new("index", index as i64));
-            // Now and then a context leaves the process: `Open` records among the `Ended` ones.
-            if index % 1000 == 0 {
-                let context = Context::new().with_span(span);
-                shared.expose(context.span().span_context().span_id());
-                tracer.start_with_context("child", &context).end();
-                context.span().end();
-            } else {
-                span.end();
-            }
-        }
-        // The queue in memory filled up (and stayed bounded): the rest is on disk only.
-        let waiting = shared.handed_over_spans.load(Ordering::Relaxed);
-        assert!(
-            waiting <= MAX_HANDED_OVER as u64 && waiting > MAX_HANDED_OVER as u64 - 600,
-            "{waiting} spans handed over"
-        );
-        drop(stalled);
-        provider.force_flush().unwrap();
-        let spans = collect.spans.lock().unwrap().clone();
-        let mut indices: Vec<i64> = spans
-            .iter()
-            .filter_map(|(_, span)| {
-                span.attributes
-                    .iter()
-                    .find(|attribute| attribute.key.as_str() == "index")
-                    .and_then(|attribute| match attribute.value {
-                        Value::I64(index) => Some(index),
-                        _ => None,
-                    })
-            })
-            .collect();
-        indices.sort_unstable();
-        let expected: Vec<i64> = (0..total as i64).collect();
-        // Compared without printing ten thousand numbers.
-        assert!(
-            indices == expected,
-            "{} spans exported, {} distinct, first difference at {:?}",
-            indices.len(),
-            indices.iter().collect::<HashSet<_>>().len(),
-            indices
-                .iter()
-                .zip(&expected)
-                .position(|(got, want)| got != want)
-        );
-        assert_eq!(spans.len(), total + total.div_ceil(1000));
-        assert!(collect.largest_batch.load(Ordering::Relaxed) <= 512);
         provider.shutdown().unwrap();
         let _ = fs::remove_dir_all(&root);
     }
