@@ -11,7 +11,7 @@
 //! Everything is measured in CPU time of the whole process ([`ProcessCpu`]), so a span's figure includes
 //! what the span processor's own thread spends on it.
 //!
-//! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, section 3).
+//! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, sections 3 and 9).
 //! With `OTEL_TRACES_SAMPLER=always_off` the `traced` cases measure spans of a sampled-out trace: what a
 //! request costs when it is not sampled (`./dev bench` runs both).
 
