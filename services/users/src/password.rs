@@ -191,6 +191,9 @@ mod tests {
         let mut memory = HashMemory::default();
         let greedy = "$argon2id$v=19$m=4194304,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$\
                       AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        // A well-formed hash with valid parameters: refused for the memory it asks, not for its form.
+        let parsed = PasswordHash::new(greedy).unwrap();
+        assert_eq!(Params::try_from(&parsed).unwrap().m_cost(), 4 * 1024 * 1024);
         assert!(!verify("anything", greedy, &mut memory));
         assert!(memory.0.is_empty());
     }
