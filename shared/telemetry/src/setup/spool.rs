@@ -1038,12 +1038,19 @@ mod tests {
         // Never exposed, never ended, never written: gone, and nothing points to it.
         assert!(named("inside").is_none());
         assert_eq!(found.len(), 5, "{found:?}");
-        // The dead process's spool is gone once exported.
-        let left: Vec<_> = fs::read_dir(&root)
-            .unwrap()
-            .flatten()
-            .map(|entry| entry.file_name())
-            .collect();
+        // The dead process's spool is gone once exported (removed right after the export returns, so
+        // looked for until the deadline rather than at once).
+        let left = loop {
+            let left: Vec<_> = fs::read_dir(&root)
+                .unwrap()
+                .flatten()
+                .map(|entry| entry.file_name())
+                .collect();
+            if left.len() == 1 || Instant::now() > deadline {
+                break left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert_eq!(left.len(), 1, "{left:?}");
         provider.shutdown().unwrap();
         let _ = fs::remove_dir_all(&root);
