@@ -10,7 +10,7 @@ use tracehop_contracts::domain::{Amount, Currency};
 use tracehop_contracts::events::OrderCompleted;
 use tracehop_contracts::schema::notifications;
 use tracehop_telemetry::actor::{Traced, supervised_reply};
-use tracehop_telemetry::db::{Database, DbError, GroupCommit, traced};
+use tracehop_telemetry::db::{Database, DbError, RideAlong, Riders, traced};
 
 use crate::mailer::{Email, MailError, Mailer, Sent};
 
@@ -67,8 +67,8 @@ pub struct NotifierActor {
     database: Database,
     mailer: Arc<Mailer>,
     claims: Claims,
-    /// Records sent e-mails, in batches.
-    sent: GroupCommit<uuid::Uuid>,
+    /// Records sent e-mails: with the next claim, or in a batch of their own after [`SENT_LINGER`].
+    sent: RideAlong<uuid::Uuid>,
 }
 
 /// The notifier actors: one per core, each on an arbiter (a thread) of its own, so that deliveries use
@@ -80,10 +80,17 @@ pub struct Notifiers {
 }
 
 impl Notifiers {
-    /// Starts `count` supervised actors (at least one). Sent e-mails are recorded in batches by a writer on
-    /// the current runtime, shared by all of them.
-    pub fn start(count: usize, database: Database, mailer: Arc<Mailer>, claims: Claims) -> Self {
-        let sent = GroupCommit::start(database.clone(), 1000, mark_sent);
+    /// Starts `count` supervised actors (at least one). Sent e-mails are recorded with the next claim any
+    /// of them makes, or by a writer on the current runtime when no claim comes within [`SENT_LINGER`] or
+    /// every one of the consumer's `in_flight` deliveries waits for its record (no claim can come then).
+    pub fn start(
+        count: usize,
+        in_flight: usize,
+        database: Database,
+        mailer: Arc<Mailer>,
+        claims: Claims,
+    ) -> Self {
+        let sent = RideAlong::start(database.clone(), in_flight, SENT_LINGER, mark_sent);
         let actors = (0..count.max(1))
             .map(|_| {
                 let (database, mailer, claims, sent) = (
@@ -112,6 +119,11 @@ impl Notifiers {
         &self.actors[index]
     }
 }
+
+/// How long a sent e-mail's record waits for the next claim to carry it before it is written on its own.
+/// At load the next claim comes within a few milliseconds (no commit of its own); at rest the record costs
+/// this much delay before the delivery is acked, and nothing else.
+pub const SENT_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Who this process is when it claims a notification, and for how long a claim holds.
 #[derive(Debug, Clone)]
@@ -183,7 +195,7 @@ async fn send_confirmation(
     database: &Database,
     mailer: &Mailer,
     claims: &Claims,
-    sent_records: &GroupCommit<uuid::Uuid>,
+    sent_records: &RideAlong<uuid::Uuid>,
     event: OrderCompleted,
 ) -> Result<Delivery, NotifyError> {
     let span = tracing::Span::current();
@@ -192,9 +204,12 @@ async fn send_confirmation(
     let owner = claims.owner.clone();
     let lease = chrono::Duration::from_std(claims.lease).unwrap_or(chrono::Duration::MAX);
     let claimed_at = std::time::Instant::now();
+    // The claim carries the records of e-mails sent meanwhile (not this order's: one statement cannot
+    // write its row twice), so they cost no commit of their own.
+    let riders = sent_records.board(Some(&event.order_id));
     let claim = database
         .run(move |connection, statements| {
-            claim(connection, statements, &claim_event, &owner, lease)
+            claim(connection, statements, &claim_event, &owner, lease, riders)
         })
         .await?;
     match claim {
@@ -236,9 +251,9 @@ async fn send_confirmation(
         return Err(error.into());
     }
     // Sent: now it must be recorded, or a later delivery would send again once the claim runs out. Recorded
-    // with whatever other e-mails were sent meanwhile (one statement per batch); a database blip is waited
-    // out here, for as long as the claim holds (less a margin), rather than given up on. The delivery is
-    // acked only after this.
+    // by the next claim of any delivery, or alone after `SENT_LINGER`; a database blip is waited out here,
+    // for as long as the claim holds (less a margin), rather than given up on. The delivery is acked only
+    // after this.
     let deadline = claimed_at + claims.lease.mul_f64(0.9);
     let mut pause = std::time::Duration::from_millis(100);
     loop {
@@ -288,45 +303,31 @@ enum Claim {
 /// Claims the order's notification for `owner` until `lease` from now, in one upsert: the first delivery
 /// makes the row (it is notifications' own, made from the event); a later one takes the claim only if the
 /// e-mail is not sent and no other claim is still running. Nothing comes back when the claim was not taken,
-/// and then one read tells why.
+/// and then one read tells why. The same statement records the e-mails of `sent` as sent ([`mark_sent`]'s
+/// update), and tells them whether it committed.
 fn claim(
     connection: &mut tracehop_telemetry::db::DbConnection,
     statements: &tracehop_telemetry::db::Statements,
     event: &OrderCompleted,
     owner: &str,
     lease: chrono::Duration,
+    sent: Riders<uuid::Uuid>,
 ) -> Result<Claim, DbError> {
-    use diesel::upsert::excluded;
     let now = Utc::now();
-    let until = now + lease;
-    let upsert = diesel::insert_into(notifications::table)
-        .values((
-            notifications::order_id.eq(event.order_id),
-            notifications::email.eq(&event.email),
-            notifications::status.eq("pending"),
-            notifications::attempts.eq(0),
-            notifications::claimed_by.eq(owner),
-            notifications::claimed_until.eq(until),
-        ))
-        .on_conflict(notifications::order_id)
-        .do_update()
-        .set((
-            notifications::claimed_by.eq(excluded(notifications::claimed_by)),
-            notifications::claimed_until.eq(excluded(notifications::claimed_until)),
-        ));
-    let query = diesel::query_dsl::methods::FilterDsl::filter(
-        upsert,
-        notifications::status.ne("sent").and(
-            notifications::claimed_until
-                .is_null()
-                .or(notifications::claimed_until.lt(now)),
-        ),
-    )
-    .returning(notifications::status);
+    let query = ClaimNotification {
+        sent: sent.keys(),
+        order_id: event.order_id,
+        email: &event.email,
+        claimed_by: owner,
+        claimed_until: now + lease,
+        now,
+    };
     let claimed = traced(statements, query, |query| {
         query.get_result::<String>(connection).optional()
-    })?;
-    if claimed.is_some() {
+    })
+    .map_err(DbError::from);
+    sent.arrived(claimed.as_ref().map(|_| ()));
+    if claimed?.is_some() {
         return Ok(Claim::Claimed);
     }
     let query = notifications::table
@@ -345,6 +346,65 @@ fn claim(
         None => Claim::HeldElsewhere { until: now },
     })
 }
+
+/// The statement of [`claim`]: the upsert, after a data-modifying CTE that records the e-mails sent
+/// meanwhile (`WITH`, which diesel's query builder lacks). A type of its own, so that diesel prepares it
+/// once per connection: its SQL does not change with the number of records it carries (one array).
+struct ClaimNotification<'a> {
+    sent: Vec<uuid::Uuid>,
+    order_id: uuid::Uuid,
+    email: &'a str,
+    claimed_by: &'a str,
+    claimed_until: chrono::DateTime<Utc>,
+    now: chrono::DateTime<Utc>,
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for ClaimNotification<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Array, Text, Timestamptz, Uuid};
+        // `mark_sent`'s update, for the rows in the array.
+        out.push_sql(
+            "WITH sent AS (UPDATE notifications SET status = 'sent', attempts = attempts + 1, \
+             last_error = NULL, sent_at = CURRENT_TIMESTAMP, updated_at = CURRENT_TIMESTAMP, \
+             claimed_by = NULL, claimed_until = NULL WHERE order_id = ANY(",
+        );
+        out.push_bind_param::<Array<Uuid>, _>(&self.sent)?;
+        out.push_sql(
+            ")) INSERT INTO notifications (order_id, email, status, attempts, claimed_by, claimed_until) \
+             VALUES (",
+        );
+        out.push_bind_param::<Uuid, _>(&self.order_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.email)?;
+        out.push_sql(", 'pending', 0, ");
+        out.push_bind_param::<Text, _>(&self.claimed_by)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamptz, _>(&self.claimed_until)?;
+        out.push_sql(
+            ") ON CONFLICT (order_id) DO UPDATE SET claimed_by = excluded.claimed_by, \
+             claimed_until = excluded.claimed_until WHERE notifications.status <> 'sent' \
+             AND (notifications.claimed_until IS NULL OR notifications.claimed_until < ",
+        );
+        out.push_bind_param::<Timestamptz, _>(&self.now)?;
+        out.push_sql(") RETURNING notifications.status");
+        Ok(())
+    }
+}
+
+/// One query type, one SQL text: diesel keys its prepared statement by this.
+impl diesel::query_builder::QueryId for ClaimNotification<'_> {
+    type QueryId = ClaimNotification<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for ClaimNotification<'_> {
+    type SqlType = diesel::sql_types::Text;
+}
+
+impl<Connection> diesel::RunQueryDsl<Connection> for ClaimNotification<'_> {}
 
 /// Records a failed attempt on the notification row and releases the claim, in one update (the row exists:
 /// the claim made it). A failed attempt never turns a `sent` notification back.
@@ -370,8 +430,8 @@ fn record_attempt(
     Ok(())
 }
 
-/// Records e-mails as sent and releases their claims: one statement for a batch (see [`GroupCommit`]),
-/// untraced because a batch belongs to many orders' traces.
+/// Records e-mails as sent and releases their claims, when no claim came to carry them (see [`RideAlong`]):
+/// one statement for a batch, untraced because a batch belongs to many orders' traces.
 fn mark_sent(
     connection: &mut tracehop_telemetry::db::DbConnection,
     order_ids: &[uuid::Uuid],

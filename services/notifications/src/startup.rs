@@ -101,6 +101,7 @@ impl Application {
         let claims = crate::notifier::Claims::new(settings.claim_lease);
         let notifiers = Notifiers::start(
             std::thread::available_parallelism().map_or(1, usize::from),
+            settings.concurrency,
             notifier_database,
             notifier_mailer,
             claims,

@@ -6,6 +6,7 @@
 //! Inside the closure, wrap each statement in [`traced`]: it becomes a CLIENT span named
 //! `{operation} {table}` with the database conventions and the SQL text (placeholders only, never values).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::pg::{Pg, PgConnection};
@@ -124,7 +125,8 @@ pub enum DbError {
     Query(#[from] diesel::result::Error),
     #[error("database task failed: {0}")]
     Task(String),
-    /// A [`GroupCommit`] batch this item was part of failed (the error is shared by the whole batch).
+    /// A [`GroupCommit`] batch or a [`RideAlong`] statement this item was part of failed (the error is
+    /// shared by all of its items).
     #[error("batched write failed: {0}")]
     Batch(String),
 }
@@ -779,12 +781,7 @@ impl<K: Clone + Send + 'static> GroupCommit<K> {
                         for item in batch {
                             match item.done {
                                 Some(done) => {
-                                    let shared = if error.is_unavailable() {
-                                        DbError::ConnectionLost(error.to_string())
-                                    } else {
-                                        DbError::Batch(error.to_string())
-                                    };
-                                    let _ = done.send(Err(shared));
+                                    let _ = done.send(Err(shared_error(&error)));
                                 }
                                 None => again.push(item),
                             }
@@ -817,6 +814,237 @@ impl<K: Clone + Send + 'static> GroupCommit<K> {
     pub fn submit(&self, key: K) {
         if self.queue.send(Batched { key, done: None }).is_err() {
             tracing::warn!("the batch writer has stopped; a write was dropped");
+        }
+    }
+}
+
+/// Small writes that ride on another statement's commit: the commit another piece of work makes anyway
+/// carries them, so they add no commit of their own.
+///
+/// Work that finishes often (an e-mail sent) hands its key over with [`RideAlong::commit`] and waits. The
+/// next statement that is about to be written anyway (the next delivery's claim) takes what waits with
+/// [`RideAlong::board`], writes those keys in the same statement, and reports the outcome with
+/// [`Riders::arrived`]. At load a key waits for about one such statement, and commits per item fall by one.
+/// At rest nothing comes to take the keys: a task writes them on their own (one statement for all of them)
+/// `linger` after they arrived, so a key never waits longer than that plus one statement. A full batch is
+/// written at once: when the keys come from work that holds back the next item until its key is written
+/// (a consumer with so many deliveries in flight), the batch size is that many, and a full batch means
+/// no statement is coming to take them.
+///
+/// [`GroupCommit`] is for keys with no statement to ride on; this is for keys that have one.
+///
+/// ```no_run
+/// use diesel::prelude::*;
+/// use tracehop_telemetry::db::{Database, RideAlong};
+///
+/// diesel::table! { events (id) { id -> Uuid, sent -> Bool } }
+///
+/// # async fn run(database: Database, id: uuid::Uuid) -> Result<(), tracehop_telemetry::db::DbError> {
+/// let mark = |connection: &mut tracehop_telemetry::db::DbConnection, ids: &[uuid::Uuid]| {
+///     diesel::update(events::table.filter(events::id.eq_any(ids)))
+///         .set(events::sent.eq(true))
+///         .execute(connection)?;
+///     Ok(())
+/// };
+/// let sent = RideAlong::start(database.clone(), 1000, std::time::Duration::from_millis(20), mark);
+///
+/// // Where a statement is written anyway: take the waiting keys and write them with it.
+/// let riders = sent.board(None);
+/// let ids = riders.keys();
+/// database
+///     .run(move |connection, _| {
+///         let outcome = mark(connection, &ids); // in the real thing: one statement with its own work
+///         riders.arrived(outcome.as_ref().map(|_| ()));
+///         outcome
+///     })
+///     .await?;
+///
+/// // Where an item finishes: wait until its key is written, by a statement like the one above or alone.
+/// sent.commit(id).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct RideAlong<K> {
+    shared: Arc<RideShared<K>>,
+    max_batch: usize,
+}
+
+impl<K> Clone for RideAlong<K> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            max_batch: self.max_batch,
+        }
+    }
+}
+
+struct RideShared<K> {
+    waiting: std::sync::Mutex<Vec<Ride<K>>>,
+    /// Wakes the writer of last resort (its own handle, so it can wait while holding no strong reference).
+    arrived: Arc<tokio::sync::Notify>,
+    /// Cuts the writer's linger short: a full batch waits.
+    full: Arc<tokio::sync::Notify>,
+}
+
+impl<K> Drop for RideShared<K> {
+    fn drop(&mut self) {
+        // The last handle is gone: the writer wakes, finds nothing to upgrade, and stops.
+        self.arrived.notify_one();
+    }
+}
+
+struct Ride<K> {
+    key: K,
+    done: tokio::sync::oneshot::Sender<Result<(), DbError>>,
+}
+
+impl<K> RideShared<K> {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<Ride<K>>> {
+        // Every update under this lock is one push or one drain: a panic elsewhere leaves it consistent.
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Keys taken by [`RideAlong::board`], to be written with the taker's statement. Report the outcome with
+/// [`Riders::arrived`]; dropped without it (the statement never ran), they wait for the next one again.
+pub struct Riders<K> {
+    rides: Vec<Ride<K>>,
+    shared: Arc<RideShared<K>>,
+}
+
+impl<K: Clone> Riders<K> {
+    /// The keys to write (empty when nothing waited).
+    pub fn keys(&self) -> Vec<K> {
+        self.rides.iter().map(|ride| ride.key.clone()).collect()
+    }
+
+    /// Reports whether the statement that carried the keys committed: each waiting [`RideAlong::commit`]
+    /// returns `Ok`, or the error (whose callers decide whether to try again).
+    pub fn arrived(mut self, outcome: Result<(), &DbError>) {
+        for ride in std::mem::take(&mut self.rides) {
+            let _ = ride.done.send(match outcome {
+                Ok(()) => Ok(()),
+                Err(error) => Err(shared_error(error)),
+            });
+        }
+    }
+}
+
+impl<K> Drop for Riders<K> {
+    fn drop(&mut self) {
+        if !self.rides.is_empty() {
+            self.shared.waiting().append(&mut self.rides);
+            self.shared.arrived.notify_one();
+        }
+    }
+}
+
+/// The error a batch's or a ride's items each get: whether the database was unreachable, and its text.
+fn shared_error(error: &DbError) -> DbError {
+    if error.is_unavailable() {
+        DbError::ConnectionLost(error.to_string())
+    } else {
+        DbError::Batch(error.to_string())
+    }
+}
+
+impl<K: Clone + PartialEq + Send + 'static> RideAlong<K> {
+    /// Starts the writer of last resort on the current Tokio runtime: keys nobody took within `linger`, or
+    /// as soon as `max_batch` of them wait, are written by `write`, at most `max_batch` at a time (the most
+    /// [`RideAlong::board`] hands out too). It stops when every handle is dropped.
+    pub fn start<F>(database: Database, max_batch: usize, linger: Duration, write: F) -> Self
+    where
+        F: Fn(&mut DbConnection, &[K]) -> Result<(), DbError> + Clone + Send + Sync + 'static,
+    {
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let full = Arc::new(tokio::sync::Notify::new());
+        let shared = Arc::new(RideShared {
+            waiting: std::sync::Mutex::default(),
+            arrived: arrived.clone(),
+            full: full.clone(),
+        });
+        let max_batch = max_batch.max(1);
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            loop {
+                arrived.notified().await;
+                if weak.strong_count() == 0 {
+                    break;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(linger) => {}
+                    () = full.notified() => {}
+                }
+                // What is still waiting now had no statement to ride on.
+                let riders = match weak.upgrade() {
+                    Some(shared) => Self { shared, max_batch }.board(None),
+                    None => break,
+                };
+                if riders.rides.is_empty() {
+                    continue;
+                }
+                if !riders.shared.waiting().is_empty() {
+                    // More than a batch: the rest goes next, without waiting for another arrival.
+                    riders.shared.arrived.notify_one();
+                }
+                let keys = riders.keys();
+                let write = write.clone();
+                let outcome = database
+                    .run(move |connection, _| write(connection, &keys))
+                    .instrument(Span::none())
+                    .await;
+                if let Err(error) = &outcome {
+                    crate::setup::log_detail("batched write failed", error);
+                    tracing::warn!(
+                        error = error.code(),
+                        keys = riders.rides.len(),
+                        "batched write failed"
+                    );
+                }
+                riders.arrived(outcome.as_ref().map(|_| ()));
+            }
+        });
+        Self { shared, max_batch }
+    }
+
+    /// Waits until `key` is written: by a statement that took it ([`RideAlong::board`]), or on its own after
+    /// the linger.
+    pub async fn commit(&self, key: K) -> Result<(), DbError> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let waiting = {
+            let mut waiting = self.shared.waiting();
+            waiting.push(Ride { key, done });
+            waiting.len()
+        };
+        self.shared.arrived.notify_one();
+        if waiting >= self.max_batch {
+            self.shared.full.notify_one();
+        }
+        outcome
+            .await
+            .map_err(|_| DbError::Task("the ride-along writer has stopped".to_owned()))?
+    }
+
+    /// Takes the keys waiting now (at most the batch size), to be written with the caller's statement;
+    /// `except` stays behind (a statement that writes that key's row itself cannot update it a second
+    /// time).
+    pub fn board(&self, except: Option<&K>) -> Riders<K> {
+        let mut waiting = self.shared.waiting();
+        let mut rides = Vec::new();
+        let mut index = 0;
+        while index < waiting.len() && rides.len() < self.max_batch {
+            if except.is_some_and(|except| *except == waiting[index].key) {
+                index += 1;
+            } else {
+                rides.push(waiting.swap_remove(index));
+            }
+        }
+        drop(waiting);
+        Riders {
+            rides,
+            shared: self.shared.clone(),
         }
     }
 }

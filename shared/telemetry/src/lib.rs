@@ -17,7 +17,8 @@
 //!   whose parent is the producer).
 //! - [`actor`]: [`actor::Traced`], the envelope that carries span context through an actix mailbox.
 //! - [`db`]: diesel over r2d2 on a blocking pool, one CLIENT span per statement; [`db::GroupCommit`] for
-//!   small writes that many requests need (one statement per batch).
+//!   small writes that many requests need (one statement per batch), [`db::RideAlong`] for those that can
+//!   ride on a statement written anyway (no commit of their own).
 //! - [`service`]: the shape of a service's `main` (telemetry, serve, log the error, flush).
 //! - [`config`]: reading settings from the environment.
 //!
