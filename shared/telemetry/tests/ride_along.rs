@@ -2,6 +2,8 @@
 //! database): a key is written by the statement that boards it, or alone after the linger, and never lost
 //! when the boarding statement does not run.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -88,6 +90,7 @@ impl Table {
 }
 
 /// `mark`, counting how often the writer of last resort runs it.
+#[allow(clippy::type_complexity)] // two `impl Fn`s of one signature, spelled out
 fn counted(
     mark: impl Fn(&mut DbConnection, &[i32]) -> Result<(), DbError> + Clone + Send + Sync + 'static,
 ) -> (
