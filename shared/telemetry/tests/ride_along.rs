@@ -105,6 +105,19 @@ fn counted(
     })
 }
 
+/// Hands each of `ids` over on a task of its own, as concurrent deliveries do.
+fn commit_each(
+    along: &RideAlong<i32>,
+    ids: &[i32],
+) -> Vec<tokio::task::JoinHandle<Result<(), DbError>>> {
+    ids.iter()
+        .map(|&id| {
+            let along = along.clone();
+            tokio::spawn(async move { along.commit(id).await })
+        })
+        .collect()
+}
+
 /// Boards until at least `count` keys are taken (the committing tasks hand theirs over concurrently).
 async fn board_at_least(along: &RideAlong<i32>, count: usize, except: Option<&i32>) -> Riders<i32> {
     for _ in 0..500 {
@@ -139,13 +152,7 @@ async fn boarded_keys_ride_on_the_boarding_statement_and_are_not_written_again()
     let (runs, mark) = counted(table.mark());
     // A linger far longer than the test: only the boarding statement can write the keys.
     let along = RideAlong::start(table.database.clone(), 100, Duration::from_secs(600), mark);
-    let committing: Vec<_> = [1, 2]
-        .into_iter()
-        .map(|id| {
-            let along = along.clone();
-            tokio::spawn(async move { along.commit(id).await })
-        })
-        .collect();
+    let committing = commit_each(&along, &[1, 2]);
 
     let riders = board_at_least(&along, 2, None).await;
     let ids = riders.keys();
@@ -181,13 +188,7 @@ async fn the_excepted_key_stays_behind_and_riders_never_carried_wait_again() {
     let (runs, mark) = counted(table.mark());
     // Long enough that the boarding below comes first, short enough to wait for.
     let along = RideAlong::start(table.database.clone(), 100, Duration::from_secs(2), mark);
-    let committing: Vec<_> = [1, 2]
-        .into_iter()
-        .map(|id| {
-            let along = along.clone();
-            tokio::spawn(async move { along.commit(id).await })
-        })
-        .collect();
+    let committing = commit_each(&along, &[1, 2]);
     board_at_least(&along, 2, None).await; // both are waiting (and go back when dropped)
 
     let riders = along.board(Some(&1));
