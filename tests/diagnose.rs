@@ -534,10 +534,16 @@ async fn linked_consumer_traces_are_followed_by_why_where_and_the_waterfall() {
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let joined = loop {
-        // Spans arrive in batches: until the checkout's own have, the trace is not found.
+        // Spans arrive in batches, each process's on its own schedule: until the checkout's own have, the
+        // trace is not found, and until every process's have, some span's parent is missing.
         let joined = TraceView::fetch_joined(&test.jaeger(), &trace_id).await;
         match joined {
-            Ok(joined) if !joined.named("process order.completed").is_empty() => break joined,
+            Ok(joined)
+                if !joined.named("process order.completed").is_empty()
+                    && tracehop::why::Why::of(&joined).incomplete == 0 =>
+            {
+                break joined;
+            }
             Err(error) if Instant::now() > deadline => panic!("{error:#}"),
             Ok(joined) if Instant::now() > deadline => break joined,
             _ => {}
