@@ -347,6 +347,17 @@ fn claim(
     })
 }
 
+/// What recording e-mails as sent means, once for both statements that do it ([`ClaimNotification`]'s CTE and
+/// [`mark_sent`]): the row says sent, the attempt counts, the claim is released. Ends where the array of order
+/// ids goes, inside `ANY(`.
+macro_rules! mark_sent_sql {
+    () => {
+        "UPDATE notifications SET status = 'sent', attempts = attempts + 1, last_error = NULL, \
+         sent_at = CURRENT_TIMESTAMP, updated_at = CURRENT_TIMESTAMP, claimed_by = NULL, \
+         claimed_until = NULL WHERE order_id = ANY("
+    };
+}
+
 /// The statement of [`claim`]: the upsert, after a data-modifying CTE that records the e-mails sent
 /// meanwhile (`WITH`, which diesel's query builder lacks). A type of its own, so that diesel prepares it
 /// once per connection: its SQL does not change with the number of records it carries (one array).
@@ -365,12 +376,7 @@ impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for ClaimNotification<
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
     ) -> QueryResult<()> {
         use diesel::sql_types::{Array, Text, Timestamptz, Uuid};
-        // `mark_sent`'s update, for the rows in the array.
-        out.push_sql(
-            "WITH sent AS (UPDATE notifications SET status = 'sent', attempts = attempts + 1, \
-             last_error = NULL, sent_at = CURRENT_TIMESTAMP, updated_at = CURRENT_TIMESTAMP, \
-             claimed_by = NULL, claimed_until = NULL WHERE order_id = ANY(",
-        );
+        out.push_sql(concat!("WITH sent AS (", mark_sent_sql!()));
         out.push_bind_param::<Array<Uuid>, _>(&self.sent)?;
         out.push_sql(
             ")) INSERT INTO notifications (order_id, email, status, attempts, claimed_by, claimed_until) \
@@ -436,16 +442,8 @@ fn mark_sent(
     connection: &mut tracehop_telemetry::db::DbConnection,
     order_ids: &[uuid::Uuid],
 ) -> Result<(), DbError> {
-    diesel::update(notifications::table.filter(notifications::order_id.eq_any(order_ids)))
-        .set((
-            notifications::status.eq("sent"),
-            notifications::attempts.eq(notifications::attempts + 1),
-            notifications::last_error.eq(None::<String>),
-            notifications::sent_at.eq(diesel::dsl::now),
-            notifications::updated_at.eq(diesel::dsl::now),
-            notifications::claimed_by.eq(None::<String>),
-            notifications::claimed_until.eq(None::<chrono::DateTime<Utc>>),
-        ))
+    diesel::sql_query(concat!(mark_sent_sql!(), "$1)"))
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(order_ids)
         .execute(connection)?;
     Ok(())
 }

@@ -137,9 +137,14 @@ async fn a_key_nobody_takes_is_written_alone_after_the_linger() {
     table.insert(&[1, 2]).await;
     let (runs, mark) = counted(table.mark());
     let along = RideAlong::start(table.database.clone(), 100, Duration::from_millis(20), mark);
+    let handed_over = std::time::Instant::now();
 
     along.commit(1).await.expect("written");
 
+    assert!(
+        handed_over.elapsed() >= Duration::from_millis(20),
+        "written before the linger"
+    );
     assert_eq!(table.sent().await, vec![1]);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     table.remove().await;
