@@ -211,6 +211,9 @@ enum Command {
         /// `TRACEHOP_SPAN_SPOOL=` for the batch span processor instead of the span spool.
         #[arg(long, value_parser = parse_key_value)]
         service_env: Vec<(String, String)>,
+        /// How every service of every run exports its spans to the collector: `grpc` or `http/protobuf`.
+        #[arg(long, default_value = "http/protobuf", value_parser = ["grpc", "http/protobuf"])]
+        otlp_protocol: String,
     },
     /// Publish dead-lettered notifications again (after fixing what made them fail).
     ReplayDeadLetters {
@@ -436,6 +439,7 @@ async fn main() -> anyhow::Result<()> {
             baseline_bin_dir,
             compare_concurrency,
             service_env,
+            otlp_protocol,
         } => {
             std::fs::create_dir_all(&state_dir)?;
             let results = tracehop::bench::run(tracehop::bench::BenchOptions {
@@ -451,6 +455,7 @@ async fn main() -> anyhow::Result<()> {
                 baseline_bin_dir: baseline_bin_dir.map(std::fs::canonicalize).transpose()?,
                 compare_concurrency,
                 service_env,
+                otlp_protocol,
             })
             .await?;
             println!("{}", serde_json::to_string_pretty(&results)?);
@@ -682,7 +687,7 @@ async fn up(no_demo: bool, state_dir: PathBuf, ports: Ports, scale: Scale) -> an
         database_name: tracehop_telemetry::db::database_name(&database_url),
         trace_backend,
         otlp_protocol: std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
-            .unwrap_or_else(|_| "grpc".to_owned()),
+            .unwrap_or_else(|_| "http/protobuf".to_owned()),
         extra_env: Vec::new(),
         replicas: scale.replicas,
         bin_dir: None,

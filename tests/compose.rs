@@ -379,8 +379,13 @@ fn compose_gives_each_service_the_variables_the_code_reads() {
     for service in ["users", "billing", "notifications", "gateway"] {
         assert_eq!(
             env_value(&compose["services"][service], "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
-            Some("http://otel-collector:4317"),
-            "{service} exports to the OpenTelemetry Collector over OTLP gRPC"
+            Some("http://otel-collector:4318"),
+            "{service} exports to the OpenTelemetry Collector over OTLP/HTTP"
+        );
+        assert_eq!(
+            env_value(&compose["services"][service], "OTEL_EXPORTER_OTLP_PROTOCOL").as_deref(),
+            Some("http/protobuf"),
+            "{service} exports protobuf over HTTP, as the endpoint's port says"
         );
     }
     let database = env_value(&compose["services"]["billing"], "DATABASE_URL").unwrap_or_default();
@@ -964,7 +969,7 @@ fn every_service_exports_to_the_collector_and_only_the_collector_to_jaeger() {
     for (name, definition) in services.as_mapping().unwrap() {
         let name = name.as_str().unwrap_or_default();
         if let Some(endpoint) = env_value(definition, "OTEL_EXPORTER_OTLP_ENDPOINT") {
-            assert_eq!(endpoint, "http://otel-collector:4317", "{name}");
+            assert_eq!(endpoint, "http://otel-collector:4318", "{name}");
             assert_eq!(
                 depends(definition, "otel-collector").as_deref(),
                 Some("service_started"),

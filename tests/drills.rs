@@ -65,7 +65,7 @@ async fn drill(fault: Fault, checkouts: usize) -> Outcome {
     }
     let mut test = TestStack::boot_replicated(
         &env,
-        "grpc",
+        "http/protobuf",
         TraceBackend::Embedded,
         postgres.url.clone(),
         2,

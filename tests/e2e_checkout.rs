@@ -645,10 +645,10 @@ async fn an_idempotency_key_charges_once_and_refuses_a_different_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_also_arrive_over_otlp_http_protobuf() {
-    // OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: the blocking reqwest exporter on the batch processor's
-    // thread, into the collector's port 4318 equivalent.
-    let test = TestStack::boot_with(&[], "http/protobuf").await;
+async fn spans_also_arrive_over_otlp_grpc() {
+    // OTEL_EXPORTER_OTLP_PROTOCOL=grpc (the other tests run the default, http/protobuf): the tonic exporter,
+    // its connection on the service's runtime, into the collector's port 4317 equivalent.
+    let test = TestStack::boot_with(&[], "grpc").await;
     assert!(
         test.stack.otlp_endpoint.ends_with(
             &test
@@ -657,7 +657,7 @@ async fn spans_also_arrive_over_otlp_http_protobuf() {
                 .as_ref()
                 .unwrap()
                 .addresses
-                .otlp_http
+                .otlp_grpc
                 .port()
                 .to_string()
         )

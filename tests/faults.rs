@@ -454,7 +454,7 @@ async fn with_the_trace_collector_down_checkouts_succeed_and_lost_spans_are_coun
     let dead_port = tracehop::process::free_port().unwrap();
     let mut test = TestStack::boot_custom(
         &[],
-        "grpc",
+        "http/protobuf",
         tracehop::stack::TraceBackend::External {
             otlp_endpoint: format!("http://127.0.0.1:{dead_port}"),
             jaeger_url: None,
@@ -498,7 +498,7 @@ async fn a_database_outage_answers_503_and_leaves_no_charge_without_a_record() {
             ("BILLING_RECONCILE_AFTER_MS", "4000"),
             ("BILLING_RECONCILE_EVERY_MS", "500"),
         ],
-        "grpc",
+        "http/protobuf",
         tracehop::stack::TraceBackend::Embedded,
         server,
     )
@@ -588,7 +588,7 @@ async fn a_database_outage_over_smtp_delivers_each_email_exactly_once() {
             // Longer than the outage: a sent e-mail's record is retried while the claim holds.
             ("NOTIFICATIONS_CLAIM_LEASE_MS", "20000"),
         ],
-        "grpc",
+        "http/protobuf",
         tracehop::stack::TraceBackend::Embedded,
         server,
     )

@@ -24,7 +24,7 @@ use tracehop::trace_view::TraceView;
 async fn boot(extra_env: &[(&str, &str)]) -> TestStack {
     TestStack::boot_replicated(
         extra_env,
-        "grpc",
+        "http/protobuf",
         TraceBackend::Embedded,
         common::database_server_url(),
         2,

@@ -137,7 +137,7 @@ async fn one_run(
         database_server_url: server_url.to_owned(),
         database_name: database.clone(),
         trace_backend: TraceBackend::Counting,
-        otlp_protocol: "grpc".to_owned(),
+        otlp_protocol: options.otlp_protocol.clone(),
         extra_env,
         replicas: 1,
         bin_dir: if variant.baseline {

@@ -38,6 +38,8 @@ pub struct BenchOptions {
     /// Extra environment for the services of the overhead runs (`--service-env KEY=VALUE`), applied last:
     /// e.g. `TRACEHOP_SPAN_SPOOL=` to measure the batch span processor instead of the spool.
     pub service_env: Vec<(String, String)>,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL` of every service in every run: `grpc` or `http/protobuf`.
+    pub otlp_protocol: String,
 }
 
 /// The parts of a benchmark session that can run alone.
@@ -142,7 +144,7 @@ async fn start(
         database_server_url: options.database_server_url.clone(),
         database_name: format!("tracehop_bench_{}", &id[..12]),
         trace_backend,
-        otlp_protocol: "grpc".to_owned(),
+        otlp_protocol: options.otlp_protocol.clone(),
         extra_env,
         replicas: 1,
         bin_dir: None,
@@ -352,6 +354,10 @@ fn split_medians(traces: &[Option<TraceView>]) -> BTreeMap<String, f64> {
 /// Runs every benchmark and returns the results as JSON.
 pub async fn run(options: BenchOptions) -> anyhow::Result<serde_json::Value> {
     let mut results = serde_json::Map::new();
+    results.insert(
+        "otlp_protocol".to_owned(),
+        options.otlp_protocol.clone().into(),
+    );
     if options.only.is_none() || options.only == Some(BenchPart::Compare) {
         results.insert("compare".to_owned(), compare::run(&options).await?);
     }

@@ -29,7 +29,7 @@ pub struct TestStack {
 
 impl TestStack {
     pub async fn boot(extra_env: &[(&str, &str)]) -> TestStack {
-        Self::boot_with(extra_env, "grpc").await
+        Self::boot_with(extra_env, "http/protobuf").await
     }
 
     pub async fn boot_with(extra_env: &[(&str, &str)], otlp_protocol: &str) -> TestStack {

@@ -825,8 +825,9 @@ impl<K: Clone + Send + 'static> GroupCommit<K> {
 /// next statement that is about to be written anyway (the next delivery's claim) takes what waits with
 /// [`RideAlong::board`], writes those keys in the same statement, and reports the outcome with
 /// [`Riders::arrived`]. At load a key waits for about one such statement, and commits per item fall by one.
-/// At rest nothing comes to take the keys: a task writes them on their own (one statement for all of them)
-/// `linger` after they arrived, so a key never waits longer than that plus one statement. A full batch is
+/// At rest nothing comes to take the keys: a task writes each on its own `linger` after it arrived (one
+/// statement for all whose linger has run), so a key never waits longer than that plus one statement, and
+/// a key that arrived just before an older one's linger ran out keeps its own chance to ride. A full batch is
 /// written at once: when the keys come from work that holds back the next item until its key is written
 /// (a consumer with so many deliveries in flight), the batch size is that many, and a full batch means
 /// no statement is coming to take them.
@@ -896,6 +897,9 @@ impl<K> Drop for RideShared<K> {
 struct Ride<K> {
     key: K,
     done: tokio::sync::oneshot::Sender<Result<(), DbError>>,
+    /// When it was handed over: its linger runs from here (and keeps running while it is boarded by a
+    /// statement that never ran).
+    since: Instant,
 }
 
 impl<K> RideShared<K> {
@@ -951,9 +955,10 @@ fn shared_error(error: &DbError) -> DbError {
 }
 
 impl<K: Clone + PartialEq + Send + 'static> RideAlong<K> {
-    /// Starts the writer of last resort on the current Tokio runtime: keys nobody took within `linger`, or
-    /// as soon as `max_batch` of them wait, are written by `write`, at most `max_batch` at a time (the most
-    /// [`RideAlong::board`] hands out too). It stops when every handle is dropped.
+    /// Starts the writer of last resort on the current Tokio runtime: a key nobody took within `linger` of
+    /// its own hand-over, or any key as soon as `max_batch` of them wait, is written by `write`, at most
+    /// `max_batch` at a time (the most [`RideAlong::board`] hands out too). A key handed over just before
+    /// another one's linger ran out keeps its own chance to ride. It stops when every handle is dropped.
     pub fn start<F>(database: Database, max_batch: usize, linger: Duration, write: F) -> Self
     where
         F: Fn(&mut DbConnection, &[K]) -> Result<(), DbError> + Clone + Send + Sync + 'static,
@@ -970,40 +975,39 @@ impl<K: Clone + PartialEq + Send + 'static> RideAlong<K> {
         tokio::spawn(async move {
             loop {
                 arrived.notified().await;
-                if weak.strong_count() == 0 {
-                    break;
+                // Batch after batch, what has waited its linger (or, when a full batch waits, whatever
+                // waits), until nothing is left; then sleep until the next hand-over.
+                loop {
+                    let Some(shared) = weak.upgrade() else { return };
+                    let oldest = shared.waiting().iter().map(|ride| ride.since).min();
+                    drop(shared);
+                    let Some(oldest) = oldest else { break };
+                    tokio::select! {
+                        () = tokio::time::sleep_until((oldest + linger).into()) => {}
+                        () = full.notified() => {}
+                    }
+                    let Some(shared) = weak.upgrade() else { return };
+                    // What is taken now had no statement to ride on.
+                    let riders = Self { shared, max_batch }.board_overdue(linger);
+                    if riders.rides.is_empty() {
+                        continue;
+                    }
+                    let keys = riders.keys();
+                    let write = write.clone();
+                    let outcome = database
+                        .run(move |connection, _| write(connection, &keys))
+                        .instrument(Span::none())
+                        .await;
+                    if let Err(error) = &outcome {
+                        crate::setup::log_detail("batched write failed", error);
+                        tracing::warn!(
+                            error = error.code(),
+                            keys = riders.rides.len(),
+                            "batched write failed"
+                        );
+                    }
+                    riders.arrived(outcome.as_ref().map(|_| ()));
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(linger) => {}
-                    () = full.notified() => {}
-                }
-                // What is still waiting now had no statement to ride on.
-                let riders = match weak.upgrade() {
-                    Some(shared) => Self { shared, max_batch }.board(None),
-                    None => break,
-                };
-                if riders.rides.is_empty() {
-                    continue;
-                }
-                if !riders.shared.waiting().is_empty() {
-                    // More than a batch: the rest goes next, without waiting for another arrival.
-                    riders.shared.arrived.notify_one();
-                }
-                let keys = riders.keys();
-                let write = write.clone();
-                let outcome = database
-                    .run(move |connection, _| write(connection, &keys))
-                    .instrument(Span::none())
-                    .await;
-                if let Err(error) = &outcome {
-                    crate::setup::log_detail("batched write failed", error);
-                    tracing::warn!(
-                        error = error.code(),
-                        keys = riders.rides.len(),
-                        "batched write failed"
-                    );
-                }
-                riders.arrived(outcome.as_ref().map(|_| ()));
             }
         });
         Self { shared, max_batch }
@@ -1015,7 +1019,11 @@ impl<K: Clone + PartialEq + Send + 'static> RideAlong<K> {
         let (done, outcome) = tokio::sync::oneshot::channel();
         let waiting = {
             let mut waiting = self.shared.waiting();
-            waiting.push(Ride { key, done });
+            waiting.push(Ride {
+                key,
+                done,
+                since: Instant::now(),
+            });
             waiting.len()
         };
         self.shared.arrived.notify_one();
@@ -1039,6 +1047,28 @@ impl<K: Clone + PartialEq + Send + 'static> RideAlong<K> {
                 index += 1;
             } else {
                 rides.push(waiting.swap_remove(index));
+            }
+        }
+        drop(waiting);
+        Riders {
+            rides,
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The writer of last resort's boarding: the keys that have waited `linger` or longer, or, when a full
+    /// batch waits, any (at most the batch size either way).
+    fn board_overdue(&self, linger: Duration) -> Riders<K> {
+        let now = Instant::now();
+        let mut waiting = self.shared.waiting();
+        let full = waiting.len() >= self.max_batch;
+        let mut rides = Vec::new();
+        let mut index = 0;
+        while index < waiting.len() && rides.len() < self.max_batch {
+            if full || now.duration_since(waiting[index].since) >= linger {
+                rides.push(waiting.swap_remove(index));
+            } else {
+                index += 1;
             }
         }
         drop(waiting);

@@ -8,7 +8,7 @@
 //! | `OTEL_SERVICE_NAME` | `service.name` (defaults to the service's own name) |
 //! | `OTEL_RESOURCE_ATTRIBUTES` | extra resource attributes (`key=value,...`) |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | collector address |
-//! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` (default) or `http/protobuf` |
+//! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `http/protobuf` (default, as the specification asks) or `grpc` |
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling (default `parentbased_always_on`) |
 //! | `OTEL_SDK_DISABLED` | `true`: no spans at all (so no context propagation either); logs stay |
 //! | `OTEL_BSP_*` | batch span processor queue, batch size, delay, timeout (with the spool: delay and batch size) |
@@ -107,7 +107,8 @@ impl TelemetryGuard {
 /// Installs the global propagators, tracer provider and `tracing` subscriber for one service.
 ///
 /// `default_service_name` is used when `OTEL_SERVICE_NAME` is not set. Must be called from inside the
-/// service's Tokio runtime (the gRPC exporter spawns its connection task there).
+/// service's Tokio runtime (with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`, the exporter spawns its connection task
+/// there).
 pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
     // Before the exporter: the http/protobuf exporter builds its reqwest client right away.
     crate::http::client::install_crypto_provider();
@@ -418,7 +419,10 @@ fn sdk_disabled() -> bool {
 fn span_exporter() -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
     let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_else(|_| "grpc".to_owned());
+        // The specification's default. It is also the cheaper one here: the HTTP exporter runs on the span
+        // export thread, where gRPC's connection ran on the service's own runtime, and it holds less memory
+        // (BENCHMARKS.md, section 12).
+        .unwrap_or_else(|_| "http/protobuf".to_owned());
     let exporter = match protocol.trim() {
         "grpc" => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()

@@ -151,6 +151,40 @@ async fn a_key_nobody_takes_is_written_alone_after_the_linger() {
 }
 
 #[tokio::test]
+async fn a_key_keeps_its_own_linger_when_an_older_one_is_written_alone() {
+    let table = Table::create().await;
+    table.insert(&[1, 2]).await;
+    let (runs, mark) = counted(table.mark());
+    let linger = Duration::from_millis(400);
+    let along = RideAlong::start(table.database.clone(), 100, linger, mark);
+    let first = commit_each(&along, &[1]);
+    tokio::time::sleep(linger / 2).await;
+    let second = commit_each(&along, &[2]);
+
+    // The first key's linger runs out; the second, handed over half a linger later, must stay behind for a
+    // statement to carry (at load, the next claim), not be swept along with the first.
+    for task in first {
+        task.await.expect("task").expect("written alone");
+    }
+    assert_eq!(table.sent().await, vec![1]);
+    let riders = along.board(None);
+    assert_eq!(
+        riders.keys(),
+        vec![2],
+        "the younger key was written alone early"
+    );
+    drop(riders);
+
+    // Not taken after all: it is written alone once its own linger has run.
+    for task in second {
+        task.await.expect("task").expect("written alone");
+    }
+    assert_eq!(table.sent().await, vec![1, 2]);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    table.remove().await;
+}
+
+#[tokio::test]
 async fn boarded_keys_ride_on_the_boarding_statement_and_are_not_written_again() {
     let table = Table::create().await;
     table.insert(&[1, 2, 3]).await;

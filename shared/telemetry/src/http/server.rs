@@ -60,54 +60,50 @@ impl RootSpanBuilder for SemconvRootSpan {
             .app_data::<RequestTrust>()
             .copied()
             .unwrap_or(RequestTrust::PUBLIC);
-        let method = request.method().as_str().to_owned();
+        // Lean by design: every value below is a `&str` borrowed from the request (no copy, no `format!`)
+        // but the span's name, and the fields nobody sets stay empty, so the OpenTelemetry layer records
+        // each value once, without formatting it.
+        let method = request.method().as_str();
         let route = request.match_pattern();
         let name = match &route {
-            Some(route) => format!("{method} {route}"),
-            None => method.clone(),
+            Some(route) => [method, route.as_str()].join(" "),
+            None => method.to_owned(),
         };
-        let connection = request.connection_info().clone();
+        let connection = request.connection_info();
         let (host, port) = split_host_port(connection.host());
         let headers = request.headers();
-        let user_agent = headers
-            .get(actix_web::http::header::USER_AGENT)
-            .and_then(|value| value.to_str().ok())
-            .map(|agent| bounded(agent, MAX_CALLER_TEXT));
-        let client_address = client_address_with(request.request(), trust);
-        let query = request.query_string();
         let span = tracing::info_span!(
             "HTTP request",
-            otel.name = %name,
+            otel.name = name.as_str(),
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
-            http.request.method = %method,
-            http.route = tracing::field::Empty,
-            url.path = %bounded(request.path(), 2 * MAX_CALLER_TEXT),
+            http.request.method = method,
+            http.route = route.as_deref(),
+            url.path = bounded(request.path(), 2 * MAX_CALLER_TEXT),
             url.query = tracing::field::Empty,
-            url.scheme = %connection.scheme(),
-            server.address = %bounded(host, MAX_CALLER_TEXT),
-            server.port = tracing::field::Empty,
+            url.scheme = connection.scheme(),
+            server.address = bounded(host, MAX_CALLER_TEXT),
+            server.port = port.map(i64::from),
             client.address = tracing::field::Empty,
             user_agent.original = tracing::field::Empty,
             network.protocol.version = protocol_version(request.version()),
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
+        drop(connection);
         // Empty values are left out, as the conventions say, rather than exported as "".
-        if let Some(route) = &route {
-            span.record("http.route", route.as_str());
-        }
+        let query = request.query_string();
         if !query.is_empty() {
             span.record("url.query", bounded(query, MAX_CALLER_TEXT));
         }
-        if let Some(port) = port {
-            span.record("server.port", i64::from(port));
-        }
-        if let Some(address) = &client_address {
+        if let Some(address) = client_address_with(request.request(), trust) {
             span.record("client.address", address.as_str());
         }
-        if let Some(agent) = &user_agent {
-            span.record("user_agent.original", agent.as_str());
+        if let Some(agent) = headers
+            .get(actix_web::http::header::USER_AGENT)
+            .and_then(|value| value.to_str().ok())
+        {
+            span.record("user_agent.original", bounded(agent, MAX_CALLER_TEXT));
         }
         let caller = extract(&ActixHeaderExtractor(headers));
         if trust.continue_caller_trace {
@@ -179,15 +175,15 @@ fn protocol_version(version: actix_web::http::Version) -> &'static str {
 }
 
 /// `text` cut to at most `max` bytes, at a character boundary.
-pub fn bounded(text: &str, max: usize) -> String {
+pub fn bounded(text: &str, max: usize) -> &str {
     if text.len() <= max {
-        return text.to_owned();
+        return text;
     }
     let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].to_owned()
+    &text[..end]
 }
 
 /// The tracing middleware every service wraps its app in.
@@ -275,7 +271,7 @@ fn client_address_with(request: &actix_web::HttpRequest, trust: RequestTrust) ->
             .join(",")
     };
     last_forwarded(&header("forwarded"), &header("x-forwarded-for"))
-        .map(|address| bounded(&address, MAX_CALLER_TEXT))
+        .map(|address| bounded(&address, MAX_CALLER_TEXT).to_owned())
         .or_else(peer)
 }
 
