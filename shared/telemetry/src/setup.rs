@@ -419,9 +419,9 @@ fn sdk_disabled() -> bool {
 fn span_exporter() -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
     let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        // The specification's default. It is also the cheaper one here: the HTTP exporter runs on the span
-        // export thread, where gRPC's connection ran on the service's own runtime, and it holds less memory
-        // (BENCHMARKS.md, section 12).
+        // The specification's default. It is also the lighter one here: the HTTP exporter runs on the span
+        // export thread, where gRPC's connection runs on the service's own runtime, and each service holds
+        // less memory with it (BENCHMARKS.md, section 12; no CPU difference could be measured).
         .unwrap_or_else(|_| "http/protobuf".to_owned());
     let exporter = match protocol.trim() {
         "grpc" => opentelemetry_otlp::SpanExporter::builder()
