@@ -2,22 +2,29 @@
 //!
 //! Argon2id takes a core and 7 MiB per hash ([`crate::password::PARAMS`]). On the general blocking pool every
 //! thread that ever hashed kept its malloc arena, so a sign-up burst left users at ~800 MiB (BENCHMARKS.md);
-//! a pool of one thread per core, each with its own [`HashMemory`] lent to every job, bounds both the memory
-//! (7 MiB per thread, allocated once) and the CPU that hashing can take from everything else.
+//! a pool of one thread per core bounds both the memory (one [`HashMemory`] of 7 MiB per thread, lent to every
+//! job) and the CPU that hashing can take from everything else. A thread that has had no job for
+//! [`IDLE_RELEASE`] gives its memory back to the operating system, so between bursts of logins and sign-ups
+//! users holds none of it (BENCHMARKS.md section 14).
 //!
 //! The queue in front of it is bounded too: when it is full a login or sign-up is refused at once with
 //! [`Busy`] (answered 503 with `Retry-After`) instead of waiting behind a flood until the gateway's timeout.
 
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use crate::password::HashMemory;
 
 type Job = Box<dyn FnOnce(&mut HashMemory) + Send>;
 
+/// How long a hashing thread keeps its memory without a job. Long enough that a burst reuses it (allocating
+/// and faulting in 7 MiB costs about a millisecond), short enough that it is gone soon after.
+pub const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 /// The pool; cheap to share behind `web::Data`.
 pub struct HashingPool {
-    jobs: Mutex<mpsc::SyncSender<Job>>,
+    jobs: Sender<Job>,
 }
 
 /// Why a hash did not run.
@@ -47,29 +54,14 @@ impl From<HashingError> for tracehop_telemetry::http::ApiError {
 impl HashingPool {
     /// Starts `threads` hashing threads behind a queue of `queue` waiting jobs.
     pub fn new(threads: usize, queue: usize) -> std::io::Result<Self> {
-        let (sender, receiver) = mpsc::sync_channel::<Job>(queue);
-        let receiver = Arc::new(Mutex::new(receiver));
+        let (sender, receiver) = crossbeam_channel::bounded::<Job>(queue);
         for index in 0..threads.max(1) {
             let receiver = receiver.clone();
             std::thread::Builder::new()
                 .name(format!("argon2-{index}"))
-                .spawn(move || {
-                    let mut memory = HashMemory::default();
-                    loop {
-                        let job = match receiver.lock() {
-                            Ok(receiver) => receiver.recv(),
-                            Err(_) => return,
-                        };
-                        match job {
-                            Ok(job) => job(&mut memory),
-                            Err(_) => return,
-                        }
-                    }
-                })?;
+                .spawn(move || work(&receiver))?;
         }
-        Ok(Self {
-            jobs: Mutex::new(sender),
-        })
+        Ok(Self { jobs: sender })
     }
 
     /// Runs `work` on a hashing thread with that thread's memory, inside the caller's span, and awaits its
@@ -84,15 +76,34 @@ impl HashingPool {
         let job: Job = Box::new(move |memory| {
             let _ = reply.send(span.in_scope(|| work(memory)));
         });
-        self.jobs
-            .lock()
-            .map_err(|_| HashingError::Stopped)?
-            .try_send(job)
-            .map_err(|error| match error {
-                mpsc::TrySendError::Full(_) => HashingError::Busy,
-                mpsc::TrySendError::Disconnected(_) => HashingError::Stopped,
-            })?;
+        self.jobs.try_send(job).map_err(|error| match error {
+            TrySendError::Full(_) => HashingError::Busy,
+            TrySendError::Disconnected(_) => HashingError::Stopped,
+        })?;
         answer.await.map_err(|_| HashingError::Stopped)
+    }
+}
+
+/// A hashing thread: jobs until the pool is dropped, its memory released whenever it idles.
+fn work(jobs: &Receiver<Job>) {
+    let mut memory = HashMemory::default();
+    loop {
+        let job = if memory.is_held() {
+            match jobs.recv_timeout(IDLE_RELEASE) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => {
+                    memory.release();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        job(&mut memory);
     }
 }
 
@@ -100,6 +111,8 @@ impl HashingPool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    use std::sync::{Arc, Mutex};
 
     #[tokio::test]
     async fn a_full_queue_says_busy_at_once() {

@@ -2,9 +2,10 @@
 //!
 //! New hashes use OWASP's Argon2id configuration of 7 MiB, five passes, one lane ([`PARAMS`]): the Password
 //! Storage Cheat Sheet lists it beside 19 MiB and two passes (the `argon2` crate's default, used before)
-//! as giving the same defence, the difference being only memory against CPU. Each hashing thread keeps one
-//! [`HashMemory`] for every hash it makes or checks, so users holds 7 MiB per hashing thread, allocated once,
-//! whatever the allocator does with freed memory (it once held 19 MiB per thread that had ever hashed,
+//! as giving the same defence, the difference being only memory against CPU. Each hashing thread lends one
+//! [`HashMemory`] to every hash it makes or checks, and gives it back to the operating system once the thread
+//! has been idle for a moment ([`crate::hashing`]): users holds 7 MiB per hashing thread during a burst of
+//! logins and sign-ups, and none between them (it once held 19 MiB per thread that had ever hashed,
 //! BENCHMARKS.md section 6). A stored hash made with other parameters (the older 19 MiB ones) is still checked
 //! with its own, in memory taken for that check alone.
 
@@ -22,17 +23,38 @@ pub const PARAMS: Params = match Params::new(7 * 1024, 5, 1, Some(32)) {
 /// allocated.
 const MAX_CHECK_BLOCKS: u32 = 64 * 1024;
 
-/// A hashing thread's Argon2 working memory, reused by every hash it makes or checks with [`PARAMS`].
+/// A hashing thread's Argon2 working memory, reused by every hash it makes or checks with [`PARAMS`] until
+/// [`release`](Self::release)d.
 #[derive(Default)]
 pub struct HashMemory(Vec<Block>);
+
+/// The blocks reserved whenever the memory is allocated: more than glibc's largest dynamic mmap threshold
+/// (32 MiB on 64-bit, mallopt(3)), so that malloc always maps the reservation on its own and `free` always
+/// unmaps it. A 7 MiB allocation would be mapped only the first time: freeing it raises the threshold to its
+/// size, and the next one comes from the thread's arena, which keeps it when it is freed. Only the blocks a
+/// hash uses are ever touched, so the rest of the reservation costs address space, not memory.
+const RESERVED_BLOCKS: usize = 33 * 1024;
 
 impl HashMemory {
     /// The first `count` blocks, allocated on first use.
     fn blocks(&mut self, count: usize) -> &mut [Block] {
         if self.0.len() < count {
+            if self.0.capacity() < count {
+                self.0 = Vec::with_capacity(count.max(RESERVED_BLOCKS));
+            }
             self.0.resize(count, Block::default());
         }
         &mut self.0[..count]
+    }
+
+    /// Gives the memory back to the operating system; the next hash allocates it again.
+    pub fn release(&mut self) {
+        self.0 = Vec::new();
+    }
+
+    /// Whether memory is held now.
+    pub fn is_held(&self) -> bool {
+        self.0.capacity() > 0
     }
 }
 
@@ -157,8 +179,12 @@ mod tests {
         assert!(!verify("anything", "not a hash", &mut memory));
         // Salted: the same password never hashes the same twice.
         assert_ne!(hash(&password, &mut memory).unwrap(), stored);
-        // The memory is the thread's 7 MiB, kept for the next hash.
+        // The memory is the thread's 7 MiB, kept for the next hash until released.
         assert_eq!(memory.0.len(), PARAMS.block_count());
+        memory.release();
+        assert!(!memory.is_held());
+        assert!(verify("correct horse battery", &stored, &mut memory));
+        assert!(memory.is_held());
     }
 
     #[test]
