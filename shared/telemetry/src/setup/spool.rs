@@ -20,8 +20,8 @@
 //!   memory as it ended. If the process dies before the open ones end, the successor exports them as ended
 //!   at the death, with an error status, so the downstream spans that already exist still hang from their
 //!   parent.
-//! - **The file is the queue.** This process's export thread reads the spool from where it stopped, hands
-//!   the spans to the exporter in batches (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) and
+//! - **The file is the queue.** This process's export thread reads the spool from where it stopped (a
+//!   megabyte at a time, however far behind it is), hands the spans to the exporter in batches (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) and
 //!   records how far it got in a small `exported` file. Segments are rotated at [`SEGMENT_BYTES`] and
 //!   deleted once exported.
 //! - **A dead owner is found by its lock.** Each process holds an exclusive `flock` on its own spool
@@ -65,6 +65,8 @@ use codec::Kind;
 pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// How far the export may fall behind the spans written before new spans are dropped.
 pub const MAX_BACKLOG_BYTES: u64 = 256 * 1024 * 1024;
+/// How much of a segment the export thread reads at a time.
+const READ_CHUNK: usize = 1024 * 1024;
 /// How often the spool directories of other processes are checked for a dead owner.
 pub const ADOPT_EVERY: Duration = Duration::from_secs(1);
 /// Spans that may wait under one open parent; past it they are written on their own (with their open
@@ -677,7 +679,7 @@ where
     }
 }
 
-/// Exports what this process wrote since `at`, segment after segment.
+/// Exports what this process wrote since `at`, segment after segment, [`READ_CHUNK`] at a time.
 fn drain<E: SpanExporter>(
     shared: &Shared,
     exporter: &E,
@@ -689,11 +691,45 @@ fn drain<E: SpanExporter>(
         // Read before looking at the file: a segment the writer has left is complete.
         let writer_segment = lock(&shared.segment).number;
         let path = segment_path(&shared.dir, at.segment);
-        let bytes = match fs::File::open(&path).and_then(|file| read_from(&file, at.offset)) {
+        match fs::File::open(&path) {
+            Ok(file) => drain_segment(shared, exporter, at, mark, batch_size, &file),
+            Err(error) => eprintln!("span spool: could not read {}: {error}", path.display()),
+        }
+        if writer_segment > at.segment {
+            // The writer has moved on and this segment is read to its end.
+            let _ = fs::remove_file(&path);
+            *at = Position {
+                segment: at.segment + 1,
+                offset: 0,
+            };
+            if let Some(mark) = mark {
+                at.write(mark);
+            }
+            continue;
+        }
+        return;
+    }
+}
+
+/// Exports the whole records of one segment from `at` on, reading it in chunks: the export thread holds at
+/// most [`READ_CHUNK`] (or one longer record) however far behind the writers it is. (It used to read all of
+/// the segment's backlog at once: up to a whole segment, [`SEGMENT_BYTES`], when it catches up after a
+/// collector outage.)
+fn drain_segment<E: SpanExporter>(
+    shared: &Shared,
+    exporter: &E,
+    at: &mut Position,
+    mark: Option<&File>,
+    batch_size: usize,
+    file: &File,
+) {
+    let mut want = READ_CHUNK;
+    loop {
+        let bytes = match read_from(file, at.offset, want) {
             Ok(bytes) => bytes,
             Err(error) => {
-                eprintln!("span spool: could not read {}: {error}", path.display());
-                Vec::new()
+                eprintln!("span spool: could not read segment {}: {error}", at.segment);
+                return;
             }
         };
         let mut batch = Vec::new();
@@ -718,19 +754,15 @@ fn drain<E: SpanExporter>(
             export(exporter, batch);
         }
         pass(shared, at, consumed - passed, mark);
-        if writer_segment > at.segment {
-            // The writer has moved on and this segment is read to its end.
-            let _ = fs::remove_file(&path);
-            *at = Position {
-                segment: at.segment + 1,
-                offset: 0,
-            };
-            if let Some(mark) = mark {
-                at.write(mark);
-            }
-            continue;
+        if bytes.len() < want {
+            // The end of what has been written.
+            return;
         }
-        return;
+        want = match codec::record_length(&bytes[consumed..]) {
+            // A record longer than a chunk: read it whole next time.
+            Some(length) if consumed == 0 => length.max(READ_CHUNK),
+            _ => READ_CHUNK,
+        };
     }
 }
 
@@ -746,9 +778,10 @@ fn pass(shared: &Shared, at: &mut Position, consumed: usize, mark: Option<&File>
     }
 }
 
-fn read_from(file: &File, offset: u64) -> std::io::Result<Vec<u8>> {
+/// At most `limit` bytes of `file` from `offset` (fewer at its end).
+fn read_from(file: &File, offset: u64, limit: usize) -> std::io::Result<Vec<u8>> {
     let length = file.metadata()?.len().saturating_sub(offset);
-    let mut bytes = vec![0; usize::try_from(length).unwrap_or(usize::MAX)];
+    let mut bytes = vec![0; usize::try_from(length).unwrap_or(usize::MAX).min(limit)];
     let mut filled = 0;
     while filled < bytes.len() {
         match file.read_at(&mut bytes[filled..], offset + filled as u64)? {
@@ -1052,6 +1085,43 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert_eq!(left.len(), 1, "{left:?}");
+        provider.shutdown().unwrap();
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_backlog_longer_than_a_read_is_exported_once_each_record_longer_than_a_read_included() {
+        let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
+        let collect = Collect::default();
+        // Nothing is exported until the flush: the whole backlog waits in the segment.
+        let provider = provider(&root, "behind", collect.clone(), Duration::from_secs(3600));
+        let tracer = provider.tracer("test");
+        let padding = "x".repeat(400);
+        let spans = 6_000;
+        for index in 0..spans {
+            let mut span = tracer.start(format!("span {index}"));
+            let value = if index == spans / 2 {
+                // One record longer than a whole read.
+                "y".repeat(READ_CHUNK + READ_CHUNK / 2)
+            } else {
+                padding.clone()
+            };
+            span.set_attribute(KeyValue::new("padding", value));
+            span.end();
+        }
+        provider.force_flush().unwrap();
+        let found = collect.spans.lock().unwrap().clone();
+        let names: HashSet<&str> = found.iter().map(|(_, span)| span.name.as_ref()).collect();
+        assert_eq!(found.len(), spans, "every span exactly once");
+        assert_eq!(names.len(), spans);
+        let long = found
+            .iter()
+            .find(|(_, span)| span.name == format!("span {}", spans / 2))
+            .unwrap();
+        assert_eq!(
+            long.1.attributes[0].value.as_str().len(),
+            READ_CHUNK + READ_CHUNK / 2
+        );
         provider.shutdown().unwrap();
         let _ = fs::remove_dir_all(&root);
     }

@@ -37,14 +37,19 @@ pub(super) fn push_record(buffer: &mut Vec<u8>, kind: Kind, span: &SpanData) {
 /// The next whole record in `bytes`: its kind, its payload and the bytes it took. `None` when `bytes` holds
 /// no whole record (the end of what was written, or a record cut short).
 pub(super) fn next_record(bytes: &[u8]) -> Option<(Option<Kind>, &[u8], usize)> {
-    let length = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let length = record_length(bytes)?;
     let kind = match *bytes.get(4)? {
         1 => Some(Kind::Ended),
         2 => Some(Kind::Open),
         _ => None,
     };
-    let payload = bytes.get(5..5 + length)?;
-    Some((kind, payload, 5 + length))
+    let payload = bytes.get(5..length)?;
+    Some((kind, payload, length))
+}
+
+/// The bytes the record starting `bytes` takes (header included), once its header is there.
+pub(super) fn record_length(bytes: &[u8]) -> Option<usize> {
+    Some(u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize + 5)
 }
 
 /// Key-value lists (a resource's attributes) in the same encoding.
