@@ -190,15 +190,20 @@ enum Command {
         /// Traced/untraced pairs; the order alternates between rounds.
         #[arg(long, default_value_t = 4)]
         rounds: usize,
+        /// The completeness run's length, at most (shortened so that every trace fits in the collector).
         #[arg(long, default_value_t = 60)]
         completeness_s: u64,
+        /// The completeness run's rate (req/s) with `--only completeness`; with every part, 80% of the best
+        /// traced throughput of the overhead runs.
+        #[arg(long)]
+        completeness_rate: Option<f64>,
         /// Open-loop rate (req/s) of the fixed-rate overhead runs.
         #[arg(long, default_value_t = 300.0)]
         fixed_rate: f64,
         #[arg(long, default_value = ".tracehop/bench")]
         state_dir: PathBuf,
-        /// Run one part only: `overhead` (sections 1 and 4), `hops` (NATS hops at rest) or `compare`
-        /// (section 6).
+        /// Run one part only: `overhead` (sections 1 and 4), `hops` (NATS hops at rest), `compare`
+        /// (section 6) or `completeness` (section 2, at `--completeness-rate`).
         #[arg(long, value_enum)]
         only: Option<tracehop::bench::BenchPart>,
         /// The baseline build's binaries for section 6 (`./dev bench` builds them).
@@ -433,6 +438,7 @@ async fn main() -> anyhow::Result<()> {
             warmup_s,
             rounds,
             completeness_s,
+            completeness_rate,
             fixed_rate,
             state_dir,
             only,
@@ -450,6 +456,7 @@ async fn main() -> anyhow::Result<()> {
                 warmup: Duration::from_secs(warmup_s),
                 rounds,
                 completeness_duration: Duration::from_secs(completeness_s),
+                completeness_rate,
                 fixed_rate,
                 only,
                 baseline_bin_dir: baseline_bin_dir.map(std::fs::canonicalize).transpose()?,

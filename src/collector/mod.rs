@@ -37,7 +37,7 @@ use self::sampling::{TailPolicy, Tracker};
 use self::search::SearchIndex;
 
 /// Traces held (the store's bound, and the search index's).
-const MAX_TRACES: usize = 50_000;
+pub const MAX_TRACES: usize = 50_000;
 
 /// What the collector does with the spans it receives.
 #[derive(Debug, Clone)]
