@@ -713,8 +713,8 @@ fn drain<E: SpanExporter>(
 
 /// Exports the whole records of one segment from `at` on, reading it in chunks: the export thread holds at
 /// most [`READ_CHUNK`] (or one longer record) however far behind the writers it is. (It used to read all of
-/// the segment's backlog at once: up to a whole segment, [`SEGMENT_BYTES`], when it catches up after a
-/// collector outage.)
+/// the segment's backlog at once: up to a whole segment, [`SEGMENT_BYTES`], when exports are slow, as
+/// against a collector that lets each request time out.)
 fn drain_segment<E: SpanExporter>(
     shared: &Shared,
     exporter: &E,
