@@ -25,8 +25,8 @@ fn resident_anonymous_kib() -> i64 {
 #[tokio::test]
 async fn hashing_memory_is_returned_after_each_burst() {
     let pool = HashingPool::new(1, 4).unwrap();
-    // Three bursts: the first allocation is mapped on its own by any allocator; the later ones are where
-    // glibc would serve it from an arena and keep it.
+    // Three bursts: glibc maps the first allocation on its own whatever its size; the later ones are where
+    // it would serve a 7 MiB one from an arena and keep it.
     for burst in 1..=3 {
         let before = resident_anonymous_kib();
         for _ in 0..2 {

@@ -21,9 +21,9 @@
 //!   at the death, with an error status, so the downstream spans that already exist still hang from their
 //!   parent.
 //! - **The file is the queue.** This process's export thread reads the spool from where it stopped (a
-//!   megabyte at a time, however far behind it is), hands the spans to the exporter in batches (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) and
-//!   records how far it got in a small `exported` file. Segments are rotated at [`SEGMENT_BYTES`] and
-//!   deleted once exported.
+//!   megabyte at a time, however far behind it is), hands the spans to the exporter in batches
+//!   (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) and records how far it got in a small
+//!   `exported` file. Segments are rotated at [`SEGMENT_BYTES`] and deleted once exported.
 //! - **A dead owner is found by its lock.** Each process holds an exclusive `flock` on its own spool
 //!   directory's `lock` file for its whole life; the kernel releases it when the process dies, however it
 //!   dies. Every [`ADOPT_EVERY`] the export thread tries the lock of every other spool directory under the
