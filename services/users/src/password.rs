@@ -48,12 +48,12 @@ impl HashMemory {
     }
 
     /// Gives the memory back to the operating system; the next hash allocates it again.
-    pub fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         self.0 = Vec::new();
     }
 
     /// Whether memory is held now.
-    pub fn is_held(&self) -> bool {
+    pub(crate) fn is_held(&self) -> bool {
         self.0.capacity() > 0
     }
 }
