@@ -671,3 +671,51 @@ async fn a_database_outage_over_smtp_delivers_each_email_exactly_once() {
     );
     drop(test);
 }
+
+/// A database restart between bursts (`pg_ctl stop -m fast`, then start): every pooled connection of every
+/// service is dead, and none of them may cost a request. The first checkout after the restart, and every
+/// one after it, answers 200 (a pool that hands out a dead connection fails that request's first
+/// statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_database_restart_no_request_fails() {
+    let mut postgres = common::StoppablePostgres::start();
+    let server = postgres.url.clone();
+    let test = TestStack::boot_on(
+        &[],
+        "http/protobuf",
+        tracehop::stack::TraceBackend::Embedded,
+        server,
+    )
+    .await;
+    let customer = test.customer().await;
+    // Concurrent checkouts and order lookups, so every service holds several pooled connections.
+    let before = burst(&customer, 40).await;
+    assert!(
+        before.iter().all(|(status, _)| *status == 200),
+        "{before:?}"
+    );
+    let order = before[0].1.clone().unwrap();
+
+    postgres.stop();
+    postgres.start_again();
+
+    let mut failed = Vec::new();
+    let first = customer.checkout("3.00", "usd", None).await.unwrap();
+    if first.status != 200 {
+        failed.push(format!("first checkout: {} {}", first.status, first.body));
+    }
+    let lookup = customer.order(&order).await.unwrap();
+    if lookup.status != 200 {
+        failed.push(format!("first lookup: {} {}", lookup.status, lookup.body));
+    }
+    for (status, id) in burst(&customer, 40).await {
+        if status != 200 {
+            failed.push(format!("checkout in the burst: {status} {id:?}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "requests failed after the database came back: {failed:#?}"
+    );
+    drop(test);
+}

@@ -5,7 +5,8 @@
 //!   (`FOR UPDATE SKIP LOCKED` and a lease), not once per replica;
 //! - reconciler rounds slowed to overlap the next, on two replicas, settle a charge once (advisory lock);
 //! - the advisory lock itself: one holder, released when its holder's session ends;
-//! - a session remembered by both users replicas ends at once on both when it is logged out through one.
+//! - a session remembered by both users replicas ends at once on both when it is logged out through one;
+//! - wrong passwords for one account, through both users replicas, meet one limit, not one per replica.
 
 // Test code, helpers included: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -174,6 +175,42 @@ async fn a_logout_through_one_users_replica_ends_the_session_the_other_remembers
     for _ in 0..4 {
         let after = customer.checkout("3.00", "eur", None).await.unwrap();
         assert_eq!(after.status, 401, "{}", after.body);
+    }
+}
+
+/// The gateway alternates between the two users replicas, so with a count per replica an attacker would get
+/// twice the limit's guesses. The count is the deployment's: three wrong passwords, then 429 through either
+/// replica, the right password included, until the window ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_through_two_users_replicas_meet_one_limit() {
+    let test = boot(&[("USERS_LOGIN_FAILURES_PER_ACCOUNT", "3")]).await;
+    assert!(test.stack.instances().contains(&"users-2".to_owned()));
+    let gateway = test.stack.gateway_url();
+    let email = tracehop::client::unique_email("guessed");
+    let password = "correct horse battery";
+    ApiClient::new(&gateway)
+        .signup_and_login(&email, password)
+        .await
+        .unwrap();
+    let login = |password: String| {
+        let client = ApiClient::new(&gateway);
+        let email = email.clone();
+        async move {
+            let body = serde_json::json!({"email": email, "password": password});
+            let answer = client
+                .call(reqwest::Method::POST, "/login", Some(body), &[])
+                .await
+                .unwrap();
+            answer.status
+        }
+    };
+    let mut statuses = Vec::new();
+    for attempt in 0..8 {
+        statuses.push(login(format!("wrong password {attempt}")).await);
+    }
+    assert_eq!(statuses, [401, 401, 401, 429, 429, 429, 429, 429]);
+    for _ in 0..2 {
+        assert_eq!(login(password.to_owned()).await, 429);
     }
 }
 

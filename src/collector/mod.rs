@@ -110,6 +110,10 @@ pub(crate) fn span_kind_name(kind: i32) -> &'static str {
     }
 }
 
+/// The `collector.warning` tag of a span received with an end before its start (stored with end = start).
+pub const END_BEFORE_START: &str =
+    "the span ended before it started; stored with its end at its start";
+
 /// Where the collector listens.
 #[derive(Debug, Clone, Copy)]
 pub struct CollectorAddresses {
@@ -347,6 +351,14 @@ impl TraceService for Enriching {
             let service = service_name(resource_spans);
             for scope_spans in &mut resource_spans.scope_spans {
                 for span in &mut scope_spans.spans {
+                    // A span that ends before it starts (a sender's clock stepped back, or a hostile
+                    // sender) is kept as lasting nothing, and says so: the store's Jaeger view subtracts
+                    // the two unchecked, which overflows.
+                    if span.end_time_unix_nano < span.start_time_unix_nano {
+                        span.end_time_unix_nano = span.start_time_unix_nano;
+                        span.attributes
+                            .push(string_tag("collector.warning", END_BEFORE_START));
+                    }
                     self.shared.metrics.record(
                         &service,
                         &span.name,
@@ -398,5 +410,93 @@ impl TraceService for Enriching {
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use otlp_embedded::proto::resource::v1::Resource;
+    use otlp_embedded::proto::trace::v1::{ScopeSpans, Span};
+
+    use super::*;
+
+    fn any_port() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    /// A span whose end is before its start is stored, shown as lasting nothing, with a warning; the
+    /// collector keeps serving (the store's Jaeger view used to subtract the two unchecked).
+    #[tokio::test]
+    async fn a_span_that_ends_before_it_starts_is_kept_as_lasting_nothing() {
+        tracehop_telemetry::http::client::install_crypto_provider();
+        let addresses = CollectorAddresses {
+            otlp_grpc: any_port(),
+            otlp_http: any_port(),
+            ui: any_port(),
+        };
+        let collector = Collector::start(addresses, Storage::Keep(TailPolicy::default()))
+            .await
+            .unwrap();
+        let trace_id = [7_u8; 16];
+        let span = Span {
+            trace_id: trace_id.to_vec(),
+            span_id: vec![1; 8],
+            name: "backwards".to_owned(),
+            kind: 2,
+            start_time_unix_nano: 2_000_000_000_000_000_000,
+            end_time_unix_nano: 1_000_000_000_000_000_000,
+            ..Span::default()
+        };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![
+                        string_tag("service.name", "skewed"),
+                        string_tag("service.instance.id", "skewed-1"),
+                    ],
+                    ..Resource::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span],
+                    ..ScopeSpans::default()
+                }],
+                ..ResourceSpans::default()
+            }],
+        };
+        let client = reqwest::Client::new();
+        let sent = client
+            .post(format!(
+                "http://{}/v1/traces",
+                collector.addresses.otlp_http
+            ))
+            .header("content-type", "application/x-protobuf")
+            .body(request.encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 200);
+
+        let hex: String = trace_id.iter().map(|b| format!("{b:02x}")).collect();
+        let url = format!("{}/api/traces/{hex}", collector.ui_url());
+        let trace: serde_json::Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+        let stored = &trace["data"][0]["spans"][0];
+        assert_eq!(stored["operationName"], "backwards", "{trace}");
+        assert_eq!(stored["duration"], 0, "{trace}");
+        assert_eq!(stored["startTime"], 2_000_000_000_000_000_u64, "{trace}");
+        let warned = stored["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|tag| tag["key"] == "collector.warning" && tag["value"] == END_BEFORE_START);
+        assert!(warned, "{trace}");
+        // Still serving.
+        let services = client
+            .get(format!("{}/api/services", collector.ui_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(services.status(), 200);
     }
 }

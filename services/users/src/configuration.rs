@@ -17,14 +17,16 @@ pub struct Settings {
     /// `USERS_SESSION_CACHE_MS` (default 5000; 0 turns the cache off): how long a validated session is
     /// answered from memory. A logout takes effect at once regardless (`crate::sessions`).
     pub session_cache: std::time::Duration,
-    /// `USERS_RETENTION_EVERY_MS` (default 600000): how often expired sessions are deleted.
+    /// `USERS_RETENTION_EVERY_MS` (default 600000): how often expired sessions and ended failed-login
+    /// windows are deleted.
     pub retention_every: std::time::Duration,
     /// `SERVICE_TOKEN_PUBLIC_KEY_FILE` (required): the gateway's public key(s), PEM (README, "Security model").
     pub service_token_public_key_file: String,
     /// `USERS_HASHING_QUEUE` (default 32): logins and sign-ups that may wait for a hashing thread; more get 503.
     pub hashing_queue: usize,
     /// `USERS_LOGIN_FAILURES_PER_ACCOUNT` (default 5) and `USERS_LOGIN_FAILURES_PER_ADDRESS` (default 50)
-    /// within `USERS_LOGIN_THROTTLE_WINDOW_SECS` (default 900): then 429 until the window ends.
+    /// within `USERS_LOGIN_THROTTLE_WINDOW_SECS` (default 900), counted by every replica together
+    /// (`crate::throttle`): then 429 until the window ends.
     pub login_failures_per_account: u32,
     pub login_failures_per_address: u32,
     pub login_throttle_window: std::time::Duration,

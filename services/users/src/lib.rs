@@ -2,7 +2,8 @@
 //!
 //! Users and sessions in PostgreSQL. Passwords are hashed with Argon2id (on a hashing pool of its own, one thread
 //! per core, behind a bounded queue: hashing is deliberately slow); session tokens are 256 random bits, handed
-//! out once and stored only as SHA-256. Failed logins are throttled per account and per client address.
+//! out once and stored only as SHA-256. Failed logins are throttled per account and per client address, counted in
+//! PostgreSQL so that every replica applies one limit.
 //!
 //! Every route but `/healthz` takes only the gateway's calls: `Authorization: Bearer <service token>`
 //! (`tracehop-identity`), checked before anything else; anything else gets 401.

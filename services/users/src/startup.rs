@@ -29,6 +29,19 @@ impl Application {
             "TRUE",
             std::time::Duration::ZERO,
         )?;
+        // Failed-login counts whose window has ended (`crate::throttle`).
+        spawn_age_retention(
+            database.clone(),
+            Retention {
+                name: "login_failures",
+                every: settings.retention_every,
+                batch: 1000,
+            },
+            "login_failures",
+            "window_ends",
+            "TRUE",
+            std::time::Duration::ZERO,
+        )?;
         let (listener, port) = server::bind(&settings.host, settings.port)?;
         let sessions =
             crate::sessions::SessionCache::start(database.clone(), settings.session_cache);

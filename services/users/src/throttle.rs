@@ -1,109 +1,65 @@
-//! Failed-login throttling, per account and per client address (OWASP ASVS 2.2.1).
+//! Failed-login throttling, per account and per client address (OWASP ASVS 2.2.1), shared by every replica.
 //!
-//! Counted in memory, per replica, over a fixed window: after `limit` failures for an account (or from an
-//! address) the next attempts are answered 429 with `Retry-After` until the window ends, *before* any
-//! password is hashed, so a flood costs no hashing and cannot starve other users' logins. An attempt counts
-//! as a failure from the moment it is let in ([`LoginThrottle::begin`]), so a burst sent all at once cannot
-//! slip past the limit while its first hashes are still running; a success takes its count back and clears
-//! the account. Attempts refused by the throttle do not count, so one account under attack does not lock its
-//! address out, and other accounts from the same address log in normally.
+//! Counted in PostgreSQL (`login_failures`), over a fixed window: after `limit` failures for an account (or
+//! from an address) the next attempts are answered 429 with `Retry-After` until the window ends, *before*
+//! any password is hashed, so a flood costs one short statement per attempt and no hashing, and cannot
+//! starve other users' logins. Counted in each replica's memory (as it once was), N replicas behind the
+//! gateway let an attacker try N times the limit; in the database every replica counts against the same
+//! rows.
 //!
-//! Memory is bounded: at `MAX_ENTRIES` keys, expired windows are dropped first; if every key is still live the
-//! new key is not tracked (the other dimension still applies) and a warning is logged.
+//! An attempt counts as a failure from the moment it is let in ([`LoginThrottle::begin`], one upsert per
+//! key, so concurrent attempts on any replica cannot all slip in at the limit); a success takes its count
+//! back and clears the account ([`LoginThrottle::succeeded`]). Attempts refused by the throttle do not count
+//! against the address, so one account under attack does not lock its address out, and other accounts from
+//! the same address log in normally. (The address's lock is read in the same statement that counts the
+//! account; attempts racing at the address's limit may pass it by the few in flight.)
+//!
+//! Rows whose window has ended are deleted by retention (`startup`), so the table holds only the accounts
+//! and addresses with failures in the current window.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const MAX_ENTRIES: usize = 100_000;
+use diesel::RunQueryDsl;
+use diesel::sql_types::{BigInt, Int4, Nullable, Text};
+use tracehop_telemetry::db::{Database, DbError, traced};
 
-/// One dimension: accounts or addresses.
-struct Window {
-    limit: u32,
-    length: Duration,
-    failures: Mutex<HashMap<String, (Instant, u32)>>,
-}
+/// Counts the attempt against the account and, unless the account is refused, the address; answers a row
+/// (seconds to wait) only when the attempt is refused. Binds: account key, address key (or NULL), window in
+/// milliseconds, per-account limit, per-address limit.
+const BEGIN: &str = "\
+WITH address_lock AS (\
+SELECT window_ends FROM login_failures WHERE key = $2 AND failures >= $5 AND window_ends > now()\
+), account AS (\
+INSERT INTO login_failures AS f (key, window_ends, failures) \
+SELECT $1, now() + $3 * INTERVAL '1 millisecond', 1 WHERE NOT EXISTS (SELECT FROM address_lock) \
+ON CONFLICT (key) DO UPDATE SET \
+window_ends = CASE WHEN f.window_ends <= now() THEN EXCLUDED.window_ends ELSE f.window_ends END, \
+failures = CASE WHEN f.window_ends <= now() THEN 1 ELSE LEAST(f.failures + 1, $4 + 1) END \
+RETURNING failures, window_ends\
+), address AS (\
+INSERT INTO login_failures AS f (key, window_ends, failures) \
+SELECT $2, now() + $3 * INTERVAL '1 millisecond', 1 FROM account WHERE $2 IS NOT NULL AND account.failures <= $4 \
+ON CONFLICT (key) DO UPDATE SET \
+window_ends = CASE WHEN f.window_ends <= now() THEN EXCLUDED.window_ends ELSE f.window_ends END, \
+failures = CASE WHEN f.window_ends <= now() THEN 1 ELSE LEAST(f.failures + 1, $5 + 1) END\
+) \
+SELECT CEIL(EXTRACT(EPOCH FROM (until - now())))::BIGINT AS retry_after FROM (\
+SELECT window_ends AS until FROM address_lock \
+UNION ALL SELECT window_ends FROM account WHERE failures > $4\
+) AS locked";
 
-impl Window {
-    fn new(limit: u32, length: Duration) -> Self {
-        Self {
-            limit,
-            length,
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
+/// Clears the account's failures and takes the address's attempt back. Binds: account key, address key (or
+/// NULL).
+const SUCCEEDED: &str = "\
+WITH cleared AS (DELETE FROM login_failures WHERE key = $1) \
+UPDATE login_failures SET failures = failures - 1 WHERE key = $2 AND failures > 0";
 
-    /// Seconds until `key` may try again, if it is locked out now.
-    fn locked(&self, key: &str, now: Instant) -> Option<u64> {
-        let failures = self.failures.lock().ok()?;
-        self.locked_in(&failures, key, now)
-    }
-
-    fn locked_in(
-        &self,
-        failures: &HashMap<String, (Instant, u32)>,
-        key: &str,
-        now: Instant,
-    ) -> Option<u64> {
-        let (started, count) = failures.get(key)?;
-        let ends = *started + self.length;
-        (*count >= self.limit && ends > now).then(|| (ends - now).as_secs().max(1))
-    }
-
-    fn fail(&self, key: &str, now: Instant) {
-        if let Ok(mut failures) = self.failures.lock() {
-            self.fail_in(&mut failures, key, now);
-        }
-    }
-
-    fn fail_in(&self, failures: &mut HashMap<String, (Instant, u32)>, key: &str, now: Instant) {
-        if failures.len() >= MAX_ENTRIES && !failures.contains_key(key) {
-            let length = self.length;
-            failures.retain(|_, (started, _)| *started + length > now);
-            if failures.len() >= MAX_ENTRIES {
-                tracing::warn!("login throttle is full; a key is not tracked");
-                return;
-            }
-        }
-        let entry = failures.entry(key.to_owned()).or_insert((now, 0));
-        if entry.0 + self.length <= now {
-            *entry = (now, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-    }
-
-    fn clear(&self, key: &str) {
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.remove(key);
-        }
-    }
-
-    fn forgive_one(&self, key: &str) {
-        if let Ok(mut failures) = self.failures.lock()
-            && let Some(entry) = failures.get_mut(key)
-        {
-            entry.1 = entry.1.saturating_sub(1);
-        }
-    }
-
-    /// Locked, or counted in (one more attempt), in one step under the lock, so concurrent attempts cannot
-    /// all slip in at the limit.
-    fn enter(&self, key: &str, now: Instant) -> Result<(), u64> {
-        let Ok(mut failures) = self.failures.lock() else {
-            return Ok(());
-        };
-        if let Some(retry_after) = self.locked_in(&failures, key, now) {
-            return Err(retry_after);
-        }
-        self.fail_in(&mut failures, key, now);
-        Ok(())
-    }
-}
-
-/// The two windows.
+/// The limits, and the statements that apply them.
+#[derive(Debug, Clone, Copy)]
 pub struct LoginThrottle {
-    accounts: Window,
-    addresses: Window,
+    per_account: i32,
+    per_address: i32,
+    window_ms: i64,
 }
 
 /// Refused by the throttle: try again after this many seconds.
@@ -112,105 +68,79 @@ pub struct Throttled {
     pub retry_after: u64,
 }
 
+#[derive(diesel::QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = BigInt)]
+    retry_after: i64,
+}
+
+fn account_key(account: &str) -> String {
+    format!("account:{account}")
+}
+
+fn address_key(address: Option<&str>) -> Option<String> {
+    address.map(|address| format!("address:{address}"))
+}
+
 impl LoginThrottle {
     /// `per_account` failures per account and `per_address` per client address, within `window`.
     pub fn new(per_account: u32, per_address: u32, window: Duration) -> Self {
+        let limit = |n: u32| i32::try_from(n.max(1)).unwrap_or(i32::MAX - 1);
         Self {
-            accounts: Window::new(per_account.max(1), window),
-            addresses: Window::new(per_address.max(1), window),
+            per_account: limit(per_account),
+            per_address: limit(per_address),
+            window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX).max(1),
         }
     }
 
     /// May this attempt go ahead? If so it is counted as a failure until [`LoginThrottle::succeeded`].
-    pub fn begin(&self, account: &str, address: Option<&str>) -> Result<(), Throttled> {
-        let now = Instant::now();
-        if let Some(address) = address
-            && let Some(retry_after) = self.addresses.locked(address, now)
-        {
-            return Err(Throttled { retry_after });
-        }
-        self.accounts
-            .enter(account, now)
-            .map_err(|retry_after| Throttled { retry_after })?;
-        if let Some(address) = address {
-            self.addresses.fail(address, now);
-        }
-        Ok(())
+    pub async fn begin(
+        &self,
+        database: &Database,
+        account: &str,
+        address: Option<&str>,
+    ) -> Result<Result<(), Throttled>, DbError> {
+        let (account, address) = (account_key(account), address_key(address));
+        let limits = *self;
+        let locked = database
+            .run(move |connection, statements| {
+                let query = diesel::sql_query(BEGIN)
+                    .bind::<Text, _>(account)
+                    .bind::<Nullable<Text>, _>(address)
+                    .bind::<BigInt, _>(limits.window_ms)
+                    .bind::<Int4, _>(limits.per_account)
+                    .bind::<Int4, _>(limits.per_address);
+                Ok(traced(statements, query, |query| {
+                    query.load::<Locked>(connection)
+                })?)
+            })
+            .await?;
+        Ok(match locked.iter().map(|row| row.retry_after).max() {
+            Some(seconds) => Err(Throttled {
+                retry_after: u64::try_from(seconds).unwrap_or(0).max(1),
+            }),
+            None => Ok(()),
+        })
     }
 
     /// The password was right: the account's failures are cleared and the address's attempt taken back.
-    pub fn succeeded(&self, account: &str, address: Option<&str>) {
-        self.accounts.clear(account);
-        if let Some(address) = address {
-            self.addresses.forgive_one(address);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_account_is_locked_after_its_limit_and_others_are_not() {
-        let throttle = LoginThrottle::new(3, 100, Duration::from_secs(60));
-        // Three attempts let in (a burst: none has finished yet), the fourth refused.
-        for _ in 0..3 {
-            assert!(
-                throttle
-                    .begin("victim@example.com", Some("10.0.0.1"))
-                    .is_ok()
-            );
-        }
-        let refused = throttle.begin("victim@example.com", Some("10.0.0.1"));
-        assert!(
-            matches!(refused, Err(Throttled { retry_after }) if (1..=60).contains(&retry_after))
-        );
-        // Same address, another account: fine, and a success does not count against the address.
-        assert!(
-            throttle
-                .begin("other@example.com", Some("10.0.0.1"))
-                .is_ok()
-        );
-        throttle.succeeded("other@example.com", Some("10.0.0.1"));
-        // A success clears the account.
-        throttle.succeeded("victim@example.com", Some("10.0.0.1"));
-        assert!(
-            throttle
-                .begin("victim@example.com", Some("10.0.0.1"))
-                .is_ok()
-        );
-    }
-
-    #[test]
-    fn an_address_is_locked_across_accounts() {
-        let throttle = LoginThrottle::new(100, 5, Duration::from_secs(60));
-        for index in 0..5 {
-            assert!(
-                throttle
-                    .begin(&format!("user{index}@example.com"), Some("10.0.0.9"))
-                    .is_ok()
-            );
-        }
-        assert!(
-            throttle
-                .begin("fresh@example.com", Some("10.0.0.9"))
-                .is_err()
-        );
-        assert!(
-            throttle
-                .begin("fresh@example.com", Some("10.0.0.8"))
-                .is_ok()
-        );
-        assert!(throttle.begin("fresh2@example.com", None).is_ok());
-    }
-
-    #[test]
-    fn the_window_ends() {
-        let throttle = LoginThrottle::new(1, 1, Duration::from_millis(20));
-        assert!(throttle.begin("a", Some("b")).is_ok());
-        assert!(throttle.begin("a", Some("b")).is_err());
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(throttle.begin("a", Some("b")).is_ok());
+    pub async fn succeeded(
+        &self,
+        database: &Database,
+        account: &str,
+        address: Option<&str>,
+    ) -> Result<(), DbError> {
+        let (account, address) = (account_key(account), address_key(address));
+        database
+            .run(move |connection, statements| {
+                let query = diesel::sql_query(SUCCEEDED)
+                    .bind::<Text, _>(account)
+                    .bind::<Nullable<Text>, _>(address);
+                Ok(traced(statements, query, |query| {
+                    query.execute(connection)
+                })?)
+            })
+            .await?;
+        Ok(())
     }
 }

@@ -38,11 +38,19 @@ impl diesel::r2d2::ManageConnection for PgManager {
     }
 
     fn is_valid(&self, connection: &mut PgConnection) -> Result<(), Self::Error> {
-        // Pool connections never LISTEN, so anything read here is the end of the stream or an error.
-        match connection.notifications_iter().next() {
-            Some(Err(error)) => Err(diesel::r2d2::Error::QueryError(error)),
-            _ => Ok(()),
+        // Pool connections never LISTEN, so anything read here is the server's farewell, the end of the
+        // stream, or an error. Read twice: a server that shut down (`pg_ctl stop -m fast`, a restart) sends
+        // a FATAL message and then closes, and libpq takes the message on one read (as a notice, without
+        // error) and sees the end of the stream only on the next. With a single read every pooled
+        // connection passed this check once more after a restart, and failed its request's first
+        // statement (`after_a_database_restart_no_request_fails`). A live connection's second read finds
+        // nothing waiting and returns at once.
+        for _ in 0..2 {
+            if let Some(Err(error)) = connection.notifications_iter().next() {
+                return Err(diesel::r2d2::Error::QueryError(error));
+            }
         }
+        Ok(())
     }
 
     fn has_broken(&self, connection: &mut PgConnection) -> bool {

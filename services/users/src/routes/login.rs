@@ -56,10 +56,13 @@ pub async fn login(
             }
             let email = email.trim().to_lowercase();
             let address = client_address.as_deref();
-            // Before any database or hashing work: a flood against one account costs nothing.
+            // Before any other database work and any hashing: a flood against one account costs one short
+            // statement per attempt.
             state
                 .throttle
-                .begin(&email, address)
+                .begin(&state.database, &email, address)
+                .await
+                .map_err(LoginError::from)?
                 .map_err(LoginError::Throttled)?;
             let account = email.clone();
             let found = state
@@ -91,7 +94,11 @@ pub async fn login(
                 (Some((user_id, _)), true) => user_id,
                 _ => return Err(LoginError::BadCredentials.into()),
             };
-            state.throttle.succeeded(&account, address);
+            state
+                .throttle
+                .succeeded(&state.database, &account, address)
+                .await
+                .map_err(LoginError::from)?;
 
             let token = token::generate();
             let token_hash = token::digest(&token);

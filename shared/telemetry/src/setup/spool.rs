@@ -28,7 +28,9 @@
 //!   directory's `lock` file for its whole life; the kernel releases it when the process dies, however it
 //!   dies. Every [`ADOPT_EVERY`] the export thread tries the lock of every other spool directory under the
 //!   same root: one it can take belongs to a dead process, whose unexported spans it exports under the dead
-//!   process's own resource (`service.name`, `service.instance.id`), then removes.
+//!   process's own resource (`service.name`, `service.instance.id`), a batch at a time with the dead
+//!   spool's position recorded after each (an adoption cut short resumes there, exporting nothing twice),
+//!   then removes.
 //! - **Bounded.** When the export falls [`MAX_BACKLOG_BYTES`] behind (a collector down for long), new
 //!   spans are dropped and counted, as a full batch queue would: never a slower or failed request.
 //!
@@ -42,7 +44,7 @@
 
 mod codec;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt};
@@ -711,10 +713,11 @@ fn drain<E: SpanExporter>(
     }
 }
 
-/// Exports the whole records of one segment from `at` on, reading it in chunks: the export thread holds at
-/// most [`READ_CHUNK`] (or one longer record) however far behind the writers it is. (It used to read all of
-/// the segment's backlog at once: up to a whole segment, [`SEGMENT_BYTES`], when exports are slow, as
-/// against a collector that lets each request time out.)
+/// Exports the whole records of one segment from `at` on, in batches, moving `at` past each batch once it
+/// is handed to the exporter. Reads the segment a chunk at a time ([`each_record`]), so the export thread
+/// holds at most a batch and a chunk however far behind the writers it is. (It used to read all of the
+/// segment's backlog at once: up to a whole segment, [`SEGMENT_BYTES`], when exports are slow, as against a
+/// collector that lets each request time out.)
 fn drain_segment<E: SpanExporter>(
     shared: &Shared,
     exporter: &E,
@@ -723,40 +726,56 @@ fn drain_segment<E: SpanExporter>(
     batch_size: usize,
     file: &File,
 ) {
+    let mut batch = Vec::new();
+    // The offset just past the last record read.
+    let mut read_to = at.offset;
+    let outcome = each_record(file, at.offset, |kind, payload, end| {
+        read_to = end;
+        if kind == Some(Kind::Ended) {
+            // Counted up before the record was written (under the segment lock).
+            decrement(&shared.pending, 1);
+            if let Some(span) = codec::decode_span(payload) {
+                batch.push(span);
+            }
+        }
+        if batch.len() >= batch_size {
+            export(exporter, std::mem::take(&mut batch));
+            pass(shared, at, end, mark);
+        }
+        true
+    });
+    if let Err(error) = outcome {
+        eprintln!("span spool: could not read segment {}: {error}", at.segment);
+    }
+    if !batch.is_empty() {
+        export(exporter, batch);
+    }
+    pass(shared, at, read_to, mark);
+}
+
+/// Calls `each` with every whole record of `file` from `offset` on: its kind, its payload, and the offset
+/// just past it. Reads [`READ_CHUNK`] at a time (a record longer than that, whole), so a segment's size
+/// never decides what is held in memory. Stops at the end of what has been written (a record cut short
+/// there is left for later), or when `each` returns false.
+fn each_record(
+    file: &File,
+    mut offset: u64,
+    mut each: impl FnMut(Option<Kind>, &[u8], u64) -> bool,
+) -> std::io::Result<()> {
     let mut want = READ_CHUNK;
     loop {
-        let bytes = match read_from(file, at.offset, want) {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                eprintln!("span spool: could not read segment {}: {error}", at.segment);
-                return;
-            }
-        };
-        let mut batch = Vec::new();
-        // Bytes read, and of them, bytes whose spans have been handed to the exporter.
-        let (mut consumed, mut passed) = (0, 0);
+        let bytes = read_from(file, offset, want)?;
+        let mut consumed = 0;
         while let Some((kind, payload, used)) = codec::next_record(&bytes[consumed..]) {
             consumed += used;
-            if kind == Some(Kind::Ended) {
-                // Counted up before the record was written (under the segment lock).
-                decrement(&shared.pending, 1);
-                if let Some(span) = codec::decode_span(payload) {
-                    batch.push(span);
-                }
-            }
-            if batch.len() >= batch_size {
-                export(exporter, std::mem::take(&mut batch));
-                pass(shared, at, consumed - passed, mark);
-                passed = consumed;
+            if !each(kind, payload, offset + consumed as u64) {
+                return Ok(());
             }
         }
-        if !batch.is_empty() {
-            export(exporter, batch);
-        }
-        pass(shared, at, consumed - passed, mark);
+        offset += consumed as u64;
         if bytes.len() < want {
             // The end of what has been written.
-            return;
+            return Ok(());
         }
         want = match codec::record_length(&bytes[consumed..]) {
             // A record longer than a chunk: read it whole next time.
@@ -766,13 +785,13 @@ fn drain_segment<E: SpanExporter>(
     }
 }
 
-/// Moves the export position `consumed` bytes on (and records it).
-fn pass(shared: &Shared, at: &mut Position, consumed: usize, mark: Option<&File>) {
-    if consumed == 0 {
+/// Moves the export position on to `to` in its segment (and records it).
+fn pass(shared: &Shared, at: &mut Position, to: u64, mark: Option<&File>) {
+    if to <= at.offset {
         return;
     }
-    at.offset += consumed as u64;
-    shared.passed.fetch_add(consumed as u64, Ordering::Relaxed);
+    shared.passed.fetch_add(to - at.offset, Ordering::Relaxed);
+    at.offset = to;
     if let Some(mark) = mark {
         at.write(mark);
     }
@@ -839,6 +858,12 @@ where
 
 /// Exports the unexported spans of the dead process's spool `dir`, and its exposed spans that never ended
 /// as ended at its death. True when all of it was exported.
+///
+/// It streams: each segment is read a chunk at a time ([`each_record`]) and its ended spans are exported a
+/// batch at a time, the dead spool's own export position moved past each batch the exporter took. So an
+/// adoption that fails part-way (the collector went away) is taken up where it stopped by the next attempt,
+/// of this process or another: no span is exported twice and none is skipped. What it holds is a batch, a
+/// chunk, and the exposed spans not yet seen ending (few: the dead process's requests in flight).
 fn adopt<E: SpanExporter>(dir: &Path, exporter: &mut E, batch_size: usize) -> bool {
     let attributes = fs::read(dir.join("resource"))
         .ok()
@@ -849,7 +874,14 @@ fn adopt<E: SpanExporter>(dir: &Path, exporter: &mut E, batch_size: usize) -> bo
             .with_attributes(attributes)
             .build(),
     );
-    let from = Position::read(dir);
+    let mark = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("exported"))
+        .inspect_err(|error| eprintln!("span spool: no export position in {dir:?}: {error}"))
+        .ok();
+    let mut at = Position::read(dir);
     let mut segments: Vec<(u64, PathBuf)> = fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -859,67 +891,102 @@ fn adopt<E: SpanExporter>(dir: &Path, exporter: &mut E, batch_size: usize) -> bo
             let number = name.strip_suffix(".spool")?.parse().ok()?;
             Some((number, entry.path()))
         })
-        .filter(|(number, _)| *number >= from.segment)
+        .filter(|(number, _)| *number >= at.segment)
         .collect();
     segments.sort();
-    let mut ended = Vec::new();
-    let mut ended_ids = HashSet::new();
+    let batch_size = batch_size.max(1);
+    // Exposed and not (yet) seen ending. An `Ended` record always follows its span's `Open` records: both
+    // are written in the order they happen, and a rotation rewrites only spans still open.
     let mut open: HashMap<SpanId, SpanData> = HashMap::new();
     let mut death = SystemTime::UNIX_EPOCH;
     for (number, path) in &segments {
-        let Ok(bytes) = fs::read(path) else { continue };
-        if let Ok(modified) = fs::metadata(path).and_then(|meta| meta.modified()) {
+        let Ok(file) = File::open(path) else { continue };
+        if let Ok(modified) = file.metadata().and_then(|meta| meta.modified()) {
             death = death.max(modified);
         }
-        let skip = if *number == from.segment {
-            usize::try_from(from.offset).unwrap_or(usize::MAX)
-        } else {
-            0
-        };
-        let mut at = 0;
-        while let Some((kind, payload, used)) = bytes.get(at..).and_then(codec::next_record) {
-            let unexported = at >= skip;
-            at += used;
+        if *number > at.segment {
+            at = Position {
+                segment: *number,
+                offset: 0,
+            };
+        }
+        // The records before the position were exported already; they are still read for what they say
+        // of the exposed spans.
+        let exported_to = at.offset;
+        let mut batch = Vec::new();
+        let mut batch_end = exported_to;
+        let mut whole = true;
+        let read = each_record(&file, 0, |kind, payload, end| {
             let Some(span) = codec::decode_span(payload) else {
-                continue;
+                return true;
             };
             match kind {
-                Some(Kind::Ended) => {
-                    ended_ids.insert(span.span_context.span_id());
-                    if unexported {
-                        ended.push(span);
-                    }
-                }
                 Some(Kind::Open) => {
                     open.insert(span.span_context.span_id(), span);
                 }
+                Some(Kind::Ended) => {
+                    open.remove(&span.span_context.span_id());
+                    if end > exported_to {
+                        batch.push(span);
+                        batch_end = end;
+                    }
+                }
                 None => {}
             }
+            if batch.len() >= batch_size {
+                whole = export_adopted(exporter, std::mem::take(&mut batch));
+                if whole {
+                    moved_to(&mut at, batch_end, mark.as_ref());
+                }
+            }
+            whole
+        });
+        if let Err(error) = read {
+            eprintln!("span spool: could not read {}: {error}", path.display());
         }
+        if !batch.is_empty() {
+            whole &= export_adopted(exporter, batch);
+        }
+        if !whole {
+            return false;
+        }
+        moved_to(&mut at, batch_end, mark.as_ref());
     }
-    // The spans that had gone out and never came back: ended by the death of their process.
-    let unfinished = open
-        .into_iter()
-        .filter(|(id, _)| !ended_ids.contains(id))
-        .map(|(_, mut span)| {
+    // The spans that had gone out and never came back: ended by the death of their process. Exported in one
+    // request, so they too are exported once or not at all.
+    let mut unfinished: Vec<SpanData> = open
+        .into_values()
+        .map(|mut span| {
             span.end_time = death.max(span.start_time);
             span.status = Status::error("the process ended before this span did");
             span.attributes
                 .push(KeyValue::new("error.type", Value::from("process_exited")));
             span
-        });
-    ended.extend(unfinished);
-    let mut whole = true;
-    for chunk in ended.chunks(batch_size.max(1)) {
-        whole &= futures::executor::block_on(exporter.export(chunk.to_vec())).is_ok();
+        })
+        .collect();
+    unfinished.sort_by_key(|span| span.start_time);
+    unfinished.is_empty() || export_adopted(exporter, unfinished)
+}
+
+fn export_adopted<E: SpanExporter>(exporter: &E, batch: Vec<SpanData>) -> bool {
+    futures::executor::block_on(exporter.export(batch)).is_ok()
+}
+
+/// Moves an adopted spool's export position on to `offset` in its segment (and records it).
+fn moved_to(at: &mut Position, offset: u64, mark: Option<&File>) {
+    if offset > at.offset {
+        at.offset = offset;
+        if let Some(mark) = mark {
+            at.write(mark);
+        }
     }
-    whole
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    use std::collections::HashSet;
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
@@ -1124,6 +1191,129 @@ mod tests {
         );
         provider.shutdown().unwrap();
         let _ = fs::remove_dir_all(&root);
+    }
+
+    /// Fails its `fail_at`-th export (counting from 1), as a collector that goes away would; takes the
+    /// others.
+    #[derive(Debug, Clone)]
+    struct FailOnce {
+        inner: Collect,
+        calls: Arc<AtomicU64>,
+        fail_at: u64,
+    }
+
+    impl SpanExporter for FailOnce {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+                return Err(OTelSdkError::InternalFailure("collector away".to_owned()));
+            }
+            self.inner.export(batch).await
+        }
+
+        fn set_resource(&mut self, resource: &Resource) {
+            self.inner.set_resource(resource);
+        }
+    }
+
+    #[test]
+    fn an_adoption_that_fails_part_way_is_finished_later_with_every_span_exported_once() {
+        // Spans as the SDK makes them: a request with 1 300 steps under it.
+        let made = Collect::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(made.clone())
+            .build();
+        let tracer = provider.tracer("test");
+        let request = Context::new().with_span(tracer.start("request"));
+        for index in 0..1_300 {
+            tracer
+                .start_with_context(format!("step {index}"), &request)
+                .end();
+        }
+        request.span().end();
+        let mut spans: Vec<SpanData> = made
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, span)| span.clone())
+            .collect();
+        let request = spans.pop().unwrap();
+        assert_eq!(request.name, "request");
+
+        // The spool a process left when it died with the request open (its context had left the process):
+        // two segments, each beginning with the request's `Open` record, and the first 100 steps exported.
+        let dir = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("resource"),
+            codec::encode_attributes(&[KeyValue::new("service.name", "dead")]),
+        )
+        .unwrap();
+        let (first, second) = spans.split_at(700);
+        for (number, steps) in [(0, first), (1, second)] {
+            let mut bytes = Vec::new();
+            codec::push_record(&mut bytes, Kind::Open, &request);
+            for (index, span) in steps.iter().enumerate() {
+                codec::push_record(&mut bytes, Kind::Ended, span);
+                if number == 0 && index == 99 {
+                    let exported = File::create(dir.join("exported")).unwrap();
+                    let offset = bytes.len() as u64;
+                    Position { segment: 0, offset }.write(&exported);
+                }
+            }
+            fs::write(segment_path(&dir, number), bytes).unwrap();
+        }
+
+        // The second export fails: the adoption stops there, and the next one finishes it.
+        let collect = Collect::default();
+        let mut exporter = FailOnce {
+            inner: collect.clone(),
+            calls: Arc::default(),
+            fail_at: 2,
+        };
+        assert!(
+            !adopt(&dir, &mut exporter, 512),
+            "the failed export is reported"
+        );
+        assert!(
+            adopt(&dir, &mut exporter, 512),
+            "the second attempt finishes"
+        );
+
+        let found = collect.spans.lock().unwrap().clone();
+        let mut times: HashMap<String, usize> = HashMap::new();
+        for (service, span) in &found {
+            assert_eq!(service, "dead");
+            *times.entry(span.name.to_string()).or_default() += 1;
+        }
+        let twice: Vec<_> = times.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "{} spans exported more than once, among them {:?}",
+            twice.len(),
+            &twice[..twice.len().min(3)]
+        );
+        for span in &spans[..100] {
+            assert!(
+                !times.contains_key(span.name.as_ref()),
+                "{} was exported before",
+                span.name
+            );
+        }
+        for span in &spans[100..] {
+            assert!(
+                times.contains_key(span.name.as_ref()),
+                "{} is missing",
+                span.name
+            );
+        }
+        let (_, unfinished) = found
+            .iter()
+            .find(|(_, span)| span.name == "request")
+            .expect("the open request, ended by the death");
+        assert!(matches!(unfinished.status, Status::Error { .. }));
+        assert_eq!(found.len(), 1_200 + 1);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
