@@ -8,7 +8,7 @@
 //! rows.
 //!
 //! An attempt counts as a failure from the moment it is let in ([`LoginThrottle::begin`], one upsert per
-//! key, so concurrent attempts on any replica cannot all slip in at the limit); a success takes its count
+//! account, so concurrent attempts on any replica cannot all slip in at the limit); a success takes its count
 //! back and clears the account ([`LoginThrottle::succeeded`]). Attempts refused by the throttle do not count
 //! against the address, so one account under attack does not lock its address out, and other accounts from
 //! the same address log in normally. (The address's lock is read in the same statement that counts the
@@ -19,34 +19,38 @@
 
 use std::time::Duration;
 
-use diesel::RunQueryDsl;
 use diesel::sql_types::{BigInt, Int4, Nullable, Text};
+use diesel::{OptionalExtension, RunQueryDsl};
 use tracehop_telemetry::db::{Database, DbError, traced};
 
-/// Counts the attempt against the account and, unless the account is refused, the address; answers a row
-/// (seconds to wait) only when the attempt is refused. Binds: account key, address key (or NULL), window in
-/// milliseconds, per-account limit, per-address limit.
-const BEGIN: &str = "\
+/// Counts the attempt against the account, unless its address is locked; answers the account's count and
+/// the seconds left in its window, or no row when the address is locked. Binds: account key, address key
+/// (or NULL), window in milliseconds, per-account limit, per-address limit. (The address's lock is read in
+/// the statement's snapshot; the account's count is one atomic upsert.)
+const COUNT_ACCOUNT: &str = "\
 WITH address_lock AS (\
-SELECT window_ends FROM login_failures WHERE key = $2 AND failures >= $5 AND window_ends > now()\
-), account AS (\
+SELECT FROM login_failures WHERE key = $2 AND failures >= $5 AND window_ends > now()\
+) \
 INSERT INTO login_failures AS f (key, window_ends, failures) \
 SELECT $1, now() + $3 * INTERVAL '1 millisecond', 1 WHERE NOT EXISTS (SELECT FROM address_lock) \
 ON CONFLICT (key) DO UPDATE SET \
 window_ends = CASE WHEN f.window_ends <= now() THEN EXCLUDED.window_ends ELSE f.window_ends END, \
 failures = CASE WHEN f.window_ends <= now() THEN 1 ELSE LEAST(f.failures + 1, $4 + 1) END \
-RETURNING failures, window_ends\
-), address AS (\
+RETURNING failures, CEIL(date_part('epoch', f.window_ends - now()))::BIGINT AS retry_after";
+
+/// Counts an attempt that was let in against its address. Binds: address key, window in milliseconds,
+/// per-address limit.
+const COUNT_ADDRESS: &str = "\
 INSERT INTO login_failures AS f (key, window_ends, failures) \
-SELECT $2, now() + $3 * INTERVAL '1 millisecond', 1 FROM account WHERE $2 IS NOT NULL AND account.failures <= $4 \
+VALUES ($1, now() + $2 * INTERVAL '1 millisecond', 1) \
 ON CONFLICT (key) DO UPDATE SET \
 window_ends = CASE WHEN f.window_ends <= now() THEN EXCLUDED.window_ends ELSE f.window_ends END, \
-failures = CASE WHEN f.window_ends <= now() THEN 1 ELSE LEAST(f.failures + 1, $5 + 1) END\
-) \
-SELECT CEIL(EXTRACT(EPOCH FROM (until - now())))::BIGINT AS retry_after FROM (\
-SELECT window_ends AS until FROM address_lock \
-UNION ALL SELECT window_ends FROM account WHERE failures > $4\
-) AS locked";
+failures = CASE WHEN f.window_ends <= now() THEN 1 ELSE LEAST(f.failures + 1, $3 + 1) END";
+
+/// The seconds left in a locked address's window. Bind: address key.
+const ADDRESS_LOCK: &str = "\
+SELECT 0 AS failures, CEIL(date_part('epoch', window_ends - now()))::BIGINT AS retry_after \
+FROM login_failures WHERE key = $1";
 
 /// Clears the account's failures and takes the address's attempt back. Binds: account key, address key (or
 /// NULL).
@@ -68,10 +72,21 @@ pub struct Throttled {
     pub retry_after: u64,
 }
 
+/// A key's count after an attempt, and the seconds left in its window.
 #[derive(diesel::QueryableByName)]
-struct Locked {
+struct Count {
+    #[diesel(sql_type = Int4)]
+    failures: i32,
     #[diesel(sql_type = BigInt)]
     retry_after: i64,
+}
+
+impl Count {
+    fn throttled(&self) -> Throttled {
+        Throttled {
+            retry_after: u64::try_from(self.retry_after).unwrap_or(0).max(1),
+        }
+    }
 }
 
 fn account_key(account: &str) -> String {
@@ -94,6 +109,9 @@ impl LoginThrottle {
     }
 
     /// May this attempt go ahead? If so it is counted as a failure until [`LoginThrottle::succeeded`].
+    ///
+    /// One statement counts the attempt against the account (none when the address is locked), a second
+    /// against the address when the attempt is let in: refused attempts do not count against the address.
     pub async fn begin(
         &self,
         database: &Database,
@@ -102,25 +120,44 @@ impl LoginThrottle {
     ) -> Result<Result<(), Throttled>, DbError> {
         let (account, address) = (account_key(account), address_key(address));
         let limits = *self;
-        let locked = database
+        database
             .run(move |connection, statements| {
-                let query = diesel::sql_query(BEGIN)
+                let query = diesel::sql_query(COUNT_ACCOUNT)
                     .bind::<Text, _>(account)
-                    .bind::<Nullable<Text>, _>(address)
+                    .bind::<Nullable<Text>, _>(address.clone())
                     .bind::<BigInt, _>(limits.window_ms)
                     .bind::<Int4, _>(limits.per_account)
                     .bind::<Int4, _>(limits.per_address);
-                Ok(traced(statements, query, |query| {
-                    query.load::<Locked>(connection)
-                })?)
+                let counted = traced(statements, query, |query| {
+                    query.get_result::<Count>(connection).optional()
+                })?;
+                match (counted, address) {
+                    (Some(account), _) if account.failures > limits.per_account => {
+                        Ok(Err(account.throttled()))
+                    }
+                    (Some(_), None) => Ok(Ok(())),
+                    (Some(_), Some(address)) => {
+                        let query = diesel::sql_query(COUNT_ADDRESS)
+                            .bind::<Text, _>(address)
+                            .bind::<BigInt, _>(limits.window_ms)
+                            .bind::<Int4, _>(limits.per_address);
+                        traced(statements, query, |query| query.execute(connection))?;
+                        Ok(Ok(()))
+                    }
+                    // The address is locked: how long for.
+                    (None, address) => {
+                        let query =
+                            diesel::sql_query(ADDRESS_LOCK).bind::<Nullable<Text>, _>(address);
+                        let lock = traced(statements, query, |query| {
+                            query.get_result::<Count>(connection).optional()
+                        })?;
+                        Ok(Err(lock.map_or(Throttled { retry_after: 1 }, |lock| {
+                            lock.throttled()
+                        })))
+                    }
+                }
             })
-            .await?;
-        Ok(match locked.iter().map(|row| row.retry_after).max() {
-            Some(seconds) => Err(Throttled {
-                retry_after: u64::try_from(seconds).unwrap_or(0).max(1),
-            }),
-            None => Ok(()),
-        })
+            .await
     }
 
     /// The password was right: the account's failures are cleared and the address's attempt taken back.
