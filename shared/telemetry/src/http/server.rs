@@ -55,6 +55,13 @@ pub struct SemconvRootSpan;
 
 impl RootSpanBuilder for SemconvRootSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
+        // Health probes are answered, not traced: docker compose's and the kubelet's probes, every few
+        // seconds per process, would each be a trace of one span that says nothing, crowding out the traces
+        // someone is looking for (the embedded collector holds the newest 50 000). A probe that fails is
+        // still logged (`on_request_end`).
+        if request.path() == HEALTH_PATH {
+            return Span::none();
+        }
         // An app that did not say is treated as public: trusting by default is the dangerous mistake.
         let trust = request
             .app_data::<RequestTrust>()
@@ -120,6 +127,10 @@ impl RootSpanBuilder for SemconvRootSpan {
             Ok(response) => response.response().status(),
             Err(error) => error.as_response_error().status_code(),
         };
+        if span.is_none() && status.is_success() {
+            // An untraced health probe that passed: nothing to say, every few seconds.
+            return;
+        }
         span.record("http.response.status_code", i64::from(status.as_u16()));
         // Server spans: only 5xx is an error (a 4xx is the client's fault, not ours).
         if status.is_server_error() {
@@ -297,13 +308,16 @@ fn last_forwarded(forwarded: &str, x_forwarded_for: &str) -> Option<String> {
     (!address.is_empty()).then(|| address.to_owned())
 }
 
+/// Where every tracehop service answers its health probes ([`healthz`]); requests to it are not traced.
+pub const HEALTH_PATH: &str = "/healthz";
+
 /// `GET /healthz`: the process is up and serving.
 pub async fn healthz() -> actix_web::HttpResponse {
     actix_web::HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
 /// A tracehop actix-web app: tracing root span (with `trust` deciding what callers' headers may set),
-/// `traceresponse`, JSON errors for bad bodies and paths, `GET /healthz`, and a JSON 404; `configure` adds the
+/// `traceresponse`, JSON errors for bad bodies and paths, `GET /healthz` (untraced), and a JSON 404; `configure` adds the
 /// service's own routes and state.
 pub fn app<F>(
     trust: RequestTrust,
@@ -326,7 +340,7 @@ where
         .wrap(tracing_middleware())
         .app_data(json_config())
         .app_data(path_config())
-        .route("/healthz", web::get().to(healthz))
+        .route(HEALTH_PATH, web::get().to(healthz))
         .configure(configure)
         .default_service(web::to(not_found))
 }
@@ -387,5 +401,46 @@ mod tests {
     fn caller_text_is_bounded_at_a_character_boundary() {
         assert_eq!(bounded("short", 10), "short");
         assert_eq!(bounded(&"é".repeat(10), 5), "éé");
+    }
+
+    /// Keeps what it is given.
+    #[derive(Debug, Clone, Default)]
+    struct Keep(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanExporter for Keep {
+        async fn export(
+            &self,
+            batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            if let Ok(mut kept) = self.0.lock() {
+                kept.extend(batch);
+            }
+            Ok(())
+        }
+    }
+
+    #[actix_web::test]
+    async fn health_probes_are_answered_and_not_traced() {
+        use actix_web::test::{TestRequest, call_service, init_service};
+        let kept = Keep::default();
+        let (dispatch, guard) = crate::setup::dispatch_with_exporter("test", Some(kept.clone()));
+        let default = tracing::dispatcher::set_default(&dispatch);
+        let service = init_service(app(RequestTrust::INTERNAL, |config| {
+            config.route("/work", web::get().to(|| async { "done" }));
+        }))
+        .await;
+        for path in ["/healthz", "/work", "/healthz"] {
+            let request = TestRequest::get().uri(path).to_request();
+            let response = call_service(&service, request).await;
+            assert!(response.status().is_success(), "{path}");
+            let traced = response.headers().contains_key("traceresponse");
+            assert_eq!(traced, path == "/work", "{path}: traceresponse");
+        }
+        drop(default);
+        drop(dispatch);
+        guard.shutdown().await;
+        let kept = kept.0.lock().map(|spans| spans.clone()).unwrap_or_default();
+        let names: Vec<&str> = kept.iter().map(|span| span.name.as_ref()).collect();
+        assert_eq!(names, ["GET /work"]);
     }
 }
