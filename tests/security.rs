@@ -493,13 +493,14 @@ async fn each_service_role_reaches_its_own_tables_only() {
         200
     );
     let own: &[(&str, &[&str])] = &[
-        ("users", &["users", "sessions"]),
+        ("users", &["users", "sessions", "login_failures"]),
         ("billing", &["transactions", "outbox"]),
         ("notifications", &["notifications"]),
     ];
     let all = [
         "users",
         "sessions",
+        "login_failures",
         "transactions",
         "outbox",
         "notifications",
