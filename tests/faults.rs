@@ -719,3 +719,51 @@ async fn after_a_database_restart_no_request_fails() {
     );
     drop(test);
 }
+
+/// A service that starts before JetStream answers (a fresh cluster still placing the stream on a busy
+/// machine: a drill's billing replica once exited on it) waits for it: the stream's set-up is tried again
+/// until JetStream is ready, rather than given up at the first failure. Here the server first runs without
+/// JetStream (every set-up request fails at once), then is replaced by one with it on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_set_up_waits_for_jetstream_to_be_ready() {
+    use tracehop_telemetry::messaging::{StreamSettings, ensure_stream};
+    let port = tracehop::process::free_port().unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "tracehop-late-jetstream-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut plain = std::process::Command::new(
+        tracehop::process::find_executable("nats-server").expect("nats-server"),
+    );
+    plain.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+    let mut without_jetstream =
+        tracehop::process::ChildProcess::spawn("nats-server", plain, &dir.join("plain.log"))
+            .unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let client = tracehop_telemetry::messaging::connect(&url, "late", None)
+        .await
+        .unwrap();
+    let context = async_nats::jetstream::new(client);
+    let setting_up = tokio::spawn(async move {
+        let settings = StreamSettings::new("LATE", &["late.>"]);
+        ensure_stream(&context, &settings).await.map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !setting_up.is_finished(),
+        "the set-up gave up while JetStream was away: {:?}",
+        setting_up.await
+    );
+    without_jetstream.stop(Duration::from_secs(5));
+    let _nats =
+        tracehop::infra::PrivateNats::start(port, &dir.join("store"), &dir.join("nats.log"))
+            .await
+            .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(50), setting_up)
+        .await
+        .expect("set up once JetStream answered")
+        .unwrap();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

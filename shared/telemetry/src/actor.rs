@@ -229,19 +229,7 @@ mod tests {
 
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-    /// Keeps what it is given, for reading back.
-    #[derive(Debug, Clone, Default)]
-    struct Keep(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
-
-    impl opentelemetry_sdk::trace::SpanExporter for Keep {
-        async fn export(
-            &self,
-            batch: Vec<opentelemetry_sdk::trace::SpanData>,
-        ) -> opentelemetry_sdk::error::OTelSdkResult {
-            self.0.lock().unwrap().extend(batch);
-            Ok(())
-        }
-    }
+    use crate::testing::Keep;
 
     #[tokio::test]
     async fn into_parts_makes_the_handler_span_a_child_with_its_mailbox_wait() {

@@ -36,6 +36,28 @@ pub mod setup;
 
 pub use setup::{TelemetryGuard, current_trace_id, init};
 
+/// What the crate's own unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// An exporter that keeps what it is given, for reading back.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct Keep(
+        pub(crate) std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>,
+    );
+
+    impl opentelemetry_sdk::trace::SpanExporter for Keep {
+        async fn export(
+            &self,
+            batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            if let Ok(mut kept) = self.0.lock() {
+                kept.extend(batch);
+            }
+            Ok(())
+        }
+    }
+}
+
 // The README's examples compile as doc tests, so the walk-through cannot drift from the API.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

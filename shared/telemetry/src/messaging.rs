@@ -224,14 +224,54 @@ pub async fn ensure_stream(
         ..Default::default()
     };
     // Create, or bring an existing stream to these settings (a reused store gets today's configuration).
-    context
-        .create_or_update_stream(config)
-        .await
-        .map_err(|error| SetupError(error.to_string()))?;
-    context
-        .get_stream(&settings.stream)
-        .await
-        .map_err(|error| SetupError(error.to_string()))
+    // JetStream that is not ready yet (a cluster still electing its leader, found when a service starts
+    // beside a fresh three-node cluster on a busy machine) is waited for, up to `STREAM_SETUP_PATIENCE`:
+    // exiting would only have the supervisor start the service again into the same wait.
+    let deadline = tokio::time::Instant::now() + STREAM_SETUP_PATIENCE;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let outcome = match context.create_or_update_stream(config.clone()).await {
+            Ok(_) => {
+                return context
+                    .get_stream(&settings.stream)
+                    .await
+                    .map_err(|error| SetupError(error.to_string()));
+            }
+            Err(error) => error,
+        };
+        if !jetstream_not_ready(&outcome) || tokio::time::Instant::now() + pause >= deadline {
+            return Err(SetupError(outcome.to_string()));
+        }
+        tracing::warn!(
+            error = %outcome,
+            retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+            "JetStream is not ready; the stream's set-up is tried again"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// How long [`ensure_stream`] waits for JetStream to be ready before it gives up.
+pub const STREAM_SETUP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Whether a stream set-up failed because JetStream was not ready (no answer in time, no JetStream yet, a
+/// cluster without a leader or without enough peers), rather than because the request was wrong.
+fn jetstream_not_ready(error: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::ErrorCode;
+    use jetstream::context::CreateStreamErrorKind as Kind;
+    match error.kind() {
+        Kind::TimedOut | Kind::JetStreamUnavailable => true,
+        Kind::JetStream(error) => [
+            ErrorCode::CLUSTER_NOT_AVAILABLE,
+            ErrorCode::CLUSTER_NO_PEERS,
+            ErrorCode::CLUSTER_INCOMPLETE,
+            ErrorCode::CLUSTER_NOT_LEADER,
+            ErrorCode::CLUSTER_NOT_ACTIVE,
+        ]
+        .contains(&error.error_code()),
+        _ => false,
+    }
 }
 
 /// Settings of a durable pull consumer.

@@ -403,24 +403,9 @@ mod tests {
         assert_eq!(bounded(&"é".repeat(10), 5), "éé");
     }
 
-    /// Keeps what it is given.
-    #[derive(Debug, Clone, Default)]
-    struct Keep(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
-
-    impl opentelemetry_sdk::trace::SpanExporter for Keep {
-        async fn export(
-            &self,
-            batch: Vec<opentelemetry_sdk::trace::SpanData>,
-        ) -> opentelemetry_sdk::error::OTelSdkResult {
-            if let Ok(mut kept) = self.0.lock() {
-                kept.extend(batch);
-            }
-            Ok(())
-        }
-    }
-
     #[actix_web::test]
     async fn health_probes_are_answered_and_not_traced() {
+        use crate::testing::Keep;
         use actix_web::test::{TestRequest, call_service, init_service};
         let kept = Keep::default();
         let (dispatch, guard) = crate::setup::dispatch_with_exporter("test", Some(kept.clone()));
