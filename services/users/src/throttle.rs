@@ -11,8 +11,11 @@
 //! account, so concurrent attempts on any replica cannot all slip in at the limit); a success takes its count
 //! back and clears the account ([`LoginThrottle::succeeded`]). Attempts refused by the throttle do not count
 //! against the address, so one account under attack does not lock its address out, and other accounts from
-//! the same address log in normally. (The address's lock is read in the same statement that counts the
-//! account; attempts racing at the address's limit may pass it by the few in flight.)
+//! the same address log in normally. The address's lock is read in the same statement that counts the
+//! account, which keeps an address already locked to one statement per attempt; the attempts let in are
+//! then counted against the address by an atomic upsert, and one that finds the address past its limit
+//! (attempts racing at the limit, from any replica) is refused after all and its account's count taken back.
+//! So exactly the limit is let in per address and window, however many attempts arrive at once.
 //!
 //! Rows whose window has ended are deleted by retention (`startup`), so the table holds only the accounts
 //! and addresses with failures in the current window.
@@ -38,14 +41,19 @@ window_ends = CASE WHEN f.window_ends <= now() THEN EXCLUDED.window_ends ELSE f.
 failures = CASE WHEN f.window_ends <= now() THEN 1 ELSE LEAST(f.failures + 1, $4 + 1) END \
 RETURNING failures, CEIL(date_part('epoch', f.window_ends - now()))::BIGINT AS retry_after";
 
-/// Counts an attempt that was let in against its address. Binds: address key, window in milliseconds,
-/// per-address limit.
+/// Counts an attempt that was let in against its address; answers the address's count (at most the limit
+/// + 1) and the seconds left in its window. Binds: address key, window in milliseconds, per-address limit.
 const COUNT_ADDRESS: &str = "\
 INSERT INTO login_failures AS f (key, window_ends, failures) \
 VALUES ($1, now() + $2 * INTERVAL '1 millisecond', 1) \
 ON CONFLICT (key) DO UPDATE SET \
 window_ends = CASE WHEN f.window_ends <= now() THEN EXCLUDED.window_ends ELSE f.window_ends END, \
-failures = CASE WHEN f.window_ends <= now() THEN 1 ELSE LEAST(f.failures + 1, $3 + 1) END";
+failures = CASE WHEN f.window_ends <= now() THEN 1 ELSE LEAST(f.failures + 1, $3 + 1) END \
+RETURNING failures, CEIL(date_part('epoch', f.window_ends - now()))::BIGINT AS retry_after";
+
+/// Takes back an account's attempt that the address refused after all. Bind: account key.
+const TAKE_BACK: &str = "\
+UPDATE login_failures SET failures = failures - 1 WHERE key = $1 AND failures > 0";
 
 /// The seconds left in a locked address's window. Bind: address key.
 const ADDRESS_LOCK: &str = "\
@@ -123,7 +131,7 @@ impl LoginThrottle {
         database
             .run(move |connection, statements| {
                 let query = diesel::sql_query(COUNT_ACCOUNT)
-                    .bind::<Text, _>(account)
+                    .bind::<Text, _>(account.clone())
                     .bind::<Nullable<Text>, _>(address.clone())
                     .bind::<BigInt, _>(limits.window_ms)
                     .bind::<Int4, _>(limits.per_account)
@@ -141,8 +149,16 @@ impl LoginThrottle {
                             .bind::<Text, _>(address)
                             .bind::<BigInt, _>(limits.window_ms)
                             .bind::<Int4, _>(limits.per_address);
+                        let address = traced(statements, query, |query| {
+                            query.get_result::<Count>(connection)
+                        })?;
+                        if address.failures <= limits.per_address {
+                            return Ok(Ok(()));
+                        }
+                        // Raced past the address's limit: refused, and not held against the account.
+                        let query = diesel::sql_query(TAKE_BACK).bind::<Text, _>(account);
                         traced(statements, query, |query| query.execute(connection))?;
-                        Ok(Ok(()))
+                        Ok(Err(address.throttled()))
                     }
                     // The address is locked: how long for.
                     (None, address) => {

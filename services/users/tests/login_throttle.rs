@@ -177,3 +177,76 @@ async fn the_window_ends() {
         Ok(())
     );
 }
+
+#[tokio::test]
+async fn a_concurrent_burst_from_one_address_lets_in_exactly_its_limit() {
+    // One address trying many accounts at once (credential stuffing): each attempt is the first for its
+    // account, so only the address's limit stands in the way, and attempts racing at it must not slip by.
+    let scratch = Scratch::create();
+    let replicas = [
+        LoginThrottle::new(100, 5, Duration::from_secs(60)),
+        LoginThrottle::new(100, 5, Duration::from_secs(60)),
+    ];
+    let attempts = (0..40).map(|attempt| {
+        let replica = replicas[attempt % 2];
+        let database = scratch.database.clone();
+        tokio::spawn(async move {
+            let account = format!("stuffed{attempt}@example.com");
+            let answer = replica
+                .begin(&database, &account, Some("10.0.0.3"))
+                .await
+                .unwrap();
+            (account, answer)
+        })
+    });
+    let mut admitted = 0;
+    let mut refused = Vec::new();
+    for attempt in attempts.collect::<Vec<_>>() {
+        match attempt.await.unwrap() {
+            (_, Ok(())) => admitted += 1,
+            (account, Err(_)) => refused.push(account),
+        }
+    }
+    assert_eq!(admitted, 5);
+    // A refused attempt counted against neither: each of those accounts still has its whole allowance from
+    // another address.
+    for account in refused.iter().take(3) {
+        let answer = replicas[0]
+            .begin(&scratch.database, account, Some("10.0.0.4"))
+            .await
+            .unwrap();
+        assert_eq!(answer, Ok(()), "{account}");
+    }
+    let counted: Vec<i32> = {
+        use diesel::sql_types::Int4;
+        #[derive(diesel::QueryableByName)]
+        struct Failures {
+            #[diesel(sql_type = Int4)]
+            failures: i32,
+        }
+        let keys: Vec<String> = refused
+            .iter()
+            .take(3)
+            .map(|a| format!("account:{a}"))
+            .collect();
+        let url = scratch_url(&scratch);
+        let mut connection = diesel::PgConnection::establish(&url).unwrap();
+        diesel::sql_query("SELECT failures FROM login_failures WHERE key = ANY($1) ORDER BY key")
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(keys)
+            .load::<Failures>(&mut connection)
+            .unwrap()
+            .into_iter()
+            .map(|row| row.failures)
+            .collect()
+    };
+    // Only the attempt just made from the other address counts.
+    assert_eq!(counted, vec![1, 1, 1]);
+}
+
+/// The URL of the scratch database.
+fn scratch_url(scratch: &Scratch) -> String {
+    match scratch.admin.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{}", scratch.name),
+        None => unreachable!("a database URL has a path"),
+    }
+}
