@@ -44,6 +44,7 @@
 
 mod codec;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -96,6 +97,44 @@ impl std::hash::Hasher for SpanIdHasher {
 }
 
 type SpanIdMap<V> = HashMap<SpanId, V, std::hash::BuildHasherDefault<SpanIdHasher>>;
+
+thread_local! {
+    /// Each thread's encoding buffer and list of the spans of a tree, reused from one write to the next.
+    /// Both are often more than a kilobyte, and glibc serves such a request outside its per-thread cache
+    /// (consolidating its fast bins first): allocating, growing and freeing them per write cost more than the
+    /// encoding itself (BENCHMARKS.md, section 16).
+    static ENCODE_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static TREE: RefCell<Vec<SpanData>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `work` with this thread's kept `Vec` from `key`, empty. One that grew past `keep` elements is
+/// given back to the allocator afterwards, so a rare large tree does not stay resident; a re-entrant call (a
+/// write while this thread's is out) gets a fresh one.
+fn with_kept<T: 'static, R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    keep: usize,
+    work: impl FnOnce(&mut Vec<T>) -> R,
+) -> R {
+    let mut kept = key
+        .try_with(|cell| {
+            cell.try_borrow_mut()
+                .map(|mut kept| std::mem::take(&mut *kept))
+        })
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let outcome = work(&mut kept);
+    kept.clear();
+    if kept.capacity() <= keep {
+        let _ = key.try_with(|cell| cell.try_borrow_mut().map(|mut slot| *slot = kept));
+    }
+    outcome
+}
+
+/// [`with_kept`] for the encoding buffer: up to 16 KiB kept per thread (a tree of a few dozen spans).
+fn with_encode_buffer<R>(work: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    with_kept(&ENCODE_BUFFER, 16 * 1024, work)
+}
 
 /// The one spool of this process, for [`expose`].
 static SPOOL: OnceLock<Arc<Shared>> = OnceLock::new();
@@ -194,7 +233,10 @@ impl Shared {
     /// an ended one still waiting in memory as it ended (with what waits under it). Stops at the first
     /// already on disk: its own ancestors are too.
     fn expose(&self, span_id: SpanId) {
-        let mut buffer = Vec::new();
+        with_encode_buffer(|buffer| self.expose_into(buffer, span_id));
+    }
+
+    fn expose_into(&self, buffer: &mut Vec<u8>, span_id: SpanId) {
         let (mut opened, mut ended) = (0, Vec::new());
         {
             let mut entries = lock(&self.entries);
@@ -204,7 +246,7 @@ impl Shared {
                     State::Open { exposed: true, .. } => break,
                     State::Open { start, exposed } => {
                         *exposed = true;
-                        codec::push_record(&mut buffer, Kind::Open, start);
+                        codec::push_record(buffer, Kind::Open, start);
                         opened += 1;
                         next = start.parent_span_id;
                     }
@@ -218,10 +260,10 @@ impl Shared {
             }
         }
         for span in &ended {
-            codec::push_record(&mut buffer, Kind::Ended, span);
+            codec::push_record(buffer, Kind::Ended, span);
         }
         if !buffer.is_empty() {
-            self.write(&buffer, opened + ended.len(), ended.len() as u64);
+            self.write(buffer, opened + ended.len(), ended.len() as u64);
         }
     }
 
@@ -439,6 +481,65 @@ impl SpoolProcessor {
         })
     }
 
+    /// [`SpanProcessor::on_end`] with this thread's kept list for the spans of the tree (empty).
+    fn end(&self, span: SpanData, tree: &mut Vec<SpanData>) {
+        let shared = &self.shared;
+        let id = span.span_context.span_id();
+        let parent = span.parent_span_id;
+        let parent_in_memory = {
+            let mut entries = lock(&shared.entries);
+            let waiting = entries.get(&id).map_or(0, |entry| entry.waiting.len());
+            match entries.get_mut(&parent) {
+                // The parent is still in memory here (open, or ended and itself waiting), has room, and is
+                // young: wait with it.
+                Some(parent)
+                    if parent.waiting.len() + waiting < MAX_WAITING && parent.is_young() =>
+                {
+                    parent.waiting.push(id);
+                    match entries.get_mut(&id) {
+                        Some(entry) => entry.state = State::Ended(span),
+                        None => {
+                            let state = State::Ended(span);
+                            let waiting = Vec::new();
+                            entries.insert(id, Entry { state, waiting });
+                        }
+                    }
+                    return;
+                }
+                _ => {}
+            }
+            take_tree(&mut entries, id, tree);
+            tree.push(span);
+            // A parent in memory that is full or old: what waits under it goes now too, rather than for as
+            // long as it lives.
+            match entries.get_mut(&parent) {
+                Some(parent) => {
+                    for waiting in std::mem::take(&mut parent.waiting) {
+                        take_tree(&mut entries, waiting, tree);
+                    }
+                    true
+                }
+                None => false,
+            }
+        };
+        // A parent still in memory here (full or old) goes to disk first, so the file never holds a span
+        // without its parent. (The usual tree, whose root has no parent here, skips this.)
+        if parent_in_memory {
+            shared.expose(parent);
+        }
+        let count = tree.len() as u64;
+        let written = with_encode_buffer(|buffer| {
+            for span in tree.iter() {
+                codec::push_record(buffer, Kind::Ended, span);
+            }
+            shared.write(buffer, tree.len(), count)
+        });
+        // The export thread wakes on its own schedule; a full batch wakes it early.
+        if written && shared.pending.load(Ordering::Relaxed) >= shared.batch {
+            shared.wake.notify_all();
+        }
+    }
+
     /// Spans dropped because the export fell too far behind or a write failed.
     pub(crate) fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
@@ -484,62 +585,8 @@ impl SpanProcessor for SpoolProcessor {
     }
 
     fn on_end(&self, span: SpanData) {
-        let shared = &self.shared;
-        let id = span.span_context.span_id();
-        let parent = span.parent_span_id;
-        let mut tree = Vec::new();
-        let parent_in_memory = {
-            let mut entries = lock(&shared.entries);
-            let waiting = entries.get(&id).map_or(0, |entry| entry.waiting.len());
-            match entries.get_mut(&parent) {
-                // The parent is still in memory here (open, or ended and itself waiting), has room, and is
-                // young: wait with it.
-                Some(parent)
-                    if parent.waiting.len() + waiting < MAX_WAITING && parent.is_young() =>
-                {
-                    parent.waiting.push(id);
-                    match entries.get_mut(&id) {
-                        Some(entry) => entry.state = State::Ended(span),
-                        None => {
-                            let state = State::Ended(span);
-                            let waiting = Vec::new();
-                            entries.insert(id, Entry { state, waiting });
-                        }
-                    }
-                    return;
-                }
-                _ => {}
-            }
-            take_tree(&mut entries, id, &mut tree);
-            tree.push(span);
-            // A parent in memory that is full or old: what waits under it goes now too, rather than for as
-            // long as it lives.
-            match entries.get_mut(&parent) {
-                Some(parent) => {
-                    for waiting in std::mem::take(&mut parent.waiting) {
-                        take_tree(&mut entries, waiting, &mut tree);
-                    }
-                    true
-                }
-                None => false,
-            }
-        };
-        // A parent still in memory here (full or old) goes to disk first, so the file never holds a span
-        // without its parent. (The usual tree, whose root has no parent here, skips this.)
-        if parent_in_memory {
-            shared.expose(parent);
-        }
-        let mut buffer = Vec::with_capacity(512 * tree.len());
-        for span in &tree {
-            codec::push_record(&mut buffer, Kind::Ended, span);
-        }
-        let count = tree.len() as u64;
-        // The export thread wakes on its own schedule; a full batch wakes it early.
-        if shared.write(&buffer, tree.len(), count)
-            && shared.pending.load(Ordering::Relaxed) >= shared.batch
-        {
-            shared.wake.notify_all();
-        }
+        // Up to 32 spans' room kept per thread (about 11 KiB).
+        with_kept(&TREE, 32, |tree| self.end(span, tree));
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -994,6 +1041,33 @@ mod tests {
     use opentelemetry_sdk::trace::SdkTracerProvider;
 
     use super::*;
+
+    thread_local! {
+        static KEPT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+
+    #[test]
+    fn a_thread_s_kept_buffer_is_reused_empty_lent_once_and_let_go_when_large() {
+        // Reused, and handed out empty.
+        with_kept(&KEPT, 64, |buffer| buffer.extend_from_slice(b"first"));
+        let (reused, empty) = with_kept(&KEPT, 64, |buffer| {
+            (buffer.capacity() >= 5, buffer.is_empty())
+        });
+        assert!(reused && empty);
+        // A call while the buffer is out (a span ended inside a write) gets a fresh one, and the outer
+        // one is untouched.
+        with_kept(&KEPT, 64, |outer| {
+            outer.extend_from_slice(b"outer");
+            with_kept(&KEPT, 64, |inner| {
+                assert_eq!(inner.capacity(), 0);
+                inner.push(1);
+            });
+            assert_eq!(outer.as_slice(), b"outer");
+        });
+        // One grown past what is kept is given back to the allocator.
+        with_kept(&KEPT, 64, |buffer| buffer.resize(1024, 0));
+        assert_eq!(with_kept(&KEPT, 64, |buffer| buffer.capacity()), 0);
+    }
 
     /// Collects what it is given, with the `service.name` it was given.
     #[derive(Debug, Clone, Default)]
