@@ -30,7 +30,7 @@
 //!   same root: one it can take belongs to a dead process, whose unexported spans it exports under the dead
 //!   process's own resource (`service.name`, `service.instance.id`), a batch at a time with the dead
 //!   spool's position recorded after each (an adoption cut short resumes there, exporting nothing twice),
-//!   then removes.
+//!   then marks it [`ADOPTED`] and removes it (one that cannot be removed is exported no more).
 //! - **Bounded.** When the export falls [`MAX_BACKLOG_BYTES`] behind (a collector down for long), new
 //!   spans are dropped and counted, as a full batch queue would: never a slower or failed request.
 //!
@@ -70,6 +70,9 @@ pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 pub const MAX_BACKLOG_BYTES: u64 = 256 * 1024 * 1024;
 /// How much of a segment the export thread reads at a time.
 const READ_CHUNK: usize = 1024 * 1024;
+/// The file an adoption leaves in a dead spool once all of it is exported, in case the directory cannot be
+/// removed: a later adoption then exports nothing more.
+const ADOPTED: &str = "adopted";
 /// How often the spool directories of other processes are checked for a dead owner.
 pub const ADOPT_EVERY: Duration = Duration::from_secs(1);
 /// Spans that may wait under one open parent; past it they are written on their own (with their open
@@ -912,6 +915,11 @@ where
 /// of this process or another: no span is exported twice and none is skipped. What it holds is a batch, a
 /// chunk, and the exposed spans not yet seen ending (few: the dead process's requests in flight).
 fn adopt<E: SpanExporter>(dir: &Path, exporter: &mut E, batch_size: usize) -> bool {
+    // Everything, the spans ended by the death included, was exported by an earlier adoption whose removal of
+    // the directory failed: exporting the unfinished spans again would send them twice.
+    if dir.join(ADOPTED).exists() {
+        return true;
+    }
     let attributes = fs::read(dir.join("resource"))
         .ok()
         .and_then(|bytes| codec::decode_attributes(&bytes))
@@ -1012,7 +1020,11 @@ fn adopt<E: SpanExporter>(dir: &Path, exporter: &mut E, batch_size: usize) -> bo
         })
         .collect();
     unfinished.sort_by_key(|span| span.start_time);
-    unfinished.is_empty() || export_adopted(exporter, unfinished)
+    let done = unfinished.is_empty() || export_adopted(exporter, unfinished);
+    if done && let Err(error) = fs::write(dir.join(ADOPTED), b"") {
+        eprintln!("span spool: could not mark {dir:?} adopted: {error}");
+    }
+    done
 }
 
 fn export_adopted<E: SpanExporter>(exporter: &E, batch: Vec<SpanData>) -> bool {
@@ -1387,6 +1399,11 @@ mod tests {
             .expect("the open request, ended by the death");
         assert!(matches!(unfinished.status, Status::Error { .. }));
         assert_eq!(found.len(), 1_200 + 1);
+
+        // Adopted again, as when the directory could not be removed after the export: nothing more, the
+        // request ended by the death included.
+        assert!(adopt(&dir, &mut exporter, 512));
+        assert_eq!(collect.spans.lock().unwrap().len(), 1_200 + 1);
         let _ = fs::remove_dir_all(&dir);
     }
 
