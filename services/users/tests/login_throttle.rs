@@ -17,6 +17,7 @@ const MIGRATION: &str = include_str!("../../../migrations/2026-11-28-000007_logi
 struct Scratch {
     admin: String,
     name: String,
+    url: String,
     database: Database,
 }
 
@@ -47,6 +48,7 @@ impl Scratch {
         Self {
             admin,
             name,
+            url,
             database,
         }
     }
@@ -112,22 +114,15 @@ async fn a_concurrent_burst_lets_in_exactly_the_limit() {
         LoginThrottle::new(5, 1000, Duration::from_secs(60)),
         LoginThrottle::new(5, 1000, Duration::from_secs(60)),
     ];
-    let attempts = (0..40).map(|attempt| {
-        let replica = replicas[attempt % 2];
-        let database = scratch.database.clone();
-        tokio::spawn(async move {
-            replica
-                .begin(&database, "burst@example.com", Some("10.0.0.2"))
-                .await
-                .unwrap()
-        })
-    });
-    let mut admitted = 0;
-    for attempt in attempts.collect::<Vec<_>>() {
-        if attempt.await.unwrap().is_ok() {
-            admitted += 1;
-        }
-    }
+    let answers = burst(
+        &scratch,
+        replicas,
+        40,
+        |_| "burst@example.com".to_owned(),
+        "10.0.0.2",
+    )
+    .await;
+    let admitted = answers.iter().filter(|(_, answer)| answer.is_ok()).count();
     assert_eq!(admitted, 5);
 }
 
@@ -187,27 +182,21 @@ async fn a_concurrent_burst_from_one_address_lets_in_exactly_its_limit() {
         LoginThrottle::new(100, 5, Duration::from_secs(60)),
         LoginThrottle::new(100, 5, Duration::from_secs(60)),
     ];
-    let attempts = (0..40).map(|attempt| {
-        let replica = replicas[attempt % 2];
-        let database = scratch.database.clone();
-        tokio::spawn(async move {
-            let account = format!("stuffed{attempt}@example.com");
-            let answer = replica
-                .begin(&database, &account, Some("10.0.0.3"))
-                .await
-                .unwrap();
-            (account, answer)
-        })
-    });
-    let mut admitted = 0;
-    let mut refused = Vec::new();
-    for attempt in attempts.collect::<Vec<_>>() {
-        match attempt.await.unwrap() {
-            (_, Ok(())) => admitted += 1,
-            (account, Err(_)) => refused.push(account),
-        }
-    }
+    let answers = burst(
+        &scratch,
+        replicas,
+        40,
+        |attempt| format!("stuffed{attempt}@example.com"),
+        "10.0.0.3",
+    )
+    .await;
+    let admitted = answers.iter().filter(|(_, answer)| answer.is_ok()).count();
     assert_eq!(admitted, 5);
+    let refused: Vec<String> = answers
+        .into_iter()
+        .filter(|(_, answer)| answer.is_err())
+        .map(|(account, _)| account)
+        .collect();
     // A refused attempt counted against neither: each of those accounts still has its whole allowance from
     // another address.
     for account in refused.iter().take(3) {
@@ -229,8 +218,7 @@ async fn a_concurrent_burst_from_one_address_lets_in_exactly_its_limit() {
             .take(3)
             .map(|a| format!("account:{a}"))
             .collect();
-        let url = scratch_url(&scratch);
-        let mut connection = diesel::PgConnection::establish(&url).unwrap();
+        let mut connection = diesel::PgConnection::establish(&scratch.url).unwrap();
         diesel::sql_query("SELECT failures FROM login_failures WHERE key = ANY($1) ORDER BY key")
             .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(keys)
             .load::<Failures>(&mut connection)
@@ -243,10 +231,36 @@ async fn a_concurrent_burst_from_one_address_lets_in_exactly_its_limit() {
     assert_eq!(counted, vec![1, 1, 1]);
 }
 
-/// The URL of the scratch database.
-fn scratch_url(scratch: &Scratch) -> String {
-    match scratch.admin.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/{}", scratch.name),
-        None => unreachable!("a database URL has a path"),
+/// `attempts` login attempts at once, alternating between the two throttles (two replicas), attempt `n` on
+/// the account `account(n)` from `address`: each account with its answer.
+async fn burst(
+    scratch: &Scratch,
+    replicas: [LoginThrottle; 2],
+    attempts: usize,
+    account: impl Fn(usize) -> String,
+    address: &'static str,
+) -> Vec<(String, Result<(), Throttled>)> {
+    // Every attempt waits until all are ready, so they reach the database together.
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(attempts));
+    let tasks: Vec<_> = (0..attempts)
+        .map(|attempt| {
+            let replica = replicas[attempt % 2];
+            let database = scratch.database.clone();
+            let account = account(attempt);
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                let answer = replica
+                    .begin(&database, &account, Some(address))
+                    .await
+                    .unwrap();
+                (account, answer)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
     }
+    answers
 }
