@@ -41,8 +41,8 @@ window_ends = CASE WHEN f.window_ends <= now() THEN EXCLUDED.window_ends ELSE f.
 failures = CASE WHEN f.window_ends <= now() THEN 1 ELSE LEAST(f.failures + 1, $4 + 1) END \
 RETURNING failures, CEIL(date_part('epoch', f.window_ends - now()))::BIGINT AS retry_after";
 
-/// Counts an attempt that was let in against its address; answers the address's count (at most the limit
-/// + 1) and the seconds left in its window. Binds: address key, window in milliseconds, per-address limit.
+/// Counts an attempt that was let in against its address; answers the address's count (one past the limit at
+/// most) and the seconds left in its window. Binds: address key, window in milliseconds, per-address limit.
 const COUNT_ADDRESS: &str = "\
 INSERT INTO login_failures AS f (key, window_ends, failures) \
 VALUES ($1, now() + $2 * INTERVAL '1 millisecond', 1) \
