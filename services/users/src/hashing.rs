@@ -8,7 +8,7 @@
 //! users holds none of it (BENCHMARKS.md section 14).
 //!
 //! The queue in front of it is bounded too: when it is full a login or sign-up is refused at once with
-//! [`Busy`] (answered 503 with `Retry-After`) instead of waiting behind a flood until the gateway's timeout.
+//! [`HashingError::Busy`] (answered 503 with `Retry-After`) instead of waiting behind a flood until the gateway's timeout.
 
 use std::time::Duration;
 

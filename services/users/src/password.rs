@@ -24,7 +24,7 @@ pub const PARAMS: Params = match Params::new(7 * 1024, 5, 1, Some(32)) {
 const MAX_CHECK_BLOCKS: u32 = 64 * 1024;
 
 /// A hashing thread's Argon2 working memory, reused by every hash it makes or checks with [`PARAMS`] until
-/// [`release`](Self::release)d.
+/// released by the thread that owns it, after [`crate::hashing::IDLE_RELEASE`] without a job.
 #[derive(Default)]
 pub struct HashMemory(Vec<Block>);
 
