@@ -69,10 +69,8 @@ impl Drop for Scratch {
 #[tokio::test]
 async fn two_replicas_count_one_account_together() {
     let scratch = Scratch::create();
-    let replicas = [
-        LoginThrottle::new(3, 100, Duration::from_secs(60)),
-        LoginThrottle::new(3, 100, Duration::from_secs(60)),
-    ];
+    // Two throttles with the same limits: two replicas of users.
+    let replicas = [LoginThrottle::new(3, 100, Duration::from_secs(60)); 2];
     let mut answers = Vec::new();
     for attempt in 0..6 {
         let replica = &replicas[attempt % 2];
@@ -110,10 +108,8 @@ async fn two_replicas_count_one_account_together() {
 #[tokio::test]
 async fn a_concurrent_burst_lets_in_exactly_the_limit() {
     let scratch = Scratch::create();
-    let replicas = [
-        LoginThrottle::new(5, 1000, Duration::from_secs(60)),
-        LoginThrottle::new(5, 1000, Duration::from_secs(60)),
-    ];
+    // Two throttles with the same limits: two replicas of users.
+    let replicas = [LoginThrottle::new(5, 1000, Duration::from_secs(60)); 2];
     let answers = burst(
         &scratch,
         replicas,
@@ -178,10 +174,8 @@ async fn a_concurrent_burst_from_one_address_lets_in_exactly_its_limit() {
     // One address trying many accounts at once (credential stuffing): each attempt is the first for its
     // account, so only the address's limit stands in the way, and attempts racing at it must not slip by.
     let scratch = Scratch::create();
-    let replicas = [
-        LoginThrottle::new(100, 5, Duration::from_secs(60)),
-        LoginThrottle::new(100, 5, Duration::from_secs(60)),
-    ];
+    // Two throttles with the same limits: two replicas of users.
+    let replicas = [LoginThrottle::new(100, 5, Duration::from_secs(60)); 2];
     let answers = burst(
         &scratch,
         replicas,
