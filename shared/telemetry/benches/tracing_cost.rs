@@ -2,9 +2,10 @@
 //! hop with and without the [`Traced`] envelope.
 //!
 //! Every case runs three times, under the subscriber the services install: `spooled` exports every span
-//! through the span spool (`TRACEHOP_SPAN_SPOOL`, as the services run), `traced` through the batch span
-//! processor (the spool unset); in both the exporter at the end discards the batches (the collector and the
-//! network are measured by `stack bench`, not here). `untraced` is the same subscriber with
+//! through the span spool (`TRACEHOP_SPAN_SPOOL`, as the services run) and over OTLP/HTTP, as the services
+//! do with the default protocol, to a receiver in this process that reads each request and answers 200 (so
+//! the encoding and the HTTP client are measured; the collector's own work is not); `traced` through the
+//! batch span processor (the spool unset), whose exporter discards the batches. `untraced` is the same subscriber with
 //! `OTEL_SDK_DISABLED=true` (spans still exist for the logs' `trace_id`, nothing is exported). The difference
 //! is what the OpenTelemetry layer adds.
 //!
@@ -38,7 +39,7 @@ diesel::table! {
         status -> Text,
     }
 }
-use tracehop_telemetry::setup::{TelemetryGuard, dispatch_with_exporter, dispatch_with_spool};
+use tracehop_telemetry::setup::{TelemetryGuard, dispatch_with_exporter, dispatch_with_spool_to};
 use tracing_actix_web::RootSpanBuilder;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -64,11 +65,59 @@ fn subscriber(mode: &str) -> (tracing::Dispatch, TelemetryGuard) {
         "spooled" => {
             let dir =
                 std::env::temp_dir().join(format!("tracehop-bench-spool-{}", std::process::id()));
-            dispatch_with_spool("bench", DiscardExporter, &dir).expect("a spool in the temp dir")
+            let endpoint = discarding_receiver();
+            dispatch_with_spool_to("bench", &endpoint, &dir).expect("a spool in the temp dir")
         }
         "traced" => dispatch_with_exporter("bench", Some(DiscardExporter)),
         _ => dispatch_with_exporter("bench", None::<DiscardExporter>),
     }
+}
+
+/// An OTLP/HTTP receiver on a thread of this process that reads each request whole and answers 200 without
+/// decoding it: the export path's far end, at the cost of reading the bytes. Returns its URL.
+fn discarding_receiver() -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a local port");
+    let url = format!(
+        "http://{}/v1/traces",
+        listener.local_addr().expect("its address")
+    );
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                loop {
+                    let mut length = 0;
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(value) =
+                            line.to_ascii_lowercase().strip_prefix("content-length:")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err()
+                        || reader
+                            .get_mut()
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
 }
 
 /// CPU time of the whole process, every thread: the serving thread's work and what the span processor's

@@ -9,6 +9,7 @@
 //! | `OTEL_RESOURCE_ATTRIBUTES` | extra resource attributes (`key=value,...`) |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | collector address |
 //! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `http/protobuf` (default, as the specification asks) or `grpc` |
+//! | `OTEL_EXPORTER_OTLP_HEADERS` / `OTEL_EXPORTER_OTLP_TRACES_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT` / `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` | extra request headers, request timeout |
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling (default `parentbased_always_on`) |
 //! | `OTEL_SDK_DISABLED` | `true`: no spans at all (so no context propagation either); logs stay |
 //! | `OTEL_BSP_*` | batch span processor queue, batch size, delay, timeout (with the spool: delay and batch size) |
@@ -27,6 +28,11 @@
 //! they are exported, and writes a span whose context leaves the process before it leaves. Processes
 //! sharing the directory (the replicas on one host, or a container and its restarted successor on one
 //! volume) export the spool of one that died. See `spool.rs` for the mechanism and its limits.
+//!
+//! With OTLP/HTTP (the default protocol) the spool's export thread sends its own requests, written straight
+//! from the spool's records (`spool/otlp.rs`, `otlp_http.rs`): a span is encoded once, when it ends, and is
+//! never rebuilt as the SDK's `SpanData` and converted again to be exported. With gRPC, and for a dead
+//! process's spool, the records are decoded and handed to `opentelemetry-otlp`'s exporter.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -46,9 +52,11 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 mod export;
 mod json_log;
+mod otlp_http;
 mod spool;
 
 pub use export::{DEFAULT_VALUE_LENGTH_LIMIT, ExportCounts};
+pub use otlp_http::BuildError as OtlpHttpError;
 pub use spool::SpoolError;
 pub(crate) use spool::expose;
 
@@ -63,6 +71,8 @@ pub enum TelemetryError {
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error(transparent)]
+    OtlpHttp(#[from] OtlpHttpError),
 }
 
 /// Keeps the tracer provider alive; [`TelemetryGuard::shutdown`] flushes what is still queued.
@@ -117,13 +127,18 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
     } else {
         Some(span_exporter()?)
     };
-    let spool = std::env::var("TRACEHOP_SPAN_SPOOL")
-        .ok()
-        .filter(|dir| !dir.trim().is_empty())
-        .map(|dir| Spool {
+    let spool = match std::env::var("TRACEHOP_SPAN_SPOOL") {
+        Ok(dir) if !dir.trim().is_empty() => Some(Spool {
             dir: dir.into(),
             make_exporter: Box::new(|| span_exporter().ok()),
-        });
+            // OTLP/HTTP (the default protocol) is sent straight from the spool's records.
+            direct: match protocol().trim() {
+                "http/protobuf" => Some(otlp_http::OtlpHttp::from_env()?),
+                _ => None,
+            },
+        }),
+        _ => None,
+    };
     let (dispatch, guard) = dispatch(default_service_name, exporter, spool)?;
     dispatch.try_init()?;
     if !guard.is_exporting() {
@@ -185,14 +200,59 @@ where
     let spool = Spool {
         dir: dir.to_owned(),
         make_exporter: Box::new(|| None),
+        direct: None,
     };
     dispatch(default_service_name, Some(exporter), Some(spool))
 }
 
-/// Where the spool goes, and how to make an exporter for a dead process's spans.
+/// [`dispatch_with_spool`] with this process's spans sent as a service sends them with OTLP/HTTP (the
+/// default protocol): export requests written straight from the spool's records and posted to `endpoint`,
+/// the full URL (`http://host:port/v1/traces`). For benchmarks that measure the whole export path.
+///
+/// ```no_run
+/// let dir = std::env::temp_dir().join("tracehop-example-spool");
+/// let (dispatch, _guard) = tracehop_telemetry::setup::dispatch_with_spool_to(
+///     "example",
+///     "http://127.0.0.1:4318/v1/traces",
+///     &dir,
+/// )?;
+/// tracing::dispatcher::with_default(&dispatch, || tracing::info_span!("work").in_scope(|| ()));
+/// # Ok::<(), tracehop_telemetry::setup::TelemetryError>(())
+/// ```
+pub fn dispatch_with_spool_to(
+    default_service_name: &'static str,
+    endpoint: &str,
+    dir: &std::path::Path,
+) -> Result<(tracing::Dispatch, TelemetryGuard), TelemetryError> {
+    crate::http::client::install_crypto_provider();
+    let spool = Spool {
+        dir: dir.to_owned(),
+        make_exporter: Box::new(|| None),
+        direct: Some(otlp_http::OtlpHttp::to(endpoint)?),
+    };
+    Ok(dispatch(default_service_name, Some(Unused), Some(spool))?)
+}
+
+/// The span exporter of a spool whose spans all go the direct way ([`dispatch_with_spool_to`]): nothing is
+/// ever handed to it.
+#[derive(Debug)]
+struct Unused;
+
+impl SpanExporter for Unused {
+    async fn export(
+        &self,
+        _batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Where the spool goes, how to make an exporter for a dead process's spans, and the OTLP/HTTP client this
+/// process's own spans are sent with (`None`: through the exporter).
 struct Spool<E> {
     dir: std::path::PathBuf,
     make_exporter: Box<dyn Fn() -> Option<E> + Send>,
+    direct: Option<otlp_http::OtlpHttp>,
 }
 
 fn dispatch<E>(
@@ -245,9 +305,18 @@ where
     let builder = SdkTracerProvider::builder().with_resource(resource(default_service_name));
     let provider = match spool {
         None => builder.with_batch_exporter(exporter),
-        Some(Spool { dir, make_exporter }) => {
+        Some(Spool {
+            dir,
+            make_exporter,
+            direct,
+        }) => {
             let service = std::env::var("OTEL_SERVICE_NAME")
                 .unwrap_or_else(|_| default_service_name.to_owned());
+            let direct = direct.map(|http| spool::Direct {
+                http,
+                counts: counts.clone(),
+                value_limit,
+            });
             let counts = counts.clone();
             let make_exporter = move || {
                 make_exporter().map(|inner| export::GuardedExporter {
@@ -262,6 +331,7 @@ where
                 exporter,
                 make_exporter,
                 spool::Settings::from_env(),
+                direct,
             )?)
         }
     }
@@ -416,13 +486,18 @@ fn sdk_disabled() -> bool {
     std::env::var("OTEL_SDK_DISABLED").is_ok_and(|value| value.trim().eq_ignore_ascii_case("true"))
 }
 
-fn span_exporter() -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+/// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`, else `http/protobuf`.
+fn protocol() -> String {
+    std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
         // The specification's default. It is also the lighter one here: the HTTP exporter runs on the span
         // export thread, where gRPC's connection runs on the service's own runtime, and each service holds
         // less memory with it (BENCHMARKS.md, section 12; no CPU difference could be measured).
-        .unwrap_or_else(|_| "http/protobuf".to_owned());
+        .unwrap_or_else(|_| "http/protobuf".to_owned())
+}
+
+fn span_exporter() -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
+    let protocol = protocol();
     let exporter = match protocol.trim() {
         "grpc" => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()

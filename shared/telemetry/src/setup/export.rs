@@ -41,6 +41,24 @@ pub struct ExportCounts {
     pub failed: AtomicU64,
 }
 
+impl ExportCounts {
+    /// Counts `spans` exported, or failed (logging the first failure, then one line per ~10 000 lost spans:
+    /// visible, never a flood).
+    pub(super) fn record(&self, spans: u64, exported: bool) {
+        if exported {
+            self.exported.fetch_add(spans, Ordering::Relaxed);
+            return;
+        }
+        let before = self.failed.fetch_add(spans, Ordering::Relaxed);
+        if before == 0 || before / 10_000 != (before + spans) / 10_000 {
+            eprintln!(
+                "{{\"level\":\"WARN\",\"target\":\"tracehop_telemetry::setup\",\"message\":\"span export failed; spans are being dropped\",\"fields\":{{\"failed_spans_total\":{}}}}}",
+                before + spans
+            );
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct GuardedExporter<E> {
     pub(super) inner: E,
@@ -56,18 +74,7 @@ impl<E: SpanExporter> SpanExporter for GuardedExporter<E> {
         }
         let size = batch.len() as u64;
         let outcome = self.inner.export(batch).await;
-        if outcome.is_ok() {
-            self.counts.exported.fetch_add(size, Ordering::Relaxed);
-        } else {
-            let before = self.counts.failed.fetch_add(size, Ordering::Relaxed);
-            // The first failure, then one line per ~10 000 lost spans: visible, never a flood.
-            if before == 0 || before / 10_000 != (before + size) / 10_000 {
-                eprintln!(
-                    "{{\"level\":\"WARN\",\"target\":\"tracehop_telemetry::setup\",\"message\":\"span export failed; spans are being dropped\",\"fields\":{{\"failed_spans_total\":{}}}}}",
-                    before + size
-                );
-            }
-        }
+        self.counts.record(size, outcome.is_ok());
         outcome
     }
 

@@ -23,7 +23,9 @@
 //! - **The file is the queue.** This process's export thread reads the spool from where it stopped (a
 //!   megabyte at a time, however far behind it is), hands the spans to the exporter in batches
 //!   (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) and records how far it got in a small
-//!   `exported` file. Segments are rotated at [`SEGMENT_BYTES`] and deleted once exported.
+//!   `exported` file. Segments are rotated at [`SEGMENT_BYTES`] and deleted once exported. With OTLP/HTTP
+//!   ([`Direct`]) it writes each export request straight from the records ([`otlp`]): a span is encoded
+//!   once, when it ends, and never rebuilt to be exported.
 //! - **A dead owner is found by its lock.** Each process holds an exclusive `flock` on its own spool
 //!   directory's `lock` file for its whole life; the kernel releases it when the process dies, however it
 //!   dies. Every [`ADOPT_EVERY`] the export thread tries the lock of every other spool directory under the
@@ -43,6 +45,7 @@
 //! measured price is in BENCHMARKS.md, section 8.
 
 mod codec;
+mod otlp;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -63,6 +66,9 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 
 use codec::Kind;
+
+use super::export::ExportCounts;
+use super::otlp_http::OtlpHttp;
 
 /// A segment is closed and a new one begun past this size.
 pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -394,6 +400,37 @@ impl Settings {
     }
 }
 
+/// The export thread's OTLP/HTTP path: this process's spans go out as requests written straight from the
+/// spool's records ([`otlp`]), with no span rebuilt on the way. Without it the records are decoded and
+/// handed to the span exporter (gRPC, and the tests' and benchmarks' exporters); a dead process's spool is
+/// always adopted through the span exporter.
+pub(crate) struct Direct {
+    pub(crate) http: OtlpHttp,
+    pub(crate) counts: Arc<ExportCounts>,
+    /// Longest string attribute value, in bytes ([`super::export::value_length_limit`]).
+    pub(crate) value_limit: usize,
+}
+
+/// [`Direct`] at work: the request being filled, under this process's resource.
+struct DirectState {
+    direct: Direct,
+    request: otlp::Request,
+}
+
+impl DirectState {
+    /// Sends what the request holds (if anything); the outcome is counted as the span exporter's is.
+    fn send(&mut self) {
+        let spans = self.request.len();
+        if spans == 0 {
+            return;
+        }
+        let mut body = Vec::new();
+        self.request.take(&mut body);
+        let outcome = self.direct.http.send(body);
+        self.direct.counts.record(spans as u64, outcome.is_ok());
+    }
+}
+
 /// Why the spool could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("span spool in {dir}: {source}")]
@@ -411,6 +448,7 @@ impl SpoolProcessor {
         exporter: E,
         make_exporter: F,
         settings: Settings,
+        direct: Option<Direct>,
     ) -> Result<Self, SpoolError>
     where
         E: SpanExporter + 'static,
@@ -473,7 +511,7 @@ impl SpoolProcessor {
             .spawn(move || {
                 // The gRPC exporter's connection lives on the service's runtime.
                 let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                export_loop(&worker, exporter, &make_exporter, settings);
+                export_loop(&worker, exporter, &make_exporter, settings, direct);
             })
             .map_err(failed(&dir))?;
         // The first spool of the process serves `expose` (tests may build more than one).
@@ -612,14 +650,7 @@ impl SpanProcessor for SpoolProcessor {
 
     fn set_resource(&mut self, resource: &Resource) {
         // Kept beside the spool, so a successor exports a dead process's spans under its own name.
-        let attributes: Vec<KeyValue> = resource
-            .iter()
-            .map(|(key, value)| KeyValue::new(key.clone(), value.clone()))
-            .collect();
-        if let Err(error) = fs::write(
-            self.shared.dir.join("resource"),
-            codec::encode_attributes(&attributes),
-        ) {
+        if let Err(error) = fs::write(self.shared.dir.join("resource"), encode_resource(resource)) {
             eprintln!("span spool: could not record the resource: {error}");
         }
         lock(&self.shared.control).resource = Some(resource.clone());
@@ -661,8 +692,13 @@ impl Position {
     }
 }
 
-fn export_loop<E, F>(shared: &Shared, mut exporter: E, make_exporter: &F, settings: Settings)
-where
+fn export_loop<E, F>(
+    shared: &Shared,
+    mut exporter: E,
+    make_exporter: &F,
+    settings: Settings,
+    direct: Option<Direct>,
+) where
     E: SpanExporter,
     F: Fn() -> Option<E>,
 {
@@ -678,6 +714,10 @@ where
             None
         }
     };
+    let mut direct = direct.map(|direct| DirectState {
+        request: otlp::Request::new(&[], direct.value_limit),
+        direct,
+    });
     let mut at = Position::default();
     let mut next_export = Instant::now() + settings.delay;
     let mut next_adoption = Instant::now();
@@ -700,6 +740,10 @@ where
                     .0;
             }
             if let Some(resource) = control.resource.take() {
+                if let Some(direct) = &mut direct {
+                    direct.request =
+                        otlp::Request::new(&encode_resource(&resource), direct.direct.value_limit);
+                }
                 exporter.set_resource(&resource);
             }
             let flush = control.flush_done < control.flush_requested;
@@ -708,7 +752,14 @@ where
         let now = Instant::now();
         let full = shared.pending.load(Ordering::Relaxed) >= settings.batch as u64;
         if flush || shutdown || full || now >= next_export {
-            drain(shared, &exporter, &mut at, mark.as_ref(), settings.batch);
+            drain(
+                shared,
+                &exporter,
+                direct.as_mut(),
+                &mut at,
+                mark.as_ref(),
+                settings.batch,
+            );
             next_export = now + settings.delay;
         }
         if !shutdown && now >= next_adoption {
@@ -735,6 +786,7 @@ where
 fn drain<E: SpanExporter>(
     shared: &Shared,
     exporter: &E,
+    mut direct: Option<&mut DirectState>,
     at: &mut Position,
     mark: Option<&File>,
     batch_size: usize,
@@ -744,7 +796,15 @@ fn drain<E: SpanExporter>(
         let writer_segment = lock(&shared.segment).number;
         let path = segment_path(&shared.dir, at.segment);
         match fs::File::open(&path) {
-            Ok(file) => drain_segment(shared, exporter, at, mark, batch_size, &file),
+            Ok(file) => drain_segment(
+                shared,
+                exporter,
+                direct.as_deref_mut(),
+                at,
+                mark,
+                batch_size,
+                &file,
+            ),
             Err(error) => eprintln!("span spool: could not read {}: {error}", path.display()),
         }
         if writer_segment > at.segment {
@@ -771,6 +831,7 @@ fn drain<E: SpanExporter>(
 fn drain_segment<E: SpanExporter>(
     shared: &Shared,
     exporter: &E,
+    mut direct: Option<&mut DirectState>,
     at: &mut Position,
     mark: Option<&File>,
     batch_size: usize,
@@ -784,12 +845,18 @@ fn drain_segment<E: SpanExporter>(
         if kind == Some(Kind::Ended) {
             // Counted up before the record was written (under the segment lock).
             decrement(&shared.pending, 1);
-            if let Some(span) = codec::decode_span(payload) {
-                batch.push(span);
+            match direct.as_deref_mut() {
+                Some(direct) => {
+                    direct.request.push(payload);
+                }
+                None => batch.extend(codec::decode_span(payload)),
             }
         }
-        if batch.len() >= batch_size {
-            export(exporter, std::mem::take(&mut batch));
+        let queued = direct
+            .as_deref()
+            .map_or(batch.len(), |direct| direct.request.len());
+        if queued >= batch_size {
+            export(exporter, direct.as_deref_mut(), std::mem::take(&mut batch));
             pass(shared, at, end, mark);
         }
         true
@@ -797,9 +864,7 @@ fn drain_segment<E: SpanExporter>(
     if let Err(error) = outcome {
         eprintln!("span spool: could not read segment {}: {error}", at.segment);
     }
-    if !batch.is_empty() {
-        export(exporter, batch);
-    }
+    export(exporter, direct, batch);
     pass(shared, at, read_to, mark);
 }
 
@@ -862,10 +927,27 @@ fn read_from(file: &File, offset: u64, limit: usize) -> std::io::Result<Vec<u8>>
     Ok(bytes)
 }
 
-fn export<E: SpanExporter>(exporter: &E, batch: Vec<SpanData>) {
-    // Failures are counted by the exporter wrapper ([`super::export::GuardedExporter`]) and the batch is
-    // dropped, as the batch processor does: a collector that refuses a batch would refuse it again.
-    let _ = futures::executor::block_on(exporter.export(batch));
+/// Sends what is queued: the direct path's request, or `batch` through the exporter.
+fn export<E: SpanExporter>(exporter: &E, direct: Option<&mut DirectState>, batch: Vec<SpanData>) {
+    // Failures are counted (by [`DirectState::send`], or by the exporter wrapper
+    // [`super::export::GuardedExporter`]) and the batch is dropped, as the batch processor does: a collector
+    // that refuses a batch would refuse it again.
+    if let Some(direct) = direct {
+        direct.send();
+    }
+    if !batch.is_empty() {
+        let _ = futures::executor::block_on(exporter.export(batch));
+    }
+}
+
+/// A resource's attributes in the records' own encoding (what the spool keeps beside it, and what
+/// [`otlp::Request::new`] reads).
+fn encode_resource(resource: &Resource) -> Vec<u8> {
+    let attributes: Vec<KeyValue> = resource
+        .iter()
+        .map(|(key, value)| KeyValue::new(key.clone(), value.clone()))
+        .collect();
+    codec::encode_attributes(&attributes)
 }
 
 /// Exports and removes the spools under `root` whose owner has died.
@@ -1114,7 +1196,8 @@ mod tests {
             move || Some(exporter.clone())
         };
         let settings = Settings { delay, batch: 512 };
-        let processor = SpoolProcessor::start(root, service, exporter, make, settings).unwrap();
+        let processor =
+            SpoolProcessor::start(root, service, exporter, make, settings, None).unwrap();
         SdkTracerProvider::builder()
             .with_resource(
                 Resource::builder_empty()
@@ -1432,6 +1515,175 @@ mod tests {
         assert!(spans.iter().all(|(service, _)| service == "alone"));
         provider.shutdown().unwrap();
         assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    /// An OTLP/HTTP receiver on a port of its own: it decodes every request's body (protobuf), keeps the
+    /// spans with their resource's `service.name`, and answers `status` (200 unless told otherwise).
+    struct Receiver {
+        url: String,
+        spans: Arc<Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>,
+        requests: Arc<AtomicU64>,
+    }
+
+    fn receiver(status: u16) -> Receiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        use std::io::Read;
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (kept, counted) = (spans.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let (kept, counted) = (kept.clone(), counted.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream);
+                    loop {
+                        let (mut length, mut line) = (0, String::new());
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        assert!(line.starts_with("POST /v1/traces "), "{line}");
+                        loop {
+                            line.clear();
+                            reader.read_line(&mut line).unwrap();
+                            let lower = line.to_ascii_lowercase();
+                            if let Some(value) = lower.strip_prefix("content-length:") {
+                                length = value.trim().parse().unwrap();
+                            }
+                            if lower.starts_with("content-type:") {
+                                assert_eq!(lower.trim(), "content-type: application/x-protobuf");
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        reader.read_exact(&mut body).unwrap();
+                        let request = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+                        counted.fetch_add(1, Ordering::Relaxed);
+                        if status == 200 {
+                            for resource_spans in request.resource_spans {
+                                let service = resource_spans
+                                    .resource
+                                    .iter()
+                                    .flat_map(|resource| &resource.attributes)
+                                    .find(|attribute| attribute.key == "service.name")
+                                    .and_then(|attribute| attribute.value.clone())
+                                    .and_then(|value| value.value)
+                                    .map(|value| format!("{value:?}"))
+                                    .unwrap_or_default();
+                                let mut kept = kept.lock().unwrap();
+                                for scope in resource_spans.scope_spans {
+                                    kept.extend(
+                                        scope.spans.into_iter().map(|span| (service.clone(), span)),
+                                    );
+                                }
+                            }
+                        }
+                        let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                        reader.get_mut().write_all(answer.as_bytes()).unwrap();
+                    }
+                });
+            }
+        });
+        Receiver {
+            url,
+            spans,
+            requests,
+        }
+    }
+
+    fn direct_provider(
+        root: &Path,
+        url: &str,
+        counts: &Arc<ExportCounts>,
+        batch: usize,
+    ) -> SdkTracerProvider {
+        let direct = Direct {
+            http: OtlpHttp::to(url).unwrap(),
+            counts: counts.clone(),
+            value_limit: 8,
+        };
+        let settings = Settings {
+            delay: Duration::from_secs(3600),
+            batch,
+        };
+        let exporter = Collect::default();
+        let make = || None::<Collect>;
+        let processor =
+            SpoolProcessor::start(root, "direct", exporter, make, settings, Some(direct)).unwrap();
+        SdkTracerProvider::builder()
+            .with_resource(
+                Resource::builder_empty()
+                    .with_service_name("direct")
+                    .build(),
+            )
+            .with_span_processor(processor)
+            .build()
+    }
+
+    #[test]
+    fn the_direct_path_posts_every_span_once_as_otlp_under_the_resource_in_batches() {
+        let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
+        let receiver = receiver(200);
+        let counts = Arc::new(ExportCounts::default());
+        let provider = direct_provider(&root, &receiver.url, &counts, 4);
+        let tracer = provider.tracer("test");
+        let request = Context::new().with_span(tracer.start("request"));
+        let request_id = request.span().span_context().span_id();
+        for step in 0..9 {
+            let mut span = tracer.start_with_context("step", &request);
+            span.set_attribute(KeyValue::new(
+                "text",
+                format!("{step} is longer than eight"),
+            ));
+            span.end();
+        }
+        request.span().end();
+        provider.force_flush().unwrap();
+        let spans = receiver.spans.lock().unwrap().clone();
+        assert_eq!(spans.len(), 10);
+        // Batches of 4: 10 spans in 3 requests.
+        assert_eq!(receiver.requests.load(Ordering::Relaxed), 3);
+        assert_eq!(counts.exported.load(Ordering::Relaxed), 10);
+        assert!(
+            spans
+                .iter()
+                .all(|(service, _)| service == "StringValue(\"direct\")")
+        );
+        let ids: HashSet<Vec<u8>> = spans.iter().map(|(_, span)| span.span_id.clone()).collect();
+        assert_eq!(ids.len(), 10, "every span once");
+        for (_, span) in spans.iter().filter(|(_, span)| span.name == "step") {
+            assert_eq!(span.parent_span_id, request_id.to_bytes());
+            let text = span.attributes.iter().find(|kv| kv.key == "text").unwrap();
+            let value = text.value.clone().unwrap().value.unwrap();
+            // Cut at the value length limit (8 here).
+            assert!(format!("{value:?}").contains("is lon\""), "{value:?}");
+        }
+        provider.shutdown().unwrap();
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_refused_request_is_counted_as_failed_spans() {
+        let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
+        let receiver = receiver(503);
+        let counts = Arc::new(ExportCounts::default());
+        let provider = direct_provider(&root, &receiver.url, &counts, 512);
+        let tracer = provider.tracer("test");
+        tracer.start("alone").end();
+        tracer.start("alone").end();
+        provider.force_flush().unwrap();
+        assert_eq!(receiver.requests.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.failed.load(Ordering::Relaxed), 2);
+        assert_eq!(counts.exported.load(Ordering::Relaxed), 0);
+        provider.shutdown().unwrap();
         let _ = fs::remove_dir_all(&root);
     }
 }
