@@ -23,10 +23,14 @@ const DEFAULT_ENDPOINT: &str = "http://localhost:4318/v1/traces";
 /// The default request timeout (the specification's).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why the exporter could not be built.
+/// Why the OTLP/HTTP client could not be built.
 #[derive(Debug, thiserror::Error)]
-#[error("could not build the OTLP/HTTP client: {0}")]
-pub struct BuildError(#[from] reqwest::Error);
+pub enum BuildError {
+    #[error("could not build the OTLP/HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("building the OTLP/HTTP client panicked")]
+    Panicked,
+}
 
 /// A blocking OTLP/HTTP client for trace export requests. Used on the spool's export thread only.
 #[derive(Debug, Clone)]
@@ -87,10 +91,17 @@ impl OtlpHttp {
             USER_AGENT,
             HeaderValue::from_static(concat!("tracehop-span-spool/", env!("CARGO_PKG_VERSION"))),
         );
-        let client = reqwest::blocking::Client::builder()
-            .default_headers(headers)
-            .timeout(timeout)
-            .build()?;
+        crate::http::client::install_crypto_provider();
+        // Built on a thread of its own: building waits for the client's runtime thread, which a blocking
+        // client may not do from inside an async runtime (the services call `init` from theirs).
+        let client = std::thread::spawn(move || {
+            reqwest::blocking::Client::builder()
+                .default_headers(headers)
+                .timeout(timeout)
+                .build()
+        })
+        .join()
+        .map_err(|_| BuildError::Panicked)??;
         Ok(Self { client, endpoint })
     }
 
@@ -163,7 +174,22 @@ fn percent_decode(text: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    #[test]
+    fn the_client_is_built_from_inside_an_async_runtime_as_the_services_build_it() {
+        // A blocking client built on the runtime's own thread panics in debug builds (the services call
+        // `init` from their async `main`).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let client = runtime.block_on(async { OtlpHttp::to("http://127.0.0.1:9/v1/traces") });
+        assert!(client.is_ok());
+        // And it is usable (and dropped) off the runtime, as on the spool's export thread.
+        assert!(client.unwrap().send(Vec::new()).is_err());
+    }
 
     #[test]
     fn the_endpoint_is_the_traces_one_as_given_else_the_base_one_with_the_traces_path() {
