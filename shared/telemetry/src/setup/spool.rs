@@ -424,9 +424,7 @@ impl DirectState {
         if spans == 0 {
             return;
         }
-        let mut body = Vec::new();
-        self.request.take(&mut body);
-        let outcome = self.direct.http.send(body);
+        let outcome = self.direct.http.send(self.request.take());
         self.direct.counts.record(spans as u64, outcome.is_ok());
     }
 }

@@ -24,19 +24,22 @@ const FIXED32: u8 = 5;
 const HAS_IS_REMOTE: u32 = 0x100;
 const IS_REMOTE: u32 = 0x200;
 
-/// An export request being built, a record at a time.
+/// An export request being built, a record at a time, in one buffer: nothing of it is kept between requests
+/// but the resource (the export thread holds at most the batch being filled).
 pub(crate) struct Request {
-    /// The `ResourceSpans` message so far (resource, then the closed `ScopeSpans`).
-    resource_spans: Vec<u8>,
-    /// The open `ScopeSpans`: its scope's encoding (to compare the next record's with), its schema URL, and
-    /// its content so far.
+    /// The `Resource` field every request begins with (its key, length and attributes).
+    resource: Vec<u8>,
+    /// The `ResourceSpans` content so far: the resource, then the `ScopeSpans` fields.
+    body: Vec<u8>,
+    /// Where the open `ScopeSpans`' content begins in `body` (a one-byte length placeholder just before it),
+    /// and its scope's encoding and schema URL, which the next record's are compared with.
+    open_scope: Option<usize>,
     scope: Vec<u8>,
     schema_url: Vec<u8>,
-    scope_spans: Vec<u8>,
-    /// Scratch: the record being read's scope and span.
+    /// Scratch: the record being read's span, scope and schema URL.
+    span: Vec<u8>,
     next_scope: Vec<u8>,
     next_schema_url: Vec<u8>,
-    span: Vec<u8>,
     spans: usize,
     value_limit: usize,
 }
@@ -45,7 +48,6 @@ impl Request {
     /// An empty request under the resource whose attributes `resource` holds (in the spool's own encoding,
     /// [`super::codec::encode_attributes`]).
     pub(crate) fn new(resource: &[u8], value_limit: usize) -> Self {
-        let mut resource_spans = Vec::with_capacity(64 * 1024);
         let mut reader = Reader {
             bytes: resource,
             at: 0,
@@ -55,15 +57,17 @@ impl Request {
         if put_attributes(&mut attributes, &mut reader, 1, usize::MAX).is_none() {
             attributes.clear();
         }
-        put_bytes(&mut resource_spans, 1, &attributes);
+        let mut field = Vec::new();
+        put_bytes(&mut field, 1, &attributes);
         Self {
-            resource_spans,
+            body: field.clone(),
+            resource: field,
+            open_scope: None,
             scope: Vec::new(),
             schema_url: Vec::new(),
-            scope_spans: Vec::new(),
+            span: Vec::new(),
             next_scope: Vec::new(),
             next_schema_url: Vec::new(),
-            span: Vec::new(),
             spans: 0,
             value_limit,
         }
@@ -94,62 +98,62 @@ impl Request {
         if read.is_none() {
             return false;
         }
-        if self.spans == 0
+        if self.open_scope.is_none()
             || self.next_scope != self.scope
             || self.next_schema_url != self.schema_url
         {
             self.close_scope();
             std::mem::swap(&mut self.scope, &mut self.next_scope);
             std::mem::swap(&mut self.schema_url, &mut self.next_schema_url);
-            put_bytes(&mut self.scope_spans, 1, &self.scope);
+            put_key(&mut self.body, 2, LEN);
+            self.body.push(0);
+            self.open_scope = Some(self.body.len());
+            put_bytes(&mut self.body, 1, &self.scope);
         }
-        put_bytes(&mut self.scope_spans, 2, &self.span);
+        put_bytes(&mut self.body, 2, &self.span);
         self.spans += 1;
         true
     }
 
     fn close_scope(&mut self) {
-        if self.scope_spans.is_empty() {
-            return;
+        if let Some(start) = self.open_scope.take() {
+            if !self.schema_url.is_empty() {
+                put_bytes(&mut self.body, 3, &self.schema_url);
+            }
+            set_length(&mut self.body, start - 1);
         }
-        if !self.schema_url.is_empty() {
-            put_bytes(&mut self.scope_spans, 3, &self.schema_url);
-        }
-        put_bytes(&mut self.resource_spans, 2, &self.scope_spans);
-        self.scope_spans.clear();
     }
 
-    /// The encoded `ExportTraceServiceRequest`. The request is left empty, under the same resource, for
-    /// the next batch.
-    pub(crate) fn take(&mut self, body: &mut Vec<u8>) {
+    /// The encoded `ExportTraceServiceRequest`; the request starts again empty, under the same resource.
+    pub(crate) fn take(&mut self) -> Vec<u8> {
         self.close_scope();
-        body.clear();
-        put_bytes(body, 1, &self.resource_spans);
-        // Keep the resource (its field comes first), drop the spans.
-        let resource_end = resource_field_end(&self.resource_spans);
-        self.resource_spans.truncate(resource_end);
         self.spans = 0;
+        let mut body = std::mem::replace(&mut self.body, self.resource.clone());
+        // The `ResourceSpans` field's key and length in front: the one move of the whole request.
+        body.splice(0..0, [(1 << 3) | LEN, 0]);
+        set_length(&mut body, 1);
+        body
     }
 }
 
-/// Where the resource field (the first one, written by [`Request::new`]) ends in a `ResourceSpans`.
-fn resource_field_end(resource_spans: &[u8]) -> usize {
-    let mut at = 1;
-    let length = read_varint(resource_spans, &mut at).unwrap_or(0);
-    at + usize::try_from(length).unwrap_or(0)
-}
-
-fn read_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
-    let mut value = 0_u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *bytes.get(*at)?;
-        *at += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
+/// Writes the length of what follows the one-byte placeholder at `at` (to the end of `out`) into it, moving
+/// that content along when the length takes more than one byte.
+fn set_length(out: &mut Vec<u8>, at: usize) {
+    let length = out.len() - at - 1;
+    if length < 0x80 {
+        out[at] = length as u8;
+        return;
     }
-    None
+    let mut prefix = [0_u8; 10];
+    let mut used = 0;
+    let mut rest = length as u64;
+    while rest >= 0x80 {
+        prefix[used] = (rest as u8 & 0x7f) | 0x80;
+        rest >>= 7;
+        used += 1;
+    }
+    prefix[used] = rest as u8;
+    out.splice(at..=at, prefix[..=used].iter().copied());
 }
 
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -184,7 +188,7 @@ fn put_uint(out: &mut Vec<u8>, field: u32, value: u64) {
 
 /// A length-delimited field whose content `write` appends; its length is put in front once known. One byte
 /// is kept for it, enough for the usual content (under 128 bytes: a key-value, a value); a longer content is
-/// moved along to make room.
+/// moved along to make room ([`set_length`]).
 fn put_message(
     out: &mut Vec<u8>,
     field: u32,
@@ -194,21 +198,7 @@ fn put_message(
     let at = out.len();
     out.push(0);
     write(out)?;
-    let length = out.len() - at - 1;
-    if length < 0x80 {
-        out[at] = length as u8;
-    } else {
-        let mut prefix = [0_u8; 10];
-        let mut used = 0;
-        let mut rest = length as u64;
-        while rest >= 0x80 {
-            prefix[used] = (rest as u8 & 0x7f) | 0x80;
-            rest >>= 7;
-            used += 1;
-        }
-        prefix[used] = rest as u8;
-        out.splice(at..=at, prefix[..=used].iter().copied());
-    }
+    set_length(out, at);
     Some(())
 }
 
@@ -509,8 +499,7 @@ mod tests {
             assert!(request.push(payload));
         }
         assert_eq!(request.len(), spans.len());
-        let mut body = Vec::new();
-        request.take(&mut body);
+        let body = request.take();
         assert_eq!(request.len(), 0);
         sorted(ExportTraceServiceRequest::decode(body.as_slice()).unwrap())
     }
@@ -612,8 +601,7 @@ mod tests {
         }
         assert_eq!(request.len(), 0);
         assert!(request.push(payload));
-        let mut body = Vec::new();
-        request.take(&mut body);
+        let body = request.take();
         let decoded = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
         assert_eq!(decoded.resource_spans[0].scope_spans[0].spans.len(), 1);
     }
