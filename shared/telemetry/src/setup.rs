@@ -490,9 +490,10 @@ fn sdk_disabled() -> bool {
 fn protocol() -> String {
     std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        // The specification's default. It is also the lighter one here: the HTTP exporter runs on the span
+        // The specification's default. It is also the lighter one here: with the spool its requests are
+        // written straight from the records (BENCHMARKS.md, section 17), its client runs beside the span
         // export thread, where gRPC's connection runs on the service's own runtime, and each service holds
-        // less memory with it (BENCHMARKS.md, section 12; no CPU difference could be measured).
+        // less memory with it (section 12).
         .unwrap_or_else(|_| "http/protobuf".to_owned())
 }
 
