@@ -270,6 +270,82 @@ fn put_attributes<'a>(out: &mut Vec<u8>, attributes: impl ExactSizeIterator<Item
     }
 }
 
+/// A span with something of every kind a record holds (every value type, long values, an event, a link),
+/// for the tests of the record format and of what it becomes.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(super) fn test_span(
+    name: &'static str,
+    scope: &'static str,
+    kind: SpanKind,
+    status: Status,
+) -> SpanData {
+    let context = SpanContext::new(
+        TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::SAMPLED,
+        false,
+        "congo=t61rcWkgMzE".parse().unwrap(),
+    );
+    let mut events = SpanEvents::default();
+    events.events.push(Event::new(
+        "exception",
+        UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
+        vec![
+            KeyValue::new("exception.message", "boom"),
+            KeyValue::new("zero", 0_i64),
+        ],
+        1,
+    ));
+    events.dropped_count = 2;
+    let mut links = SpanLinks::default();
+    let remote = SpanContext::new(
+        TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+        SpanId::from_hex("b7ad6b7169203331").unwrap(),
+        TraceFlags::default(),
+        true,
+        Default::default(),
+    );
+    links
+        .links
+        .push(Link::new(remote, vec![KeyValue::new("n", -3_i64)], 0));
+    SpanData {
+        span_context: context,
+        parent_span_id: SpanId::from_hex("b7ad6b7169203331").unwrap(),
+        parent_span_is_remote: true,
+        span_kind: kind,
+        name: Cow::Borrowed(name),
+        start_time: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_001),
+        end_time: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_200_000_002),
+        attributes: vec![
+            KeyValue::new("b", true),
+            KeyValue::new("f", false),
+            KeyValue::new("i", -7_i64),
+            KeyValue::new("d", 0.25),
+            KeyValue::new("s", "text é"),
+            KeyValue::new("empty", ""),
+            // Longer than 127 bytes: its length takes two bytes, 17 000 three.
+            KeyValue::new("long", "é".repeat(100)),
+            KeyValue::new("longer", "x".repeat(17_000)),
+            KeyValue::new("ab", Value::Array(Array::Bool(vec![true, false]))),
+            KeyValue::new("ai", Value::Array(Array::I64(vec![1, -2, 0]))),
+            KeyValue::new("af", Value::Array(Array::F64(vec![1.5]))),
+            KeyValue::new(
+                "as",
+                Value::Array(Array::String(vec!["x".into(), "".into()])),
+            ),
+        ],
+        dropped_attributes_count: 4,
+        events,
+        links,
+        status,
+        instrumentation_scope: InstrumentationScope::builder(scope)
+            .with_version("1.2.3")
+            .with_attributes([KeyValue::new("scope.attr", "v")])
+            .build(),
+    }
+}
+
 /// Reads a payload field after field; every read checks what is left (a damaged record fails, never panics).
 pub(super) struct Reader<'a> {
     pub(super) bytes: &'a [u8],
@@ -367,57 +443,12 @@ mod tests {
     use super::*;
 
     fn sample() -> SpanData {
-        let context = SpanContext::new(
-            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
-            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
-            TraceFlags::SAMPLED,
-            false,
-            "congo=t61rcWkgMzE".parse().unwrap(),
-        );
-        let mut events = SpanEvents::default();
-        events.events.push(Event::new(
-            "exception",
-            UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
-            vec![KeyValue::new("exception.message", "boom")],
-            1,
-        ));
-        events.dropped_count = 2;
-        let mut links = SpanLinks::default();
-        links.links.push(Link::new(
-            context.clone(),
-            vec![KeyValue::new("n", 3_i64)],
-            0,
-        ));
-        SpanData {
-            span_context: context,
-            parent_span_id: SpanId::from_hex("b7ad6b7169203331").unwrap(),
-            parent_span_is_remote: true,
-            span_kind: SpanKind::Consumer,
-            name: Cow::Borrowed("process order.completed"),
-            start_time: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_001),
-            end_time: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_200_000_002),
-            attributes: vec![
-                KeyValue::new("b", true),
-                KeyValue::new("i", -7_i64),
-                KeyValue::new("f", 0.25),
-                KeyValue::new("s", "text é"),
-                KeyValue::new("ab", Value::Array(Array::Bool(vec![true, false]))),
-                KeyValue::new("ai", Value::Array(Array::I64(vec![1, -2]))),
-                KeyValue::new("af", Value::Array(Array::F64(vec![1.5]))),
-                KeyValue::new(
-                    "as",
-                    Value::Array(Array::String(vec!["x".into(), "y".into()])),
-                ),
-            ],
-            dropped_attributes_count: 4,
-            events,
-            links,
-            status: Status::error("it broke"),
-            instrumentation_scope: InstrumentationScope::builder("tracehop")
-                .with_version("1.2.3")
-                .with_attributes([KeyValue::new("scope.attr", "v")])
-                .build(),
-        }
+        test_span(
+            "process order.completed",
+            "tracehop",
+            SpanKind::Consumer,
+            Status::error("it broke"),
+        )
     }
 
     #[test]

@@ -338,10 +338,26 @@ fn put_attributes(
     Some(())
 }
 
-/// One value of the record as an `AnyValue`'s content. The field is written even when its value is the
-/// default (`false`, `0`, `""`): it is a `oneof`, whose presence is the value's type.
+/// One value of the record as an `AnyValue`'s content: a scalar (kinds 0 to 3) or an array of them (4 to 7,
+/// the scalar's kind plus 4).
 fn put_value(out: &mut Vec<u8>, reader: &mut Reader<'_>, limit: usize) -> Option<()> {
     match reader.u8()? {
+        kind @ 0..=3 => put_scalar(out, kind, reader, limit),
+        kind @ 4..=7 => put_message(out, 5, |array| {
+            for _ in 0..reader.u32()? {
+                put_message(array, 1, |item| put_scalar(item, kind - 4, reader, limit))?;
+            }
+            Some(())
+        }),
+        _ => None,
+    }
+}
+
+/// A scalar of the record's `kind` (0 bool, 1 int, 2 double, 3 string) as an `AnyValue`'s content. The field
+/// is written even when its value is the default (`false`, `0`, `""`): it is a `oneof`, whose presence is
+/// the value's type.
+fn put_scalar(out: &mut Vec<u8>, kind: u8, reader: &mut Reader<'_>, limit: usize) -> Option<()> {
+    match kind {
         0 => {
             put_key(out, 2, VARINT);
             put_varint(out, u64::from(reader.u8()? != 0));
@@ -355,36 +371,7 @@ fn put_value(out: &mut Vec<u8>, reader: &mut Reader<'_>, limit: usize) -> Option
             put_key(out, 4, FIXED64);
             out.extend_from_slice(&reader.array::<8>()?);
         }
-        3 => {
-            let text = read_str(reader, limit)?;
-            put_bytes(out, 1, text.as_bytes());
-        }
-        kind @ 4..=7 => {
-            put_message(out, 5, |array| {
-                for _ in 0..reader.u32()? {
-                    put_message(array, 1, |item| {
-                        match kind {
-                            4 => {
-                                put_key(item, 2, VARINT);
-                                put_varint(item, u64::from(reader.u8()? != 0));
-                            }
-                            5 => {
-                                put_key(item, 3, VARINT);
-                                put_varint(item, i64::from_le_bytes(reader.array()?) as u64);
-                            }
-                            6 => {
-                                put_key(item, 4, FIXED64);
-                                item.extend_from_slice(&reader.array::<8>()?);
-                            }
-                            _ => put_bytes(item, 1, read_str(reader, limit)?.as_bytes()),
-                        }
-                        Some(())
-                    })?;
-                }
-                Some(())
-            })?;
-        }
-        _ => return None,
+        _ => put_bytes(out, 1, read_str(reader, limit)?.as_bytes()),
     }
     Some(())
 }
@@ -393,89 +380,17 @@ fn put_value(out: &mut Vec<u8>, reader: &mut Reader<'_>, limit: usize) -> Option
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::borrow::Cow;
-    use std::time::{Duration, UNIX_EPOCH};
-
-    use opentelemetry::trace::{
-        Event, Link, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId,
-    };
-    use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
+    use opentelemetry::trace::{SpanKind, Status};
+    use opentelemetry::{Array, KeyValue, Value};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
     use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
     use opentelemetry_sdk::Resource;
-    use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+    use opentelemetry_sdk::trace::SpanData;
     use prost::Message;
 
-    use super::super::codec::{self, Kind};
+    use super::super::codec::{self, Kind, test_span};
     use super::*;
-
-    fn span(name: &'static str, scope: &'static str, kind: SpanKind, status: Status) -> SpanData {
-        let context = SpanContext::new(
-            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
-            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
-            TraceFlags::SAMPLED,
-            false,
-            "congo=t61rcWkgMzE".parse().unwrap(),
-        );
-        let mut events = SpanEvents::default();
-        events.events.push(Event::new(
-            "exception",
-            UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
-            vec![
-                KeyValue::new("exception.message", "boom"),
-                KeyValue::new("zero", 0_i64),
-            ],
-            1,
-        ));
-        events.dropped_count = 2;
-        let mut links = SpanLinks::default();
-        let remote = SpanContext::new(
-            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
-            SpanId::from_hex("b7ad6b7169203331").unwrap(),
-            TraceFlags::default(),
-            true,
-            Default::default(),
-        );
-        links
-            .links
-            .push(Link::new(remote, vec![KeyValue::new("n", -3_i64)], 0));
-        SpanData {
-            span_context: context,
-            parent_span_id: SpanId::from_hex("b7ad6b7169203331").unwrap(),
-            parent_span_is_remote: true,
-            span_kind: kind,
-            name: Cow::Borrowed(name),
-            start_time: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_001),
-            end_time: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_200_000_002),
-            attributes: vec![
-                KeyValue::new("b", true),
-                KeyValue::new("f", false),
-                KeyValue::new("i", -7_i64),
-                KeyValue::new("d", 0.25),
-                KeyValue::new("s", "text é"),
-                KeyValue::new("empty", ""),
-                // Longer than 127 bytes: its length takes two bytes, 17 000 three.
-                KeyValue::new("long", "é".repeat(100)),
-                KeyValue::new("longer", "x".repeat(17_000)),
-                KeyValue::new("ab", Value::Array(Array::Bool(vec![true, false]))),
-                KeyValue::new("ai", Value::Array(Array::I64(vec![1, -2, 0]))),
-                KeyValue::new("af", Value::Array(Array::F64(vec![1.5]))),
-                KeyValue::new(
-                    "as",
-                    Value::Array(Array::String(vec!["x".into(), "".into()])),
-                ),
-            ],
-            dropped_attributes_count: 4,
-            events,
-            links,
-            status,
-            instrumentation_scope: InstrumentationScope::builder(scope)
-                .with_version("1.2.3")
-                .with_attributes([KeyValue::new("scope.attr", "v")])
-                .build(),
-        }
-    }
 
     fn resource() -> Resource {
         Resource::builder_empty()
@@ -532,7 +447,7 @@ mod tests {
             (SpanKind::Consumer, Status::error("")),
         ];
         for (kind, status) in kinds {
-            let spans = vec![span("one", "tracehop", kind, status)];
+            let spans = vec![test_span("one", "tracehop", kind, status)];
             assert_eq!(transcoded(&spans, usize::MAX), expected(spans));
         }
     }
@@ -541,8 +456,8 @@ mod tests {
     fn spans_of_one_scope_share_a_scope_spans_and_the_request_starts_again_empty() {
         let unset = || Status::Unset;
         let spans = vec![
-            span("a", "tracehop", SpanKind::Server, unset()),
-            span("b", "tracehop", SpanKind::Client, unset()),
+            test_span("a", "tracehop", SpanKind::Server, unset()),
+            test_span("b", "tracehop", SpanKind::Client, unset()),
         ];
         let request = transcoded(&spans, usize::MAX);
         assert_eq!(request, expected(spans));
@@ -550,9 +465,9 @@ mod tests {
 
         // Two scopes, in runs: one `ScopeSpans` per run, in order.
         let spans = vec![
-            span("a", "tracehop", SpanKind::Server, unset()),
-            span("b", "other", SpanKind::Client, unset()),
-            span("c", "other", SpanKind::Client, unset()),
+            test_span("a", "tracehop", SpanKind::Server, unset()),
+            test_span("b", "other", SpanKind::Client, unset()),
+            test_span("c", "other", SpanKind::Client, unset()),
         ];
         let request = transcoded(&spans, usize::MAX);
         let scopes: Vec<(&str, usize)> = request.resource_spans[0]
@@ -572,7 +487,7 @@ mod tests {
 
     #[test]
     fn string_values_and_the_status_message_are_cut_at_the_limit() {
-        let mut long = span("a", "tracehop", SpanKind::Server, Status::error("éééé"));
+        let mut long = test_span("a", "tracehop", SpanKind::Server, Status::error("éééé"));
         long.attributes = vec![
             KeyValue::new("s", "ééé"),
             KeyValue::new("as", Value::Array(Array::String(vec!["abcdef".into()]))),
@@ -592,7 +507,7 @@ mod tests {
         codec::push_record(
             &mut record,
             Kind::Ended,
-            &span("a", "tracehop", SpanKind::Server, Status::Unset),
+            &test_span("a", "tracehop", SpanKind::Server, Status::Unset),
         );
         let (_, payload, _) = codec::next_record(&record).unwrap();
         let mut request = Request::new(&[], usize::MAX);
