@@ -115,8 +115,12 @@ impl OtlpHttp {
             .send()
             .map_err(|error| error.to_string())?;
         let status = response.status();
-        // Read to the end, so the connection can carry the next request.
-        let _ = response.bytes();
+        // Read to the end, so the connection can carry the next request; an answer is a few bytes (a
+        // partial success at most), and no more than 64 KiB of it is read.
+        let _ = std::io::copy(
+            &mut std::io::Read::take(response, 64 * 1024),
+            &mut std::io::sink(),
+        );
         if status.is_success() {
             Ok(())
         } else {
