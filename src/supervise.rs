@@ -195,7 +195,7 @@ pub async fn supervise(stack: &mut Stack, interrupt: &Interrupt, status_path: &P
                 continue;
             };
             record.restarting = false;
-            match started {
+            let back = match started {
                 Ok(()) => {
                     record.restarts += 1;
                     record.since = SystemTime::now();
@@ -203,15 +203,23 @@ pub async fn supervise(stack: &mut Stack, interrupt: &Interrupt, status_path: &P
                         .service(name)
                         .and_then(|p| p.pid())
                         .unwrap_or_default();
-                    say(&format!(
+                    Some(format!(
                         "{name} is back (pid {pid}, restart {})",
                         record.restarts
-                    ));
+                    ))
                 }
                 // Its exit is seen again on the next round and counted as one more crash.
-                Err(error) => eprintln!("!!! {name} did not come back: {error:#}"),
-            }
+                Err(error) => {
+                    eprintln!("!!! {name} did not come back: {error:#}");
+                    None
+                }
+            };
+            // The status file first: whoever reads "is back" and then asks `stack status` sees it running
+            // (it used to see "restarting" for the moment in between).
             write_status(stack, &watched, status_path);
+            if let Some(back) = back {
+                say(&back);
+            }
             say(&status_line(&watched));
         }
     }
