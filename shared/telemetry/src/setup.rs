@@ -131,9 +131,10 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
         Ok(dir) if !dir.trim().is_empty() => Some(Spool {
             dir: dir.into(),
             make_exporter: Box::new(|| span_exporter().ok()),
-            // OTLP/HTTP (the default protocol) is sent straight from the spool's records.
+            // OTLP/HTTP (the default protocol) is sent straight from the spool's records. (Nothing is sent
+            // with OTEL_SDK_DISABLED: no client then.)
             direct: match protocol().trim() {
-                "http/protobuf" => Some(otlp_http::OtlpHttp::from_env()?),
+                "http/protobuf" if exporter.is_some() => Some(otlp_http::OtlpHttp::from_env()?),
                 _ => None,
             },
         }),
