@@ -129,7 +129,8 @@ impl Request {
         self.close_scope();
         self.spans = 0;
         let mut body = std::mem::replace(&mut self.body, self.resource.clone());
-        // The `ResourceSpans` field's key and length in front: the one move of the whole request.
+        // The `ResourceSpans` field's key and length in front. With the `ScopeSpans` length put in front of
+        // its content by `close_scope`, that is two moves of the batch per request, none per span.
         body.splice(0..0, [(1 << 3) | LEN, 0]);
         set_length(&mut body, 1);
         body
