@@ -42,19 +42,28 @@ pub struct ExportCounts {
 }
 
 impl ExportCounts {
-    /// Counts `spans` exported, or failed (logging the first failure, then one line per ~10 000 lost spans:
-    /// visible, never a flood).
-    pub(super) fn record(&self, spans: u64, exported: bool) {
-        if exported {
-            self.exported.fetch_add(spans, Ordering::Relaxed);
+    /// Counts `spans` the collector took.
+    pub(super) fn exported(&self, spans: u64) {
+        self.exported.fetch_add(spans, Ordering::Relaxed);
+    }
+
+    /// Counts `spans` that did not reach the collector, or that it refused, and why: the first failure is
+    /// logged with its reason, then one line per ~10 000 lost spans (visible, never a flood).
+    pub(super) fn failed(&self, spans: u64, reason: &str) {
+        if spans == 0 {
             return;
         }
         let before = self.failed.fetch_add(spans, Ordering::Relaxed);
         if before == 0 || before / 10_000 != (before + spans) / 10_000 {
-            eprintln!(
-                "{{\"level\":\"WARN\",\"target\":\"tracehop_telemetry::setup\",\"message\":\"span export failed; spans are being dropped\",\"fields\":{{\"failed_spans_total\":{}}}}}",
-                before + spans
-            );
+            // Straight to stderr, in the JSON logs' shape: this runs on the export thread, where a `tracing`
+            // event could be exported in turn.
+            let line = serde_json::json!({
+                "level": "WARN",
+                "target": "tracehop_telemetry::setup",
+                "message": "span export failed; spans are being dropped",
+                "fields": {"failed_spans_total": before + spans, "reason": reason},
+            });
+            eprintln!("{line}");
         }
     }
 }
@@ -74,7 +83,10 @@ impl<E: SpanExporter> SpanExporter for GuardedExporter<E> {
         }
         let size = batch.len() as u64;
         let outcome = self.inner.export(batch).await;
-        self.counts.record(size, outcome.is_ok());
+        match &outcome {
+            Ok(()) => self.counts.exported(size),
+            Err(error) => self.counts.failed(size, &error.to_string()),
+        }
         outcome
     }
 

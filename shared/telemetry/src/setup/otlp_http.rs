@@ -11,6 +11,10 @@
 //! | `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TRACES_HEADERS` | extra headers, `key=value,...` (values percent-decoded; the traces variable wins for a key both name) |
 //! | `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT` | milliseconds a request may take (default 10 000) |
 //!
+//! A collector that answers 2xx with a partial success (`rejected_spans`, `error_message`) has lost those
+//! spans: they are counted as failed, with its message as the reason, and not sent again (OTLP forbids
+//! retrying a partial success). `opentelemetry-otlp`'s exporter, on the gRPC path, does not read it.
+//!
 //! Compression is not offered, by either exporter: `opentelemetry-otlp` is built without it, and refuses to
 //! start when `OTEL_EXPORTER_OTLP_COMPRESSION` asks for it.
 
@@ -105,9 +109,10 @@ impl OtlpHttp {
         Ok(Self { client, endpoint })
     }
 
-    /// Sends one encoded `ExportTraceServiceRequest`. Err with what went wrong when the collector did not
-    /// take it (a non-2xx answer, a timeout, no connection).
-    pub(crate) fn send(&self, body: Vec<u8>) -> Result<(), String> {
+    /// Sends one encoded `ExportTraceServiceRequest`. Ok with what the collector refused of a request it
+    /// answered 2xx (its partial success); Err with what went wrong when it did not take the request (a
+    /// non-2xx answer, a timeout, no connection).
+    pub(crate) fn send(&self, body: Vec<u8>) -> Result<PartialSuccess, String> {
         let response = self
             .client
             .post(&self.endpoint)
@@ -117,16 +122,99 @@ impl OtlpHttp {
         let status = response.status();
         // Read to the end, so the connection can carry the next request; an answer is a few bytes (a
         // partial success at most), and no more than 64 KiB of it is read.
-        let _ = std::io::copy(
-            &mut std::io::Read::take(response, 64 * 1024),
-            &mut std::io::sink(),
-        );
+        let mut answer = Vec::new();
+        let _ = std::io::copy(&mut std::io::Read::take(response, 64 * 1024), &mut answer);
         if status.is_success() {
-            Ok(())
+            Ok(PartialSuccess::decode(&answer))
         } else {
             Err(format!("the collector answered {status}"))
         }
     }
+}
+
+/// The `partial_success` of an `ExportTraceServiceResponse`: the spans a collector refused although it
+/// answered 2xx, and why (OTLP: such a request is not to be retried, and the refused spans are lost).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct PartialSuccess {
+    pub(crate) rejected_spans: u64,
+    pub(crate) error_message: String,
+}
+
+impl PartialSuccess {
+    /// Reads an `ExportTraceServiceResponse` (`partial_success = 1`, in it `rejected_spans = 1` and
+    /// `error_message = 2`). An empty answer, or one that is not such a message, is a full success, as
+    /// `opentelemetry-otlp` takes it.
+    fn decode(answer: &[u8]) -> Self {
+        let mut outcome = Self::default();
+        let _ = each_field(answer, |field, value| {
+            if let (1, Field::Bytes(partial)) = (field, value) {
+                each_field(partial, |field, value| {
+                    match (field, value) {
+                        // An int64: a negative count is nonsense, and counts nothing.
+                        (1, Field::Varint(count)) => {
+                            outcome.rejected_spans = u64::try_from(count as i64).unwrap_or(0);
+                        }
+                        (2, Field::Bytes(text)) => {
+                            outcome.error_message = String::from_utf8_lossy(text).into_owned();
+                        }
+                        _ => {}
+                    }
+                    Some(())
+                })?;
+            }
+            Some(())
+        });
+        outcome
+    }
+}
+
+/// A protobuf field's value, as far as [`each_field`] reads it.
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// Calls `each` with every field of the protobuf message in `bytes` (its number and value). None when the
+/// bytes are not a message, or `each` gave up.
+fn each_field<'a>(
+    mut bytes: &'a [u8],
+    mut each: impl FnMut(u64, Field<'a>) -> Option<()>,
+) -> Option<()> {
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes)?;
+        let value = match key & 7 {
+            0 => Field::Varint(varint(&mut bytes)?),
+            1 | 5 => {
+                let width = if key & 7 == 1 { 8 } else { 4 };
+                bytes = bytes.get(width..)?;
+                Field::Fixed
+            }
+            2 => {
+                let length = usize::try_from(varint(&mut bytes)?).ok()?;
+                let (content, rest) = (bytes.get(..length)?, bytes.get(length..)?);
+                bytes = rest;
+                Field::Bytes(content)
+            }
+            _ => return None,
+        };
+        each(key >> 3, value)?;
+    }
+    Some(())
+}
+
+/// Takes one base-128 varint off the front of `bytes`.
+fn varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = bytes.split_first()?;
+        *bytes = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// The URL to post to: the traces endpoint as given, else the base endpoint with `/v1/traces` appended (one
@@ -193,6 +281,53 @@ mod tests {
         assert!(client.is_ok());
         // And it is usable (and dropped) off the runtime, as on the spool's export thread.
         assert!(client.unwrap().send(Vec::new()).is_err());
+    }
+
+    #[test]
+    fn a_partial_success_is_read_and_anything_else_is_a_full_success() {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTracePartialSuccess, ExportTraceServiceResponse,
+        };
+        use prost::Message;
+        let answer = |rejected_spans: i64, error_message: &str| {
+            ExportTraceServiceResponse {
+                partial_success: Some(ExportTracePartialSuccess {
+                    rejected_spans,
+                    error_message: error_message.to_owned(),
+                }),
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(
+            PartialSuccess::decode(&answer(300, "too many attributes")),
+            PartialSuccess {
+                rejected_spans: 300,
+                error_message: "too many attributes".to_owned()
+            }
+        );
+        // A warning: nothing refused, a message.
+        assert_eq!(
+            PartialSuccess::decode(&answer(0, "slow down")).error_message,
+            "slow down"
+        );
+        // Fields this reader does not know are skipped, wherever they are.
+        let mut with_unknown = vec![0x10, 0x96, 0x01, 0x1d, 1, 2, 3, 4];
+        with_unknown.extend(answer(7, ""));
+        with_unknown.extend([0x19, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(PartialSuccess::decode(&with_unknown).rejected_spans, 7);
+        for not_one in [
+            &b""[..],
+            b"{\"partialSuccess\":{}}",
+            &[0x0a, 0x05, 0x08],
+            &answer(-1, "negative")[..],
+        ] {
+            assert_eq!(PartialSuccess::decode(not_one).rejected_spans, 0);
+        }
+        // Cut at every byte: never a panic.
+        let whole = answer(123_456, "reason");
+        for end in 0..whole.len() {
+            let _ = PartialSuccess::decode(&whole[..end]);
+        }
     }
 
     #[test]

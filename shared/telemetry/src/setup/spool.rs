@@ -418,14 +418,28 @@ struct DirectState {
 }
 
 impl DirectState {
-    /// Sends what the request holds (if anything); the outcome is counted as the span exporter's is.
+    /// Sends what the request holds (if anything); the outcome is counted as the span exporter's is, and the
+    /// spans a collector refused in a partial success as failed.
     fn send(&mut self) {
         let spans = self.request.len();
         if spans == 0 {
             return;
         }
-        let outcome = self.direct.http.send(self.request.take());
-        self.direct.counts.record(spans as u64, outcome.is_ok());
+        let (spans, counts) = (spans as u64, &self.direct.counts);
+        match self.direct.http.send(self.request.take()) {
+            Ok(answer) => {
+                let rejected = answer.rejected_spans.min(spans);
+                counts.exported(spans - rejected);
+                counts.failed(
+                    rejected,
+                    &format!(
+                        "the collector refused {rejected} of {spans} spans: {}",
+                        answer.error_message
+                    ),
+                );
+            }
+            Err(reason) => counts.failed(spans, &reason),
+        }
     }
 }
 
@@ -1517,14 +1531,14 @@ mod tests {
     }
 
     /// An OTLP/HTTP receiver on a port of its own: it decodes every request's body (protobuf), keeps the
-    /// spans with their resource's `service.name`, and answers `status` (200 unless told otherwise).
+    /// spans with their resource's `service.name`, and answers `status` with `answer` as the body.
     struct Receiver {
         url: String,
         spans: Arc<Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>,
         requests: Arc<AtomicU64>,
     }
 
-    fn receiver(status: u16) -> Receiver {
+    fn receiver(status: u16, answer: Vec<u8>) -> Receiver {
         use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
         use prost::Message;
         use std::io::Read;
@@ -1537,7 +1551,7 @@ mod tests {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
-                let (kept, counted) = (kept.clone(), counted.clone());
+                let (kept, counted, answer) = (kept.clone(), counted.clone(), answer.clone());
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream);
                     loop {
@@ -1583,8 +1597,12 @@ mod tests {
                                 }
                             }
                         }
-                        let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
-                        reader.get_mut().write_all(answer.as_bytes()).unwrap();
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+                            answer.len()
+                        );
+                        reader.get_mut().write_all(head.as_bytes()).unwrap();
+                        reader.get_mut().write_all(&answer).unwrap();
                     }
                 });
             }
@@ -1628,7 +1646,7 @@ mod tests {
     #[test]
     fn the_direct_path_posts_every_span_once_as_otlp_under_the_resource_in_batches() {
         let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
-        let receiver = receiver(200);
+        let receiver = receiver(200, Vec::new());
         let counts = Arc::new(ExportCounts::default());
         let provider = direct_provider(&root, &receiver.url, &counts, 4);
         let tracer = provider.tracer("test");
@@ -1671,7 +1689,7 @@ mod tests {
     #[test]
     fn a_refused_request_is_counted_as_failed_spans() {
         let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
-        let receiver = receiver(503);
+        let receiver = receiver(503, Vec::new());
         let counts = Arc::new(ExportCounts::default());
         let provider = direct_provider(&root, &receiver.url, &counts, 512);
         let tracer = provider.tracer("test");
@@ -1681,6 +1699,34 @@ mod tests {
         assert_eq!(receiver.requests.load(Ordering::Relaxed), 1);
         assert_eq!(counts.failed.load(Ordering::Relaxed), 2);
         assert_eq!(counts.exported.load(Ordering::Relaxed), 0);
+        provider.shutdown().unwrap();
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_spans_a_collector_refuses_in_a_partial_success_are_counted_as_failed() {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTracePartialSuccess, ExportTraceServiceResponse,
+        };
+        use prost::Message;
+        let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
+        let answer = ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: 2,
+                error_message: "span name too long".to_owned(),
+            }),
+        };
+        let receiver = receiver(200, answer.encode_to_vec());
+        let counts = Arc::new(ExportCounts::default());
+        let provider = direct_provider(&root, &receiver.url, &counts, 512);
+        let tracer = provider.tracer("test");
+        for _ in 0..3 {
+            tracer.start("alone").end();
+        }
+        provider.force_flush().unwrap();
+        assert_eq!(receiver.requests.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.exported.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.failed.load(Ordering::Relaxed), 2);
         provider.shutdown().unwrap();
         let _ = fs::remove_dir_all(&root);
     }
