@@ -8,7 +8,8 @@
 //!
 //! The blame line names the span with the most self time on the path, the chain above it, and what its
 //! attributes say about it (an HTTP attempt that timed out and was retried, an error, or, for a PRODUCER
-//! span, that its time is the message waiting in JetStream for its deliveries).
+//! span, that its time is the message waiting in JetStream for its deliveries, or that it is a wait by design:
+//! an e-mail's sent record waiting for a claim to ride on).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -218,6 +219,14 @@ fn walk(
 }
 
 /// `10.0 s of 11.4 s: billing › stripe.create_charge › POST /v1/charges attempt 1 timed out, retried`
+/// Spans whose time is a deliberate wait, and what they wait for: the blame line says so, so that a wait by
+/// design is not read as slow code.
+const WAITS: [(&str, &str); 1] = [(
+    "notification.record_sent",
+    "waiting for the sent record's commit (it rides on the next delivery's claim, or is written alone once \
+     its linger runs out)",
+)];
+
 fn blame_line(trace: &TraceView, path: &[OnPath], end_to_end_us: u64) -> String {
     let Some(worst) = path.iter().max_by_key(|step| step.self_us) else {
         return "the trace has no spans".to_owned();
@@ -283,6 +292,8 @@ fn blame_line(trace: &TraceView, path: &[OnPath], end_to_end_us: u64) -> String 
     } else if span.is_error() {
         let kind = span.tag("error.type").unwrap_or_else(|| "error".to_owned());
         let _ = write!(what, " failed ({kind})");
+    } else if let Some((_, wait)) = WAITS.iter().find(|(name, _)| *name == span.name) {
+        let _ = write!(what, ": {wait}");
     }
     let mut line = format!(
         "{} of {}: {}",
@@ -449,6 +460,62 @@ mod tests {
         assert_eq!(why.incomplete, 1);
         assert_eq!(why.path[0].name, "POST /checkout");
         assert!(why.report().contains("incomplete"));
+    }
+
+    #[test]
+    fn a_sent_record_waiting_for_its_ride_is_blamed_as_a_wait() {
+        let view = trace(vec![
+            span("1", None, "gateway", "POST /checkout", 0, 10_000, json!([])),
+            span(
+                "2",
+                Some("1"),
+                "billing",
+                "publish order.completed",
+                5_000,
+                1_000,
+                json!([]),
+            ),
+            span(
+                "3",
+                Some("2"),
+                "notifications",
+                "notification.send_confirmation",
+                8_000,
+                25_000,
+                json!([]),
+            ),
+            span(
+                "4",
+                Some("3"),
+                "notifications",
+                "mail.send",
+                9_000,
+                1_000,
+                json!([]),
+            ),
+            span(
+                "5",
+                Some("3"),
+                "notifications",
+                "notification.record_sent",
+                10_000,
+                22_000,
+                json!([]),
+            ),
+        ]);
+        let why = Why::of(&view);
+        assert_eq!(
+            why.culprit().map(|step| step.name.as_str()),
+            Some("notification.record_sent")
+        );
+        assert!(
+            why.blame.contains(
+                "notification.send_confirmation › notification.record_sent: waiting for the sent \
+                 record's commit"
+            ),
+            "{}",
+            why.blame
+        );
     }
 
     #[test]

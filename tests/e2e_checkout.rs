@@ -18,6 +18,7 @@ fn has_everything(trace: &TraceView) -> bool {
     // The notifier's span ends once the e-mail is sent and recorded.
     [
         "notification.send_confirmation",
+        "notification.record_sent",
         "publish order.completed",
         "process order.completed",
         "POST /checkout",
@@ -291,6 +292,16 @@ async fn one_checkout_is_one_trace_across_all_four_services() {
     );
     assert_eq!(send.tag("otel.status_code").as_deref(), Some("OK"));
     assert_eq!(send.tag("order.id").as_deref(), Some(order_id.as_str()));
+    // The wait for the e-mail's sent record is a span of its own, after the sending, so that the time a
+    // record waits for a claim to ride on is not read as the sending's.
+    let mail_send = one(&trace, "mail.send");
+    let record = one(&trace, "notification.record_sent");
+    assert_eq!(
+        trace.parent(record).map(|p| &p.span_id),
+        Some(&send.span_id)
+    );
+    assert!(record.start_us >= mail_send.start_us + mail_send.duration_us);
+    assert!(record.start_us + record.duration_us <= send.start_us + send.duration_us);
 
     // The database and the mail agree.
     use tracehop_contracts::schema::notifications;

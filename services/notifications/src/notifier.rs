@@ -11,6 +11,7 @@ use tracehop_contracts::events::OrderCompleted;
 use tracehop_contracts::schema::notifications;
 use tracehop_telemetry::actor::{Traced, supervised_reply};
 use tracehop_telemetry::db::{Database, DbError, RideAlong, Riders, traced};
+use tracing::Instrument;
 
 use crate::mailer::{Email, MailError, Mailer, Sent};
 
@@ -254,20 +255,31 @@ async fn send_confirmation(
     // by the next claim of any delivery, or alone after `SENT_LINGER`; a database blip is waited out here,
     // for as long as the claim holds (less a margin), rather than given up on. The delivery is acked only
     // after this.
+    //
+    // The wait is a span of its own (`notification.record_sent`): at rest it is most of a delivery's time
+    // (no claim comes, so the record waits out the linger), and the trace must say so rather than blame the
+    // sending.
     let deadline = claimed_at + claims.lease.mul_f64(0.9);
-    let mut pause = std::time::Duration::from_millis(100);
-    loop {
-        let recorded = sent_records.commit(event.order_id).await;
-        match recorded {
-            Ok(()) => break,
-            Err(error) if std::time::Instant::now() + pause < deadline => {
-                tracing::warn!(error = error.code(), "sent, not recorded yet; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+    let record = async {
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            match sent_records.commit(event.order_id).await {
+                Ok(()) => return Ok(()),
+                Err(error) if std::time::Instant::now() + pause < deadline => {
+                    tracing::warn!(error = error.code(), "sent, not recorded yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(error) => return Err(error),
             }
-            Err(error) => return Err(error.into()),
         }
-    }
+    };
+    record
+        .instrument(tracing::info_span!(
+            "notification.record_sent",
+            order.id = %event.order_id,
+        ))
+        .await?;
     span.record("otel.status_code", "OK");
     Ok(Delivery::Sent)
 }
