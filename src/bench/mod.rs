@@ -230,7 +230,7 @@ async fn measured_run(
 }
 
 /// Span names every complete checkout trace has.
-pub const EXPECTED_SPANS: [&str; 14] = [
+pub const EXPECTED_SPANS: [&str; 15] = [
     "POST /checkout",
     "checkout.process",
     "session.validate",
@@ -245,6 +245,7 @@ pub const EXPECTED_SPANS: [&str; 14] = [
     "NotifierActor handle SendConfirmation",
     "notification.send_confirmation",
     "INSERT notifications",
+    "notification.record_sent",
 ];
 
 /// Whether a trace is whole: every expected span, one root, every parent present.
