@@ -73,6 +73,8 @@ pub enum TelemetryError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     OtlpHttp(#[from] OtlpHttpError),
+    #[error("building the OTLP span exporter panicked")]
+    Panicked,
 }
 
 /// Keeps the tracer provider alive; [`TelemetryGuard::shutdown`] flushes what is still queued.
@@ -122,23 +124,41 @@ impl TelemetryGuard {
 pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
     // Before the exporter: the http/protobuf exporter builds its reqwest client right away.
     crate::http::client::install_crypto_provider();
+    let spool_dir = std::env::var("TRACEHOP_SPAN_SPOOL")
+        .ok()
+        .filter(|dir| !dir.trim().is_empty());
+    // OTLP/HTTP (the default protocol) with the spool: this process's spans are sent straight from the
+    // spool's records, so `opentelemetry-otlp`'s exporter is only needed to adopt a dead process's spool,
+    // and is built then. (Nothing is sent with OTEL_SDK_DISABLED: no client then.)
+    let direct = !sdk_disabled() && spool_dir.is_some() && protocol().trim() == "http/protobuf";
     let exporter = if sdk_disabled() {
         None
+    } else if direct {
+        // Built once all the same, so that an environment it refuses (an endpoint that is not a URL,
+        // compression) stops the service at start rather than at the first adoption; dropped on the thread
+        // that built it (a blocking client may not be dropped on the async runtime `init` runs on).
+        std::thread::spawn(|| span_exporter().map(drop))
+            .join()
+            .map_err(|_| TelemetryError::Panicked)??;
+        Some(ServiceExporter::Direct)
     } else {
-        Some(span_exporter()?)
+        Some(ServiceExporter::Otlp(Box::new(span_exporter()?)))
     };
-    let spool = match std::env::var("TRACEHOP_SPAN_SPOOL") {
-        Ok(dir) if !dir.trim().is_empty() => Some(Spool {
+    let spool = match spool_dir {
+        Some(dir) => Some(Spool {
             dir: dir.into(),
-            make_exporter: Box::new(|| span_exporter().ok()),
-            // OTLP/HTTP (the default protocol) is sent straight from the spool's records. (Nothing is sent
-            // with OTEL_SDK_DISABLED: no client then.)
-            direct: match protocol().trim() {
-                "http/protobuf" if exporter.is_some() => Some(otlp_http::OtlpHttp::from_env()?),
-                _ => None,
+            make_exporter: Box::new(|| {
+                span_exporter()
+                    .ok()
+                    .map(|exporter| ServiceExporter::Otlp(Box::new(exporter)))
+            }),
+            direct: if direct {
+                Some(otlp_http::OtlpHttp::from_env()?)
+            } else {
+                None
             },
         }),
-        _ => None,
+        None => None,
     };
     let (dispatch, guard) = dispatch(default_service_name, exporter, spool)?;
     dispatch.try_init()?;
@@ -231,20 +251,54 @@ pub fn dispatch_with_spool_to(
         make_exporter: Box::new(|| None),
         direct: Some(otlp_http::OtlpHttp::to(endpoint)?),
     };
-    Ok(dispatch(default_service_name, Some(Unused), Some(spool))?)
+    Ok(dispatch(
+        default_service_name,
+        Some(ServiceExporter::Direct),
+        Some(spool),
+    )?)
 }
 
-/// The span exporter of a spool whose spans all go the direct way ([`dispatch_with_spool_to`]): nothing is
-/// ever handed to it.
+/// The span exporter a service exports through: `opentelemetry-otlp`'s, or none when the span spool sends
+/// this process's spans itself over OTLP/HTTP ([`spool::Direct`]), and nothing is ever handed to it.
 #[derive(Debug)]
-struct Unused;
+enum ServiceExporter {
+    Otlp(Box<opentelemetry_otlp::SpanExporter>),
+    Direct,
+}
 
-impl SpanExporter for Unused {
+impl SpanExporter for ServiceExporter {
     async fn export(
         &self,
-        _batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
     ) -> opentelemetry_sdk::error::OTelSdkResult {
-        Ok(())
+        match self {
+            Self::Otlp(exporter) => exporter.export(batch).await,
+            // Unreachable by design; should it ever be reached, the spans are counted as failed, not lost
+            // in silence.
+            Self::Direct => Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+                "spans handed to the exporter of a spool that sends its own".to_owned(),
+            )),
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        match self {
+            Self::Otlp(exporter) => exporter.shutdown_with_timeout(timeout),
+            Self::Direct => Ok(()),
+        }
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        match self {
+            Self::Otlp(exporter) => exporter.force_flush(),
+            Self::Direct => Ok(()),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        if let Self::Otlp(exporter) = self {
+            exporter.set_resource(resource);
+        }
     }
 }
 
