@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use tracehop_contracts::billing::OrderView;
 use tracehop_contracts::schema::{outbox, transactions};
-use tracehop_telemetry::db::{DbConnection, DbError, Statements, traced};
+use tracehop_telemetry::db::{DbConnection, DbError, Statements, planned_each_time, traced};
 
 /// A transaction row.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -229,20 +229,21 @@ impl RelayClaim {
 }
 
 /// Marks events as acknowledged by JetStream and releases their claims: one statement for a batch (see
-/// [`tracehop_telemetry::db::GroupCommit`]), untraced because a batch belongs to many checkouts.
+/// [`tracehop_telemetry::db::GroupCommit`]), untraced because a batch belongs to many checkouts. Planned for
+/// its ids each time: a generic plan made while the outbox was small scanned the whole table, once a second,
+/// for as long as the connection lived ([`tracehop_telemetry::db::planned_each_time`]).
 pub fn mark_published(
     connection: &mut DbConnection,
     event_ids: &[uuid::Uuid],
 ) -> Result<(), DbError> {
-    diesel::update(outbox::table.filter(outbox::id.eq_any(event_ids)))
-        .set((
-            outbox::published_at.eq(diesel::dsl::now),
-            outbox::attempts.eq(outbox::attempts + 1),
-            outbox::last_error.eq(None::<String>),
-            outbox::claimed_by.eq(None::<String>),
-            outbox::claimed_until.eq(None::<DateTime<Utc>>),
-        ))
-        .execute(connection)?;
+    let query = diesel::update(outbox::table.filter(outbox::id.eq_any(event_ids))).set((
+        outbox::published_at.eq(diesel::dsl::now),
+        outbox::attempts.eq(outbox::attempts + 1),
+        outbox::last_error.eq(None::<String>),
+        outbox::claimed_by.eq(None::<String>),
+        outbox::claimed_until.eq(None::<DateTime<Utc>>),
+    ));
+    planned_each_time(query).execute(connection)?;
     Ok(())
 }
 
@@ -267,7 +268,8 @@ pub fn mark_publish_failed(
 /// another replica's sweep is claiming at this moment are skipped (`FOR UPDATE SKIP LOCKED`), not waited
 /// for, so two sweeps never take the same event. Deliberately *not* traced: the sweep runs every few
 /// seconds outside any request and would otherwise fill the trace store with one-span traces; the events
-/// it finds are published under their own checkout's trace.
+/// it finds are published under their own checkout's trace. Both statements are planned each time, as
+/// [`mark_published`] is: the outbox only grows.
 pub fn claim_unpublished(
     connection: &mut DbConnection,
     created_before: DateTime<Utc>,
@@ -276,7 +278,7 @@ pub fn claim_unpublished(
 ) -> Result<Vec<OutboxEvent>, DbError> {
     use diesel::Connection as _;
     let events = connection.transaction(|connection| {
-        let ids: Vec<uuid::Uuid> = outbox::table
+        let waiting = outbox::table
             .filter(outbox::published_at.is_null())
             .filter(outbox::created_at.lt(created_before))
             .filter(
@@ -288,18 +290,18 @@ pub fn claim_unpublished(
             .limit(limit)
             .select(outbox::id)
             .for_update()
-            .skip_locked()
-            .load(connection)?;
+            .skip_locked();
+        let ids: Vec<uuid::Uuid> = planned_each_time(waiting).load(connection)?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        diesel::update(outbox::table.filter(outbox::id.eq_any(&ids)))
+        let claimed = diesel::update(outbox::table.filter(outbox::id.eq_any(&ids)))
             .set((
                 outbox::claimed_by.eq(&claim.owner),
                 outbox::claimed_until.eq(claim.until()),
             ))
-            .returning(OutboxEvent::as_returning())
-            .get_results(connection)
+            .returning(OutboxEvent::as_returning());
+        planned_each_time(claimed).get_results(connection)
     })?;
     Ok(events)
 }

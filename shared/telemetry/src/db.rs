@@ -5,6 +5,14 @@
 //! `db.pool.acquire` span when it takes longer than a millisecond (a starved pool shows up in the trace).
 //! Inside the closure, wrap each statement in [`traced`]: it becomes a CLIENT span named
 //! `{operation} {table}` with the database conventions and the SQL text (placeholders only, never values).
+//!
+//! **Plans that go stale.** diesel prepares a statement once per connection, and after five executions
+//! PostgreSQL may keep one *generic* plan for it, made for whatever size the table had then. For a lookup by
+//! one key that plan stays an index scan. For a statement that carries an array of keys (`= ANY($1)`) into a
+//! table that started empty, it was a sequential scan, kept while the table grew: in a 30 s load on a fresh
+//! database the notifier's claim read 124 million rows, half of PostgreSQL's CPU (BENCHMARKS.md, section 19).
+//! Such statements are planned for their own values at every execution instead: a whole service's with
+//! [`Planning::EachExecution`], or one statement with [`planned_each_time`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,14 +35,37 @@ pub type DbConnection = PooledConnection<PgManager>;
 /// anyone uses it. A connection that dies silently (a network cut) is found by its first statement, which
 /// fails; the pool then drops it.
 #[derive(Debug)]
-pub struct PgManager(ConnectionManager<PgConnection>);
+pub struct PgManager {
+    manager: ConnectionManager<PgConnection>,
+    planning: Planning,
+}
+
+/// How PostgreSQL plans a pool's prepared statements (see the module's overview).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Planning {
+    /// PostgreSQL's default (`plan_cache_mode = auto`): after five executions a statement may keep a
+    /// generic plan. Right for statements that find rows by one key.
+    #[default]
+    Auto,
+    /// Every execution is planned for its values (`plan_cache_mode = force_custom_plan`): for a service
+    /// whose statements on its request path carry arrays of keys. Planning costs PostgreSQL tens of
+    /// microseconds per statement; a stale sequential scan costs a read of the whole table.
+    EachExecution,
+}
 
 impl diesel::r2d2::ManageConnection for PgManager {
     type Connection = PgConnection;
     type Error = diesel::r2d2::Error;
 
     fn connect(&self) -> Result<PgConnection, Self::Error> {
-        self.0.connect()
+        use diesel::RunQueryDsl as _;
+        let mut connection = self.manager.connect()?;
+        if self.planning == Planning::EachExecution {
+            diesel::sql_query("SET plan_cache_mode = force_custom_plan")
+                .execute(&mut connection)
+                .map_err(diesel::r2d2::Error::QueryError)?;
+        }
+        Ok(connection)
     }
 
     fn is_valid(&self, connection: &mut PgConnection) -> Result<(), Self::Error> {
@@ -54,7 +85,7 @@ impl diesel::r2d2::ManageConnection for PgManager {
     }
 
     fn has_broken(&self, connection: &mut PgConnection) -> bool {
-        self.0.has_broken(connection)
+        self.manager.has_broken(connection)
     }
 }
 
@@ -192,7 +223,15 @@ impl Database {
     /// Builds a pool of `max_size` connections. Does not fail when PostgreSQL is down (connections are opened
     /// lazily): a service starts, answers 503 while the database is away, and recovers by itself.
     pub fn connect(url: &str, max_size: u32) -> Result<Self, DbError> {
-        let manager = PgManager(ConnectionManager::<PgConnection>::new(url));
+        Self::connect_with(url, max_size, Planning::Auto)
+    }
+
+    /// [`Database::connect`], with the pool's statements planned as `planning` says.
+    pub fn connect_with(url: &str, max_size: u32, planning: Planning) -> Result<Self, DbError> {
+        let manager = PgManager {
+            manager: ConnectionManager::<PgConnection>::new(url),
+            planning,
+        };
         let pool = Pool::builder()
             .max_size(max_size)
             .min_idle(Some(1))
@@ -378,6 +417,48 @@ fn error_type(error: &diesel::result::Error) -> &'static str {
         _ => "diesel_error",
     }
 }
+
+/// `query`, planned by PostgreSQL for its own values at every execution: diesel sends it as an unnamed
+/// statement and keeps no prepared statement for it (two round trips instead of one). For a statement off the
+/// request path that carries an array of keys into a table that grows (see the module's overview).
+///
+/// ```no_run
+/// use diesel::prelude::*;
+/// # diesel::table! { outbox (id) { id -> Uuid, attempts -> Int4 } }
+/// # fn example(connection: &mut PgConnection, ids: &[uuid::Uuid]) -> QueryResult<usize> {
+/// let query = diesel::update(outbox::table.filter(outbox::id.eq_any(ids)))
+///     .set(outbox::attempts.eq(outbox::attempts + 1));
+/// tracehop_telemetry::db::planned_each_time(query).execute(connection)
+/// # }
+/// ```
+pub fn planned_each_time<Q>(query: Q) -> PlannedEachTime<Q> {
+    PlannedEachTime(query)
+}
+
+/// A statement that is never kept prepared ([`planned_each_time`]).
+#[derive(Debug, Clone)]
+pub struct PlannedEachTime<Q>(Q);
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for PlannedEachTime<Q> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut pass: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> diesel::QueryResult<()> {
+        pass.unsafe_to_cache_prepared();
+        self.0.walk_ast(pass.reborrow())
+    }
+}
+
+impl<Q> QueryId for PlannedEachTime<Q> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: diesel::query_builder::Query> diesel::query_builder::Query for PlannedEachTime<Q> {
+    type SqlType = Q::SqlType;
+}
+
+impl<Q, C> diesel::RunQueryDsl<C> for PlannedEachTime<Q> {}
 
 /// What a statement's span says about it: the SQL text, operation, table and span name.
 struct Statement {
