@@ -302,6 +302,10 @@ pub fn time_split(trace: &TraceView) -> Option<BTreeMap<&'static str, f64>> {
             ms(process.start_us.saturating_sub(publish.start_us)),
         ),
         ("notification (process span)", ms(process.duration_us)),
+        (
+            "of which the sent record's wait (notification.record_sent)",
+            ms(total("notification.record_sent")),
+        ),
         ("checkout as the customer sees it", ms(root.duration_us)),
     ]))
 }

@@ -105,6 +105,7 @@ impl TelemetryGuard {
             tracing::info!(
                 spans_exported = self.counts.exported.load(Ordering::Relaxed),
                 spans_failed = self.counts.failed.load(Ordering::Relaxed),
+                export_warnings = self.counts.warnings.load(Ordering::Relaxed),
                 "telemetry flushed"
             );
         }

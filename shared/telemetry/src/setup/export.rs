@@ -39,6 +39,9 @@ pub(super) fn value_length_limit() -> usize {
 pub struct ExportCounts {
     pub exported: AtomicU64,
     pub failed: AtomicU64,
+    /// Requests the collector took whole but answered with a message (OTLP's partial success that refuses
+    /// nothing: a warning).
+    pub warnings: AtomicU64,
 }
 
 impl ExportCounts {
@@ -55,17 +58,37 @@ impl ExportCounts {
         }
         let before = self.failed.fetch_add(spans, Ordering::Relaxed);
         if before == 0 || before / 10_000 != (before + spans) / 10_000 {
-            // Straight to stderr, in the JSON logs' shape: this runs on the export thread, where a `tracing`
-            // event could be exported in turn.
-            let line = serde_json::json!({
-                "level": "WARN",
-                "target": "tracehop_telemetry::setup",
-                "message": "span export failed; spans are being dropped",
-                "fields": {"failed_spans_total": before + spans, "reason": reason},
-            });
-            eprintln!("{line}");
+            warn(
+                "span export failed; spans are being dropped",
+                serde_json::json!({"failed_spans_total": before + spans, "reason": reason}),
+            );
         }
     }
+
+    /// Counts a request the collector took whole but answered with `message` (a partial success that
+    /// refuses nothing, which OTLP calls a warning): the first is logged, then every 1 000th, since a
+    /// collector that warns usually warns on every request.
+    pub(super) fn warned(&self, message: &str) {
+        let before = self.warnings.fetch_add(1, Ordering::Relaxed);
+        if before.is_multiple_of(1_000) {
+            warn(
+                "the collector took the spans with a warning",
+                serde_json::json!({"warnings_total": before + 1, "reason": message}),
+            );
+        }
+    }
+}
+
+/// A warning line, straight to stderr in the JSON logs' shape: the export thread calls this, and a
+/// `tracing` event there could be exported in turn.
+fn warn(message: &str, fields: serde_json::Value) {
+    let line = serde_json::json!({
+        "level": "WARN",
+        "target": "tracehop_telemetry::setup",
+        "message": message,
+        "fields": fields,
+    });
+    eprintln!("{line}");
 }
 
 #[derive(Debug)]

@@ -13,7 +13,8 @@
 //!
 //! A collector that answers 2xx with a partial success (`rejected_spans`, `error_message`) has lost those
 //! spans: they are counted as failed, with its message as the reason, and not sent again (OTLP forbids
-//! retrying a partial success). `opentelemetry-otlp`'s gRPC exporter only logs a partial success (a warning of its own diagnostics), so on
+//! retrying a partial success). One that refuses nothing but carries a message is OTLP's warning: counted
+//! (`export_warnings`) and logged the first time and every 1 000th. `opentelemetry-otlp`'s gRPC exporter only logs a partial success (a warning of its own diagnostics), so on
 //! the gRPC path such spans still count as exported.
 //!
 //! Compression is not offered, by either exporter: `opentelemetry-otlp` is built without it, and refuses to

@@ -418,8 +418,9 @@ struct DirectState {
 }
 
 impl DirectState {
-    /// Sends what the request holds (if anything); the outcome is counted as the span exporter's is, and the
-    /// spans a collector refused in a partial success as failed.
+    /// Sends what the request holds (if anything); the outcome is counted as the span exporter's is, the
+    /// spans a collector refused in a partial success as failed, and a partial success that refuses nothing
+    /// but says something as a warning.
     fn send(&mut self) {
         let spans = self.request.len();
         if spans == 0 {
@@ -430,6 +431,9 @@ impl DirectState {
             Ok(answer) => {
                 let rejected = answer.rejected_spans.min(spans);
                 counts.exported(spans - rejected);
+                if rejected == 0 && !answer.error_message.is_empty() {
+                    counts.warned(&answer.error_message);
+                }
                 counts.failed(
                     rejected,
                     &format!(
@@ -1727,6 +1731,36 @@ mod tests {
         assert_eq!(receiver.requests.load(Ordering::Relaxed), 1);
         assert_eq!(counts.exported.load(Ordering::Relaxed), 1);
         assert_eq!(counts.failed.load(Ordering::Relaxed), 2);
+        assert_eq!(counts.warnings.load(Ordering::Relaxed), 0);
+        provider.shutdown().unwrap();
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_partial_success_that_refuses_nothing_is_counted_as_a_warning_and_every_span_as_exported() {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTracePartialSuccess, ExportTraceServiceResponse,
+        };
+        use prost::Message;
+        let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
+        let answer = ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: 0,
+                error_message: "attribute values truncated".to_owned(),
+            }),
+        };
+        let receiver = receiver(200, answer.encode_to_vec());
+        let counts = Arc::new(ExportCounts::default());
+        let provider = direct_provider(&root, &receiver.url, &counts, 512);
+        let tracer = provider.tracer("test");
+        for _ in 0..3 {
+            tracer.start("alone").end();
+        }
+        provider.force_flush().unwrap();
+        assert_eq!(receiver.requests.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.exported.load(Ordering::Relaxed), 3);
+        assert_eq!(counts.failed.load(Ordering::Relaxed), 0);
+        assert_eq!(counts.warnings.load(Ordering::Relaxed), 1);
         provider.shutdown().unwrap();
         let _ = fs::remove_dir_all(&root);
     }
