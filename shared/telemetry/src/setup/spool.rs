@@ -1707,8 +1707,9 @@ mod tests {
         let _ = fs::remove_dir_all(&root);
     }
 
-    #[test]
-    fn the_spans_a_collector_refuses_in_a_partial_success_are_counted_as_failed() {
+    /// Three spans sent in one request to a collector that answers 200 with a partial success of
+    /// `rejected_spans` and `error_message`: the counts afterwards (exported, failed, warnings).
+    fn three_spans_answered_with(rejected_spans: i64, error_message: &str) -> [u64; 3] {
         use opentelemetry_proto::tonic::collector::trace::v1::{
             ExportTracePartialSuccess, ExportTraceServiceResponse,
         };
@@ -1716,8 +1717,8 @@ mod tests {
         let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
         let answer = ExportTraceServiceResponse {
             partial_success: Some(ExportTracePartialSuccess {
-                rejected_spans: 2,
-                error_message: "span name too long".to_owned(),
+                rejected_spans,
+                error_message: error_message.to_owned(),
             }),
         };
         let receiver = receiver(200, answer.encode_to_vec());
@@ -1729,39 +1730,26 @@ mod tests {
         }
         provider.force_flush().unwrap();
         assert_eq!(receiver.requests.load(Ordering::Relaxed), 1);
-        assert_eq!(counts.exported.load(Ordering::Relaxed), 1);
-        assert_eq!(counts.failed.load(Ordering::Relaxed), 2);
-        assert_eq!(counts.warnings.load(Ordering::Relaxed), 0);
         provider.shutdown().unwrap();
         let _ = fs::remove_dir_all(&root);
+        [&counts.exported, &counts.failed, &counts.warnings]
+            .map(|count| count.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn the_spans_a_collector_refuses_in_a_partial_success_are_counted_as_failed() {
+        // exported, failed, warnings
+        assert_eq!(
+            three_spans_answered_with(2, "span name too long"),
+            [1, 2, 0]
+        );
     }
 
     #[test]
     fn a_partial_success_that_refuses_nothing_is_counted_as_a_warning_and_every_span_as_exported() {
-        use opentelemetry_proto::tonic::collector::trace::v1::{
-            ExportTracePartialSuccess, ExportTraceServiceResponse,
-        };
-        use prost::Message;
-        let root = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::new_v4()));
-        let answer = ExportTraceServiceResponse {
-            partial_success: Some(ExportTracePartialSuccess {
-                rejected_spans: 0,
-                error_message: "attribute values truncated".to_owned(),
-            }),
-        };
-        let receiver = receiver(200, answer.encode_to_vec());
-        let counts = Arc::new(ExportCounts::default());
-        let provider = direct_provider(&root, &receiver.url, &counts, 512);
-        let tracer = provider.tracer("test");
-        for _ in 0..3 {
-            tracer.start("alone").end();
-        }
-        provider.force_flush().unwrap();
-        assert_eq!(receiver.requests.load(Ordering::Relaxed), 1);
-        assert_eq!(counts.exported.load(Ordering::Relaxed), 3);
-        assert_eq!(counts.failed.load(Ordering::Relaxed), 0);
-        assert_eq!(counts.warnings.load(Ordering::Relaxed), 1);
-        provider.shutdown().unwrap();
-        let _ = fs::remove_dir_all(&root);
+        assert_eq!(
+            three_spans_answered_with(0, "attribute values truncated"),
+            [3, 0, 1]
+        );
     }
 }
