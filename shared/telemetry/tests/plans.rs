@@ -3,9 +3,9 @@
 //! execution reads its own rows, not the table.
 //!
 //! The scenario is the notifier's at start-up: a table that starts small, a prepared statement run often
-//! enough for PostgreSQL to keep a generic plan (five executions), then the table grows. Each test runs it
-//! twice: with PostgreSQL's default planning, to show the scenario still makes the sequential scan this guards
-//! against, and with the fix.
+//! enough for PostgreSQL to keep a generic plan (five executions), then the table grows. The test runs it
+//! three times: with PostgreSQL's default planning, to show the scenario still makes the sequential scan
+//! this guards against; on a pool planned at each execution; and through `planned_each_time`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
