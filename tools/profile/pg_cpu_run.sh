@@ -2,7 +2,9 @@
 # One A/B run of section 19 (BENCHMARKS.md): `stack up --no-demo` from BIN_DIR on a fresh `tracehop` database
 # of the local PostgreSQL, then 30 s of closed-loop checkouts (32 clients), and the CPU per checkout of
 # PostgreSQL (every `postgres` process) and of the five services, from /proc; and the rows read by
-# sequential scans. Usage: tools/profile/pg_cpu_run.sh LABEL BIN_DIR (stops any running `stack up` first).
+# sequential scans. Usage: tools/profile/pg_cpu_run.sh LABEL BIN_DIR. It stops any running `stack up` and
+# DROPS the local server's `tracehop` database first (stack up makes it again): a development machine's only.
+# "Every postgres process" counts only what those processes spent: run it with nothing else using the server.
 set -u
 label=$1; bin=$(cd "$2" && pwd)
 scratch=$(mktemp -d)
