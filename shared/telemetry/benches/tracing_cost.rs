@@ -12,7 +12,8 @@
 //! Everything is measured in CPU time of the whole process ([`ProcessCpu`]), so a span's figure includes
 //! what the span processor's own thread spends on it.
 //!
-//! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, sections 3 and 9).
+//! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, sections 3, 9, 15
+//! and 20).
 //! With `OTEL_TRACES_SAMPLER=always_off` the `traced` cases measure spans of a sampled-out trace: what a
 //! request costs when it is not sampled (`./dev bench` runs both).
 
@@ -285,6 +286,14 @@ fn span_builders(c: &mut Criterion<ProcessCpu>, mode: &str, dispatch: &tracing::
                         drop(span.enter());
                         black_box(message)
                     })
+                })
+            });
+            // What each poll of an instrumented future costs, per span in its chain: an async span is
+            // entered and left at every poll, not once.
+            group.bench_function("enter_and_exit", |b| {
+                with_parent(|| {
+                    let span = tracing::info_span!("bench.polled");
+                    b.iter(|| drop(black_box(&span).enter()))
                 })
             });
         });

@@ -400,6 +400,12 @@ where
         .with_error_records_to_exceptions(true)
         .with_tracked_inactivity(false)
         .with_threads(false)
+        // A span's OpenTelemetry context is not made current each time the span is entered: an async
+        // span is entered at every poll, and each entry cost an attach and a detach (a lock, two stacks
+        // on the thread). Nothing here reads the current context to find a span's parent: the layer
+        // takes it from the registry (the current `tracing` span), and `propagation::context_of` from
+        // the nearest ancestor the layer built (BENCHMARKS.md, section 20).
+        .with_context_activation(false)
         // No `target` and `code.*` attributes (four per span): the span's name says where it comes from, and
         // every attribute is paid for in building, exporting and storing each span (README, deviations).
         .with_target(false)

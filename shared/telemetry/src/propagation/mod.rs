@@ -192,17 +192,35 @@ pub fn set_remote_parent(span: &tracing::Span, parent: Context) {
 }
 
 /// The context to propagate from `span`: its own, or, for a span the OpenTelemetry layer did not build
-/// because its trace was sampled out ([`crate::setup::note_sampling`]), the one its nearest traced ancestor
-/// made current on this thread. So the trace id and the decision "not sampled" still travel downstream, and
-/// the next service does not start a trace of its own. Empty without the OpenTelemetry layer.
+/// (its trace was sampled out, [`crate::setup::note_sampling`], or the layer does not want its callsite),
+/// the one of its nearest ancestor that the layer built. So the trace id and the decision "not sampled"
+/// still travel downstream, and the next service does not start a trace of its own. A span with no such
+/// ancestor gets the context made current on this thread (work handed over with its context, as
+/// [`crate::db::Database::run`] does). Empty without the OpenTelemetry layer.
+///
+/// The ancestor is looked up in the registry, not taken from the current OpenTelemetry context: the layer
+/// does not make a span's context current when it is entered ([`crate::setup`] says why).
 pub fn context_of(span: &tracing::Span) -> Context {
     use opentelemetry::trace::TraceContextExt;
     let own = span.context();
     if own.span().span_context().is_valid() {
-        own
-    } else {
-        Context::current()
+        return own;
     }
+    span.with_subscriber(|(id, dispatch)| nearest_built_ancestor(id, dispatch))
+        .flatten()
+        .unwrap_or_else(Context::current)
+}
+
+/// The context of the nearest ancestor of span `id` that the OpenTelemetry layer built.
+fn nearest_built_ancestor(id: &tracing::Id, dispatch: &tracing::Dispatch) -> Option<Context> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_subscriber::registry::LookupSpan;
+    let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+    let span = registry.span(id)?;
+    span.scope().skip(1).find_map(|ancestor| {
+        tracing_opentelemetry::get_otel_context(&ancestor.id(), dispatch)
+            .filter(|context| context.span().span_context().is_valid())
+    })
 }
 
 #[cfg(test)]
@@ -293,5 +311,74 @@ mod tests {
         headers.insert("traceparent", "00-zzzz-not-a-trace-01");
         let context = extract(&NatsHeaderExtractor(&headers));
         assert!(!context.span().span_context().is_valid());
+    }
+
+    /// The end of a test's export pipeline: nothing is looked at here but contexts.
+    #[derive(Debug)]
+    struct Discard;
+
+    impl opentelemetry_sdk::trace::SpanExporter for Discard {
+        async fn export(
+            &self,
+            _batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            Ok(())
+        }
+    }
+
+    /// Beneath a span whose trace was sampled out, nothing is built, and nothing is made current when a
+    /// span is entered: the context to propagate comes from the nearest span the layer built, the one that
+    /// received the decision, however deep the span asking for it is.
+    #[test]
+    fn a_span_beneath_a_sampled_out_span_propagates_its_trace_id_and_the_decision() {
+        let (dispatch, _guard) = crate::setup::dispatch_with_exporter("test", Some(Discard));
+        tracing::dispatcher::with_default(&dispatch, || {
+            let upstream = SpanContext::new(
+                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                TraceFlags::default(),
+                true,
+                TraceState::default(),
+            );
+            let request = tracing::info_span!("request");
+            set_remote_parent(&request, Context::new().with_remote_span_context(upstream));
+            let _request = request.enter();
+            let statement = tracing::info_span!("statement");
+            let _statement = statement.enter();
+            // A span the logs want and the OpenTelemetry layer never does (a transport crate's), deeper still.
+            let detail = tracing::info_span!(target: "tracing_actix_web", "detail");
+            let _detail = detail.enter();
+
+            let mut headers = reqwest::header::HeaderMap::new();
+            inject(
+                &context_of(&tracing::Span::current()),
+                &mut HttpHeaderInjector(&mut headers),
+            );
+            let traceparent = headers["traceparent"].to_str().unwrap();
+            assert!(
+                traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+                "{traceparent}"
+            );
+            let flags = u8::from_str_radix(&traceparent[traceparent.len() - 2..], 16).unwrap();
+            assert_eq!(flags & 1, 0, "not sampled: {traceparent}");
+            assert!(!traceparent.contains("00f067aa0ba902b7"), "{traceparent}");
+        });
+    }
+
+    /// A span the layer does not want, inside a traced one, propagates the traced span's context.
+    #[test]
+    fn a_span_the_layer_does_not_build_propagates_its_nearest_traced_ancestor() {
+        let (dispatch, _guard) = crate::setup::dispatch_with_exporter("test", Some(Discard));
+        tracing::dispatcher::with_default(&dispatch, || {
+            let request = tracing::info_span!("request");
+            let _request = request.enter();
+            let detail = tracing::info_span!(target: "tracing_actix_web", "detail");
+            let _detail = detail.enter();
+            assert_eq!(tracing::Span::current().id(), detail.id());
+            let own = request.context().span().span_context().clone();
+            assert!(own.is_valid() && own.is_sampled());
+            let found = context_of(&tracing::Span::current());
+            assert_eq!(found.span().span_context(), &own);
+        });
     }
 }
