@@ -199,7 +199,8 @@ pub fn set_remote_parent(span: &tracing::Span, parent: Context) {
 /// [`crate::db::Database::run`] does). Empty without the OpenTelemetry layer.
 ///
 /// The ancestor is looked up in the registry, not taken from the current OpenTelemetry context: the layer
-/// does not make a span's context current when it is entered ([`crate::setup`] says why).
+/// does not make a span's context current when it is entered (an async span is entered at every poll; README,
+/// "Deviations, on purpose").
 pub fn context_of(span: &tracing::Span) -> Context {
     use opentelemetry::trace::TraceContextExt;
     let own = span.context();
