@@ -314,25 +314,13 @@ mod tests {
         assert!(!context.span().span_context().is_valid());
     }
 
-    /// The end of a test's export pipeline: nothing is looked at here but contexts.
-    #[derive(Debug)]
-    struct Discard;
-
-    impl opentelemetry_sdk::trace::SpanExporter for Discard {
-        async fn export(
-            &self,
-            _batch: Vec<opentelemetry_sdk::trace::SpanData>,
-        ) -> opentelemetry_sdk::error::OTelSdkResult {
-            Ok(())
-        }
-    }
-
     /// Beneath a span whose trace was sampled out, nothing is built, and nothing is made current when a
     /// span is entered: the context to propagate comes from the nearest span the layer built, the one that
     /// received the decision, however deep the span asking for it is.
     #[test]
     fn a_span_beneath_a_sampled_out_span_propagates_its_trace_id_and_the_decision() {
-        let (dispatch, _guard) = crate::setup::dispatch_with_exporter("test", Some(Discard));
+        let (dispatch, _guard) =
+            crate::setup::dispatch_with_exporter("test", Some(crate::testing::Keep::default()));
         tracing::dispatcher::with_default(&dispatch, || {
             let upstream = SpanContext::new(
                 TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
@@ -369,7 +357,8 @@ mod tests {
     /// A span the layer does not want, inside a traced one, propagates the traced span's context.
     #[test]
     fn a_span_the_layer_does_not_build_propagates_its_nearest_traced_ancestor() {
-        let (dispatch, _guard) = crate::setup::dispatch_with_exporter("test", Some(Discard));
+        let (dispatch, _guard) =
+            crate::setup::dispatch_with_exporter("test", Some(crate::testing::Keep::default()));
         tracing::dispatcher::with_default(&dispatch, || {
             let request = tracing::info_span!("request");
             let _request = request.enter();
