@@ -12,8 +12,8 @@
 //! Everything is measured in CPU time of the whole process ([`ProcessCpu`]), so a span's figure includes
 //! what the span processor's own thread spends on it.
 //!
-//! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, sections 3, 9, 15
-//! and 20).
+//! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, sections 3, 9, 15,
+//! 20 and 22).
 //! With `OTEL_TRACES_SAMPLER=always_off` the `traced` cases measure spans of a sampled-out trace: what a
 //! request costs when it is not sampled (`./dev bench` runs both).
 
@@ -288,6 +288,15 @@ fn span_builders(c: &mut Criterion<ProcessCpu>, mode: &str, dispatch: &tracing::
                     })
                 })
             });
+            // One log line inside a span, as every request's access line ("request finished"): the JSON
+            // line formatted with the span's ids and written to standard output (here /dev/null, so the
+            // bench's own output is not flooded; the write is still a system call).
+            group.bench_function("log_line", |b| {
+                with_parent(|| {
+                    let _quiet = QuietStdout::new();
+                    b.iter(|| tracing::info!(status = black_box(200_u16), "request finished"))
+                })
+            });
             // What each poll of an instrumented future costs, per span in its chain: an async span is
             // entered and left at every poll, not once.
             group.bench_function("enter_and_exit", |b| {
@@ -298,6 +307,32 @@ fn span_builders(c: &mut Criterion<ProcessCpu>, mode: &str, dispatch: &tracing::
             });
         });
         group.finish();
+    }
+}
+
+/// Standard output pointed at /dev/null while it lives, then restored: the `log_line` case writes millions
+/// of lines, and criterion reports on standard output too (after the routine, when this is dropped).
+struct QuietStdout(Option<std::os::fd::OwnedFd>);
+
+impl QuietStdout {
+    fn new() -> Self {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let saved = rustix::io::dup(std::io::stdout()).ok();
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = rustix::stdio::dup2_stdout(&null);
+        }
+        Self(saved)
+    }
+}
+
+impl Drop for QuietStdout {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        if let Some(saved) = &self.0 {
+            let _ = rustix::stdio::dup2_stdout(saved);
+        }
     }
 }
 

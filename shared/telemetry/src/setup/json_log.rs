@@ -1,10 +1,20 @@
 //! One JSON object per log line, with the OpenTelemetry `trace_id` and `span_id` of the current span, so
 //! `grep <trace id>` over every service's log finds every line of one request.
+//!
+//! A line looks like this (keys in this order; `fields` only when the event has fields besides its message,
+//! `span` and the ids only inside a span, the ids only when the span has a valid context):
+//!
+//! ```text
+//! {"timestamp":"2026-11-28T14:20:17.123456Z","level":"INFO","target":"gateway","message":"request finished","fields":{"status":200},"span":"HTTP request","trace_id":"…","span_id":"…"}
+//! ```
+//!
+//! Every service writes one such line per request, traced or not, so the line is written straight into the
+//! fmt layer's buffer: values escaped as they are formatted, no map of values built and serialised, no
+//! `String` per key or value (BENCHMARKS.md, section 22).
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use opentelemetry::trace::TraceContextExt;
-use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
@@ -24,44 +34,50 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let mut line = Map::new();
-        line.insert(
-            "timestamp".into(),
-            Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
-        );
-        line.insert(
-            "level".into(),
-            Value::String(event.metadata().level().to_string()),
-        );
-        line.insert(
-            "target".into(),
-            Value::String(event.metadata().target().to_owned()),
-        );
-        let mut fields = FieldsToJson(Map::new());
+        let metadata = event.metadata();
+        writer.write_str("{\"timestamp\":\"")?;
+        timestamp(&mut writer, chrono::Utc::now())?;
+        write!(writer, "\",\"level\":\"{}\",\"target\":", metadata.level())?;
+        string(&mut writer, metadata.target())?;
+        // The message goes first, the other fields into `"fields":{…}` as they are visited: the visitor
+        // writes those straight into the line and keeps only the message (usually one `format_args!`) aside.
+        let mut fields = Fields {
+            writer: &mut writer,
+            message: None,
+            opened: false,
+            result: Ok(()),
+        };
         event.record(&mut fields);
-        if let Some(message) = fields.0.remove("message") {
-            line.insert("message".into(), message);
+        let Fields {
+            message,
+            opened,
+            result,
+            ..
+        } = fields;
+        result?;
+        if opened {
+            writer.write_char('}')?;
         }
-        if !fields.0.is_empty() {
-            line.insert("fields".into(), Value::Object(fields.0));
+        if let Some(message) = message {
+            // Already escaped (`Fields::message`).
+            write!(writer, ",\"message\":\"{message}\"")?;
         }
         if let Some(span) = ctx.lookup_current() {
-            line.insert("span".into(), Value::String(span.name().to_owned()));
+            writer.write_str(",\"span\":")?;
+            string(&mut writer, span.name())?;
             let otel = crate::propagation::context_of(&tracing::Span::current());
-            let span_context = otel.span().span_context().clone();
+            let otel = otel.span();
+            let span_context = otel.span_context();
             if span_context.is_valid() {
-                line.insert(
-                    "trace_id".into(),
-                    Value::String(span_context.trace_id().to_string()),
-                );
-                line.insert(
-                    "span_id".into(),
-                    Value::String(span_context.span_id().to_string()),
-                );
+                write!(
+                    writer,
+                    ",\"trace_id\":\"{}\",\"span_id\":\"{}\"",
+                    span_context.trace_id(),
+                    span_context.span_id()
+                )?;
             }
         }
-        let text = serde_json::to_string(&Value::Object(line)).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{text}")
+        writer.write_str("}\n")
     }
 }
 
@@ -79,31 +95,311 @@ impl<'writer> FormatFields<'writer> for NoSpanFields {
     }
 }
 
-struct FieldsToJson(Map<String, Value>);
+/// Writes an event's fields into the line as they are visited: `message` aside (escaped), every other field
+/// as a member of `"fields":{…}`, opened at the first.
+struct Fields<'a, 'writer> {
+    writer: &'a mut Writer<'writer>,
+    message: Option<String>,
+    opened: bool,
+    /// The first write that failed (`Visit` cannot return one).
+    result: fmt::Result,
+}
 
-impl Visit for FieldsToJson {
+impl Fields<'_, '_> {
+    /// Writes `"name":` after the right separator and answers true, for the caller to write the value; for
+    /// the message, keeps its text (escaped by `value`) aside instead and answers false.
+    fn member(
+        &mut self,
+        field: &Field,
+        value: impl FnOnce(&mut Escaped<'_, String>) -> fmt::Result,
+    ) -> bool {
+        if field.name() == "message" {
+            let mut message = String::new();
+            self.result = self.result.and_then(|()| value(&mut Escaped(&mut message)));
+            self.message = Some(message);
+            return false;
+        }
+        let separator = if self.opened { "," } else { ",\"fields\":{" };
+        self.opened = true;
+        self.result = self.result.and_then(|()| {
+            self.writer.write_str(separator)?;
+            string(self.writer, field.name())?;
+            self.writer.write_char(':')
+        });
+        true
+    }
+
+    fn raw(&mut self, field: &Field, value: impl fmt::Display) {
+        if self.member(field, |message| write!(message, "{value}")) {
+            self.result = self.result.and_then(|()| write!(self.writer, "{value}"));
+        }
+    }
+
+    fn text(&mut self, field: &Field, value: impl fmt::Display) {
+        if self.member(field, |message| write!(message, "{value}")) {
+            self.result = self.result.and_then(|()| {
+                self.writer.write_char('"')?;
+                write!(Escaped(self.writer), "{value}")?;
+                self.writer.write_char('"')
+            });
+        }
+    }
+}
+
+impl Visit for Fields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(value.to_owned()));
+        self.text(field, value);
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().to_owned(), Value::from(value));
+        self.raw(field, value);
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), Value::from(value));
+        self.raw(field, value);
+    }
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        self.raw(field, value);
+    }
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        self.raw(field, value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().to_owned(), Value::from(value));
+        self.raw(field, value);
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), Value::from(value));
+        // JSON has no NaN or infinity: `null`, as serde_json writes them.
+        if value.is_finite() {
+            self.raw(field, value);
+        } else {
+            self.raw(field, "null");
+        }
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(value.to_string()));
+        self.text(field, value);
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+        self.text(field, format_args!("{value:?}"));
+    }
+}
+
+/// `now` in RFC 3339, UTC, to the microsecond (`2026-11-28T14:20:17.123456Z`), from its parts: chrono's
+/// `format` parses its pattern at every call, which was the larger part of a line's cost.
+fn timestamp(writer: &mut impl fmt::Write, now: chrono::DateTime<chrono::Utc>) -> fmt::Result {
+    use chrono::{Datelike, Timelike};
+    write!(
+        writer,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        now.year(),
+        now.month(),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        // chrono keeps a leap second as nanoseconds past 10^9 of second 59: written within second 59.
+        now.nanosecond() % 1_000_000_000 / 1_000,
+    )
+}
+
+/// `text` as a JSON string, quoted and escaped.
+fn string(writer: &mut impl fmt::Write, text: &str) -> fmt::Result {
+    writer.write_char('"')?;
+    Escaped(&mut *writer).write_str(text)?;
+    writer.write_char('"')
+}
+
+/// Escapes what is written through it for the inside of a JSON string: `"`, `\` and the control characters
+/// (RFC 8259, section 7), as serde_json does.
+struct Escaped<'a, W: fmt::Write + ?Sized>(&'a mut W);
+
+impl<W: fmt::Write + ?Sized> fmt::Write for Escaped<'_, W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let mut clean = 0;
+        for (at, byte) in text.bytes().enumerate() {
+            let escape = match byte {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0x00..=0x1f => "",
+                _ => continue,
+            };
+            // Every byte matched above is ASCII, so `at` is a character boundary.
+            self.0.write_str(&text[clean..at])?;
+            if escape.is_empty() {
+                write!(self.0, "\\u{byte:04x}")?;
+            } else {
+                self.0.write_str(escape)?;
+            }
+            clean = at + 1;
+        }
+        self.0.write_str(&text[clean..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider as _;
+    use serde_json::{Value, json};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// Where the lines go: a buffer the test reads back.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Lines {
+        /// Every line written, each parsed as JSON (a line that is not JSON fails the test).
+        fn parsed(&self) -> Vec<Value> {
+            let bytes = self.0.lock().unwrap().clone();
+            String::from_utf8(bytes)
+                .unwrap()
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+                .collect()
+        }
+    }
+
+    fn json_layer<S>(lines: &Lines) -> impl tracing_subscriber::Layer<S>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let lines = lines.clone();
+        tracing_subscriber::fmt::layer()
+            .event_format(JsonWithTraceIds)
+            .fmt_fields(NoSpanFields)
+            .with_writer(move || lines.clone())
+    }
+
+    #[derive(Debug)]
+    struct Odd;
+
+    impl fmt::Display for Odd {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an \"odd\" error\\")
+        }
+    }
+
+    impl std::error::Error for Odd {}
+
+    #[test]
+    fn every_value_type_is_written_as_json_and_text_is_escaped() {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::registry().with(json_layer(&lines));
+        tracing::subscriber::with_default(subscriber, || {
+            let error = Odd;
+            tracing::warn!(
+                text = "quote \" backslash \\ newline \n tab \t bell \u{7} é ✓",
+                negative = -3_i64,
+                unsigned = 18_446_744_073_709_551_615_u64,
+                wide = 170_141_183_460_469_231_731_687_303_715_884_105_727_i128,
+                yes = true,
+                ratio = 0.25_f64,
+                not_a_number = f64::NAN,
+                debugged = ?vec!["a\"b"],
+                displayed = %"c\\d",
+                error = &error as &(dyn std::error::Error + 'static),
+                "a message with \"quotes\" and {}", "arguments\n"
+            );
+            tracing::info!("no fields");
+        });
+        let lines = lines.parsed();
+        assert_eq!(lines.len(), 2);
+        let line = &lines[0];
+        assert_eq!(line["level"], "WARN");
+        assert_eq!(line["target"], module_path!());
+        assert_eq!(line["message"], "a message with \"quotes\" and arguments\n");
+        assert_eq!(
+            line["fields"],
+            json!({
+                "text": "quote \" backslash \\ newline \n tab \t bell \u{7} é ✓",
+                "negative": -3,
+                "unsigned": 18_446_744_073_709_551_615_u64,
+                "wide": 170_141_183_460_469_231_731_687_303_715_884_105_727_f64,
+                "yes": true,
+                "ratio": 0.25,
+                "not_a_number": null,
+                "debugged": "[\"a\\\"b\"]",
+                "displayed": "c\\d",
+                "error": "an \"odd\" error\\",
+            })
+        );
+        assert!(line.get("span").is_none() && line.get("trace_id").is_none());
+        let timestamp = line["timestamp"].as_str().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(timestamp).is_ok() && timestamp.ends_with('Z'),
+            "{timestamp}"
+        );
+        assert_eq!(timestamp.len(), "2026-11-28T14:20:17.123456Z".len());
+        assert_eq!(
+            lines[1].as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["level", "message", "target", "timestamp"],
+            "no empty `fields`"
+        );
+    }
+
+    #[test]
+    fn the_timestamp_is_rfc_3339_in_utc_to_the_microsecond() {
+        use chrono::TimeZone;
+        let at = |seconds, nanos| {
+            let mut text = String::new();
+            timestamp(
+                &mut text,
+                chrono::Utc.timestamp_opt(seconds, nanos).unwrap(),
+            )
+            .unwrap();
+            text
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            at(1_796_135_217, 123_456_789),
+            "2026-12-01T14:26:57.123456Z"
+        );
+        assert_eq!(at(951_782_400, 999_999), "2000-02-29T00:00:00.000999Z");
+        let now = chrono::Utc::now();
+        let mut text = String::new();
+        timestamp(&mut text, now).unwrap();
+        assert_eq!(text, now.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string());
+    }
+
+    #[test]
+    fn a_line_inside_a_traced_span_names_the_span_and_its_ids() {
+        let lines = Lines::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(crate::testing::Keep::default())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(json_layer(&lines))
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("checkout.process");
+            let _entered = span.enter();
+            tracing::info!(status = 200_u16, "request finished");
+            let context = crate::propagation::context_of(&span);
+            let context = context.span();
+            let ids = context.span_context();
+            (ids.trace_id().to_string(), ids.span_id().to_string())
+        });
+        let lines = lines.parsed();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["span"], "checkout.process");
+        assert_eq!(lines[0]["trace_id"], trace_id.as_str());
+        assert_eq!(lines[0]["span_id"], span_id.as_str());
+        assert_eq!(lines[0]["fields"], json!({"status": 200}));
+        assert_eq!(lines[0]["message"], "request finished");
     }
 }
