@@ -324,23 +324,37 @@ where
 
     // RUST_LOG filters the *logs* only. Spans are never switched off by a quieter log level: the trace must
     // not depend on how chatty the logs are (a `RUST_LOG=warn` once meant no traces at all).
-    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,h2=warn,hyper=warn,tonic=warn,tower=warn,opentelemetry=warn")
-    });
+    const DEFAULT_LOG_FILTER: &str =
+        "info,h2=warn,hyper=warn,tonic=warn,tower=warn,opentelemetry=warn";
+    let log_directives = std::env::var("RUST_LOG").unwrap_or_default();
+    let log_filter = || {
+        EnvFilter::try_new(&log_directives).unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
+    };
     let text_logs = crate::config::env_or("LOG_FORMAT", "json") == "text";
     let fmt_layer = if text_logs {
         tracing_subscriber::fmt::layer()
             .with_target(false)
-            .with_filter(log_filter)
+            .with_filter(log_filter())
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer()
+        let json = tracing_subscriber::fmt::layer()
             .event_format(json_log::JsonWithTraceIds)
             // The JSON lines carry the span's name and ids, never its fields: formatting every span's
             // fields into a string (the fmt layer's default) cost about 1 µs per span for nothing.
-            .fmt_fields(json_log::NoSpanFields)
-            .with_filter(log_filter)
-            .boxed()
+            .fmt_fields(json_log::NoSpanFields);
+        // `RUST_LOG` as targets and levels (what it nearly always is) is read as `Targets`, a filter decided
+        // once per callsite: `EnvFilter` also keeps a map of spans, looked up under a lock at every entry,
+        // exit, record and close of every span (BENCHMARKS.md, section 22). Directives only `EnvFilter`
+        // understands (span and field filters) keep it.
+        let directives = if log_directives.trim().is_empty() {
+            DEFAULT_LOG_FILTER
+        } else {
+            log_directives.as_str()
+        };
+        match directives.parse::<tracing_subscriber::filter::Targets>() {
+            Ok(targets) => json.with_filter(targets).boxed(),
+            Err(_) => json.with_filter(log_filter()).boxed(),
+        }
     };
 
     let Some(exporter) = exporter else {

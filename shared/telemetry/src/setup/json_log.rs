@@ -244,6 +244,7 @@ mod tests {
 
     use opentelemetry::trace::TracerProvider as _;
     use serde_json::{Value, json};
+    use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;
@@ -349,6 +350,54 @@ mod tests {
             lines[1].as_object().unwrap().keys().collect::<Vec<_>>(),
             ["level", "message", "target", "timestamp"],
             "no empty `fields`"
+        );
+    }
+
+    #[test]
+    fn targets_filter_the_lines_by_target_and_level_and_never_the_spans() {
+        let lines = Lines::default();
+        let kept = crate::testing::Keep::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(kept.clone())
+            .build();
+        let targets: Targets = "info,noisy=warn".parse().unwrap();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::Layer::with_filter(
+                json_layer(&lines),
+                targets,
+            ))
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let trace_id = tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("work");
+            let _entered = span.enter();
+            // A span below the log level: the logs' filter must not switch spans off.
+            tracing::debug_span!("quiet.work").in_scope(|| {
+                tracing::info!("kept");
+                tracing::debug!("below the level");
+                tracing::info!(target: "noisy", "below noisy's level");
+                tracing::warn!(target: "noisy", "noisy but loud enough");
+            });
+            crate::propagation::context_of(&span)
+                .span()
+                .span_context()
+                .trace_id()
+                .to_string()
+        });
+        let lines = lines.parsed();
+        let messages: Vec<_> = lines.iter().map(|line| line["message"].clone()).collect();
+        assert_eq!(messages, [json!("kept"), json!("noisy but loud enough")]);
+        for line in &lines {
+            // The nearest span the logs' level lets through, in the trace of every span.
+            assert_eq!(line["span"], "work");
+            assert_eq!(line["trace_id"], trace_id.as_str());
+        }
+        let spans = kept.0.lock().unwrap();
+        let mut names: Vec<_> = spans.iter().map(|span| span.name.to_string()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["quiet.work", "work"],
+            "the debug span is exported too"
         );
     }
 
