@@ -27,6 +27,8 @@ GROUPS = [
 
 
 def samples(lines):
+    """Each sample of `perf script -F comm,tid,ip,sym` (or `comm,pid,tid,...`): the thread's name, the last
+    field of the header line (`tid`, or `pid/tid`) and the stack's symbols, innermost first."""
     current = None
     for line in lines:
         if not line.strip():
@@ -34,7 +36,8 @@ def samples(lines):
                 yield current
             current = None
         elif current is None:
-            current = {"comm": line.strip().rsplit(" ", 1)[0].strip(), "frames": []}
+            comm, _, ids = line.strip().rpartition(" ")
+            current = {"comm": comm.strip(), "ids": ids, "frames": []}
         else:
             parts = line.strip().split(" ", 1)
             current["frames"].append(parts[1] if len(parts) > 1 else "")

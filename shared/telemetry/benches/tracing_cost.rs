@@ -1,5 +1,5 @@
-//! What tracing costs a service's process: the span builders of `tracehop-telemetry`, and an actix mailbox
-//! hop with and without the [`Traced`] envelope.
+//! What tracing costs a service's process: the span builders of `tracehop-telemetry`, a JSON log line inside
+//! a span, and an actix mailbox hop with and without the [`Traced`] envelope.
 //!
 //! Every case runs three times, under the subscriber the services install: `spooled` exports every span
 //! through the span spool (`TRACEHOP_SPAN_SPOOL`, as the services run) and over OTLP/HTTP, as the services
