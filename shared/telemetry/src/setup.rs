@@ -326,7 +326,11 @@ where
     // not depend on how chatty the logs are (a `RUST_LOG=warn` once meant no traces at all).
     const DEFAULT_LOG_FILTER: &str =
         "info,h2=warn,hyper=warn,tonic=warn,tower=warn,opentelemetry=warn";
-    let log_directives = std::env::var("RUST_LOG").unwrap_or_default();
+    // Unset or empty: the default (an empty `EnvFilter` would let errors only through).
+    let log_directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|directives| !directives.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned());
     let log_filter = || {
         EnvFilter::try_new(&log_directives).unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
     };
@@ -346,12 +350,7 @@ where
         // once per callsite: `EnvFilter` also keeps a map of spans, looked up under a lock at every entry,
         // exit, record and close of every span (BENCHMARKS.md, section 22). Directives only `EnvFilter`
         // understands (span and field filters) keep it.
-        let directives = if log_directives.trim().is_empty() {
-            DEFAULT_LOG_FILTER
-        } else {
-            log_directives.as_str()
-        };
-        match directives.parse::<tracing_subscriber::filter::Targets>() {
+        match log_directives.parse::<tracing_subscriber::filter::Targets>() {
             Ok(targets) => json.with_filter(targets).boxed(),
             Err(_) => json.with_filter(log_filter()).boxed(),
         }
