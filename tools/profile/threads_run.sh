@@ -5,7 +5,9 @@
 # per checkout. Extra arguments are set in the stack's environment, e.g. OTEL_SDK_DISABLED=true for the
 # untraced side. Usage: tools/profile/threads_run.sh LABEL BIN_DIR [NAME=VALUE...]. Like pg_cpu_run.sh, it
 # stops any running `stack up` and DROPS the local server's `tracehop` database first: a development
-# machine's only.
+# machine's only. A thread counts only if it is alive at both readings (taken 3 s into the load and at its
+# end): under steady load the pools keep theirs, but CPU of a thread that started or exited in between is
+# left out.
 set -u
 label=$1; bin=$(cd "$2" && pwd); shift 2
 scratch=$(mktemp -d)
@@ -28,6 +30,7 @@ snapshot > "$scratch/before"; n0=$(psql -h 127.0.0.1 -U postgres -d tracehop -qA
 wait $load
 snapshot > "$scratch/after"; n1=$(psql -h 127.0.0.1 -U postgres -d tracehop -qAtc "select count(*) from transactions")
 n=$((n1-n0))
+[ "$n" -gt 0 ] || { echo "== $label: no orders while measured (see $scratch/load.log)"; pkill -INT -f "$bin/stack up"; exit 1; }
 echo "== $label: $(grep -o '[0-9.]* ok/s' "$scratch/load.log"), $n orders while measured"
 # clock ticks of 10 ms: µs per checkout = ticks * 10 000 / orders
 join "$scratch/before" "$scratch/after" | awk -v n=$n '{cpu=($4-$2)*10000/n; if (cpu > 0) printf "%-40s %8.1f µs/checkout %6.2f switches/checkout\n", $1, cpu, ($5-$3)/n; total+=cpu} END {printf "%-40s %8.1f µs/checkout\n", "all five services", total}'

@@ -318,8 +318,11 @@ impl QuietStdout {
     fn new() -> Self {
         use std::io::Write;
         let _ = std::io::stdout().flush();
+        // Nothing is redirected that could not be restored.
         let saved = rustix::io::dup(std::io::stdout()).ok();
-        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        if saved.is_some()
+            && let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null")
+        {
             let _ = rustix::stdio::dup2_stdout(&null);
         }
         Self(saved)

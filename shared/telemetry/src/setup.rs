@@ -15,7 +15,7 @@
 //! | `OTEL_BSP_*` | batch span processor queue, batch size, delay, timeout (with the spool: delay and batch size) |
 //! | `TRACEHOP_SPAN_SPOOL` | a directory: spans go through a spool file there, so a killed process's spans are exported by its successor or a sibling ([`spool`](self#the-span-spool)) |
 //! | `OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`, `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT` | longest string attribute value exported (default [`DEFAULT_VALUE_LENGTH_LIMIT`]) |
-//! | `RUST_LOG` | log filter (default `info`); spans are not affected by it |
+//! | `RUST_LOG` | log filter (default `info`, and `warn` for `h2`, `hyper`, `tonic`, `tower`, `opentelemetry`); spans are not affected by it |
 //! | `LOG_FORMAT` | `json` (default) or `text` |
 //!
 //! Export runs on the batch processor's own thread: an unreachable collector costs a full queue and dropped
@@ -326,7 +326,7 @@ where
     // not depend on how chatty the logs are (a `RUST_LOG=warn` once meant no traces at all).
     const DEFAULT_LOG_FILTER: &str =
         "info,h2=warn,hyper=warn,tonic=warn,tower=warn,opentelemetry=warn";
-    // Unset or empty: the default (an empty `EnvFilter` would let errors only through).
+    // Unset or empty: the default (an empty `EnvFilter` would let nothing through).
     let log_directives = std::env::var("RUST_LOG")
         .ok()
         .filter(|directives| !directives.trim().is_empty())
@@ -348,11 +348,11 @@ where
             .fmt_fields(json_log::NoSpanFields);
         // `RUST_LOG` as targets and levels (what it nearly always is) is read as `Targets`, a filter decided
         // once per callsite: `EnvFilter` also keeps a map of spans, looked up under a lock at every entry,
-        // exit, record and close of every span (BENCHMARKS.md, section 22). Directives only `EnvFilter`
-        // understands (span and field filters) keep it.
-        match log_directives.parse::<tracing_subscriber::filter::Targets>() {
-            Ok(targets) => json.with_filter(targets).boxed(),
-            Err(_) => json.with_filter(log_filter()).boxed(),
+        // exit, record and close of every span (BENCHMARKS.md, section 22). Anything else (span and field
+        // directives) keeps `EnvFilter`.
+        match json_log::simple_targets(&log_directives) {
+            Some(targets) => json.with_filter(targets).boxed(),
+            None => json.with_filter(log_filter()).boxed(),
         }
     };
 

@@ -5,8 +5,12 @@
 //! `span` and the ids only inside a span, the ids only when the span has a valid context):
 //!
 //! ```text
-//! {"timestamp":"2026-11-28T14:20:17.123456Z","level":"INFO","target":"gateway","message":"request finished","fields":{"status":200},"span":"HTTP request","trace_id":"…","span_id":"…"}
+//! {"timestamp":"2026-11-28T14:20:17.123456Z","level":"INFO","target":"tracehop_telemetry::http::server","fields":{"status":200},"message":"request finished","span":"HTTP request","trace_id":"…","span_id":"…"}
 //! ```
+//!
+//! Values keep their JSON types (numbers, booleans; `null` for a float that is not finite); 128-bit integers
+//! and everything recorded with `?` or `%` are strings. `span` is the nearest span the logs' filter lets
+//! through, the ids are the current span's context (or its nearest traced ancestor's).
 //!
 //! Every service writes one such line per request, traced or not, so the line is written straight into the
 //! fmt layer's buffer: values escaped as they are formatted, no map of values built and serialised, no
@@ -16,7 +20,9 @@ use std::fmt::{self, Write as _};
 
 use opentelemetry::trace::TraceContextExt;
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -39,8 +45,8 @@ where
         timestamp(&mut writer, chrono::Utc::now())?;
         write!(writer, "\",\"level\":\"{}\",\"target\":", metadata.level())?;
         string(&mut writer, metadata.target())?;
-        // The message goes first, the other fields into `"fields":{…}` as they are visited: the visitor
-        // writes those straight into the line and keeps only the message (usually one `format_args!`) aside.
+        // The fields other than the message go into `"fields":{…}` as they are visited, straight into the
+        // line; the message (usually one `format_args!`) is kept aside and written after them.
         let mut fields = Fields {
             writer: &mut writer,
             message: None,
@@ -58,9 +64,11 @@ where
         if opened {
             writer.write_char('}')?;
         }
-        if let Some(message) = message {
-            // Already escaped (`Fields::message`).
-            write!(writer, ",\"message\":\"{message}\"")?;
+        match message {
+            // Already escaped (`Fields::member`).
+            Some(Message::Text(text)) => write!(writer, ",\"message\":\"{text}\"")?,
+            Some(Message::Raw(raw)) => write!(writer, ",\"message\":{raw}")?,
+            None => {}
         }
         if let Some(span) = ctx.lookup_current() {
             writer.write_str(",\"span\":")?;
@@ -81,6 +89,32 @@ where
     }
 }
 
+/// `directives` (`RUST_LOG`) as [`Targets`], when they are only targets and levels (`info,h2=warn`,
+/// `billing=debug`, `off`) that `Targets` reads exactly as `EnvFilter` does. `None` for anything else: span
+/// and field directives (`[request]=debug`, which `Targets` would take for a target name), empty pieces
+/// (`info,`, which `Targets` would read as `error`), a target without its level (`billing=`), spaces.
+pub(super) fn simple_targets(directives: &str) -> Option<Targets> {
+    use std::str::FromStr;
+    let target = |text: &str| {
+        !text.is_empty()
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'))
+    };
+    let level = |text: &str| !text.is_empty() && LevelFilter::from_str(text).is_ok();
+    let simple = directives
+        .split(',')
+        .all(|piece| match piece.split_once('=') {
+            Some((name, value)) => target(name) && level(value),
+            None => target(piece) || level(piece),
+        });
+    if simple {
+        directives.parse().ok()
+    } else {
+        None
+    }
+}
+
 /// Span fields for the fmt layer: none. [`JsonWithTraceIds`] writes the span's name and ids only, so the
 /// fields the fmt layer would otherwise pre-format for every span on creation are never read.
 pub(super) struct NoSpanFields;
@@ -95,28 +129,46 @@ impl<'writer> FormatFields<'writer> for NoSpanFields {
     }
 }
 
-/// Writes an event's fields into the line as they are visited: `message` aside (escaped), every other field
-/// as a member of `"fields":{…}`, opened at the first.
+/// Writes an event's fields into the line as they are visited: `message` aside, every other field as a
+/// member of `"fields":{…}`, opened at the first.
 struct Fields<'a, 'writer> {
     writer: &'a mut Writer<'writer>,
-    message: Option<String>,
+    message: Option<Message>,
     opened: bool,
     /// The first write that failed (`Visit` cannot return one).
     result: fmt::Result,
 }
 
+/// The event's message, kept aside until its fields are written: a string's text (escaped), or a number,
+/// boolean or `null` as it is written in JSON.
+enum Message {
+    Text(String),
+    Raw(String),
+}
+
 impl Fields<'_, '_> {
     /// Writes `"name":` after the right separator and answers true, for the caller to write the value; for
-    /// the message, keeps its text (escaped by `value`) aside instead and answers false.
+    /// the message, keeps what `value` writes (escaped when `quoted`) aside instead and answers false.
     fn member(
         &mut self,
         field: &Field,
-        value: impl FnOnce(&mut Escaped<'_, String>) -> fmt::Result,
+        quoted: bool,
+        value: impl FnOnce(&mut dyn fmt::Write) -> fmt::Result,
     ) -> bool {
         if field.name() == "message" {
-            let mut message = String::new();
-            self.result = self.result.and_then(|()| value(&mut Escaped(&mut message)));
-            self.message = Some(message);
+            let mut text = String::new();
+            self.result = self.result.and_then(|()| {
+                if quoted {
+                    value(&mut Escaped(&mut text))
+                } else {
+                    value(&mut text)
+                }
+            });
+            self.message = Some(if quoted {
+                Message::Text(text)
+            } else {
+                Message::Raw(text)
+            });
             return false;
         }
         let separator = if self.opened { "," } else { ",\"fields\":{" };
@@ -129,17 +181,19 @@ impl Fields<'_, '_> {
         true
     }
 
+    /// A number, boolean or `null`: written as it is.
     fn raw(&mut self, field: &Field, value: impl fmt::Display) {
-        if self.member(field, |message| write!(message, "{value}")) {
+        if self.member(field, false, |message| write!(message, "{value}")) {
             self.result = self.result.and_then(|()| write!(self.writer, "{value}"));
         }
     }
 
+    /// Anything else: a JSON string.
     fn text(&mut self, field: &Field, value: impl fmt::Display) {
-        if self.member(field, |message| write!(message, "{value}")) {
+        if self.member(field, true, |message| write!(message, "{value}")) {
             self.result = self.result.and_then(|()| {
                 self.writer.write_char('"')?;
-                write!(Escaped(self.writer), "{value}")?;
+                write!(Escaped(&mut *self.writer), "{value}")?;
                 self.writer.write_char('"')
             });
         }
@@ -156,19 +210,15 @@ impl Visit for Fields<'_, '_> {
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.raw(field, value);
     }
-    fn record_i128(&mut self, field: &Field, value: i128) {
-        self.raw(field, value);
-    }
-    fn record_u128(&mut self, field: &Field, value: u128) {
-        self.raw(field, value);
-    }
+    // 128-bit integers stay strings (`record_debug`, the default): JSON readers would turn them into floats.
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.raw(field, value);
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // JSON has no NaN or infinity: `null`, as serde_json writes them.
+        // JSON has no NaN or infinity: `null`, as serde_json writes them. `{:?}` keeps a whole float's
+        // `.0` (`1.0`, as serde_json writes it) and writes large and small ones with an exponent (`1e21`).
         if value.is_finite() {
-            self.raw(field, value);
+            self.raw(field, format_args!("{value:?}"));
         } else {
             self.raw(field, "null");
         }
@@ -244,7 +294,6 @@ mod tests {
 
     use opentelemetry::trace::TracerProvider as _;
     use serde_json::{Value, json};
-    use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;
@@ -310,6 +359,7 @@ mod tests {
                 wide = 170_141_183_460_469_231_731_687_303_715_884_105_727_i128,
                 yes = true,
                 ratio = 0.25_f64,
+                whole = 1.0_f64,
                 not_a_number = f64::NAN,
                 debugged = ?vec!["a\"b"],
                 displayed = %"c\\d",
@@ -317,9 +367,16 @@ mod tests {
                 "a message with \"quotes\" and {}", "arguments\n"
             );
             tracing::info!("no fields");
+            tracing::info!(message = 5_i64);
         });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains(r#""whole":1.0,"#),
+            "a whole float keeps its .0: {text}"
+        );
         let lines = lines.parsed();
-        assert_eq!(lines.len(), 2);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2]["message"], 5, "a message keeps its JSON type");
         let line = &lines[0];
         assert_eq!(line["level"], "WARN");
         assert_eq!(line["target"], module_path!());
@@ -330,9 +387,10 @@ mod tests {
                 "text": "quote \" backslash \\ newline \n tab \t bell \u{7} é ✓",
                 "negative": -3,
                 "unsigned": 18_446_744_073_709_551_615_u64,
-                "wide": 170_141_183_460_469_231_731_687_303_715_884_105_727_f64,
+                "wide": "170141183460469231731687303715884105727",
                 "yes": true,
                 "ratio": 0.25,
+                "whole": 1.0,
                 "not_a_number": null,
                 "debugged": "[\"a\\\"b\"]",
                 "displayed": "c\\d",
@@ -360,7 +418,7 @@ mod tests {
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_simple_exporter(kept.clone())
             .build();
-        let targets: Targets = "info,noisy=warn".parse().unwrap();
+        let targets = simple_targets("info,noisy=warn").unwrap();
         let subscriber = tracing_subscriber::registry()
             .with(tracing_subscriber::Layer::with_filter(
                 json_layer(&lines),
@@ -399,6 +457,34 @@ mod tests {
             ["quiet.work", "work"],
             "the debug span is exported too"
         );
+    }
+
+    #[test]
+    fn only_targets_and_levels_are_read_as_targets() {
+        for simple in [
+            "info,h2=warn,hyper=warn,tonic=warn,tower=warn,opentelemetry=warn",
+            "debug",
+            "off",
+            "billing=debug",
+            "warn,billing::store=trace,my-target=INFO",
+            "billing",
+        ] {
+            assert!(simple_targets(simple).is_some(), "{simple}");
+        }
+        for not_simple in [
+            "",
+            "info,",
+            "info,,hyper=warn",
+            "billing=",
+            "=debug",
+            "info, hyper=warn",
+            "[request]=debug",
+            "gateway[request]=trace",
+            "[span{field=1}]=debug",
+            "billing=loud",
+        ] {
+            assert!(simple_targets(not_simple).is_none(), "{not_simple:?}");
+        }
     }
 
     #[test]
