@@ -232,7 +232,8 @@ impl Visit for Fields<'_, '_> {
 }
 
 /// `now` in RFC 3339, UTC, to the microsecond (`2026-11-28T14:20:17.123456Z`), from its parts: chrono's
-/// `format` parses its pattern at every call, which was the larger part of a line's cost.
+/// `format` parses its pattern at every call, the largest single part of a line's cost (BENCHMARKS.md,
+/// section 22).
 fn timestamp(writer: &mut impl fmt::Write, now: chrono::DateTime<chrono::Utc>) -> fmt::Result {
     use chrono::{Datelike, Timelike};
     write!(
