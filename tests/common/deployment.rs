@@ -47,7 +47,7 @@ pub fn reads_variable(code: &str, key: &str) -> bool {
 }
 
 /// Variables the libraries read themselves: the OpenTelemetry SDK (the standard environment) and
-/// tracing-subscriber (`RUST_LOG`, through `EnvFilter::try_from_default_env`).
+/// the telemetry crate's log filter (`RUST_LOG`, read by `setup::log_directives`).
 pub const LIBRARY_VARIABLES: &[&str] = &[
     "RUST_LOG",
     "OTEL_SERVICE_NAME",

@@ -1,13 +1,15 @@
 //! What tracing costs a service's process: the span builders of `tracehop-telemetry`, a JSON log line inside
 //! a span, and an actix mailbox hop with and without the [`Traced`] envelope.
 //!
-//! Every case runs three times, under the subscriber the services install: `spooled` exports every span
+//! Every case runs four times, under the subscriber the services install: `spooled` exports every span
 //! through the span spool (`TRACEHOP_SPAN_SPOOL`, as the services run) and over OTLP/HTTP, as the services
 //! do with the default protocol, to a receiver in this process that reads each request and answers 200 (so
 //! the encoding and the HTTP client are measured; the collector's own work is not); `traced` through the
 //! batch span processor (the spool unset), whose exporter discards the batches. `untraced` is the same subscriber with
 //! `OTEL_SDK_DISABLED=true` (spans still exist for the logs' `trace_id`, nothing is exported). The difference
-//! is what the OpenTelemetry layer adds.
+//! is what the OpenTelemetry layer adds. `floor` is the same subscriber around a tracer that records nothing
+//! ([`RecordNothing`]): what `tracing`, `tracing-opentelemetry`'s layer and tracehop's own code spend on a
+//! span before any SDK or span processor sees it, the least a traced span can cost with these crates.
 //!
 //! Everything is measured in CPU time of the whole process ([`ProcessCpu`]), so a span's figure includes
 //! what the span processor's own thread spends on it.
@@ -19,13 +21,19 @@
 
 #![allow(clippy::expect_used)]
 
+use std::borrow::Cow;
 use std::hint::black_box;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use actix::{Actor, Context, Handler, Message};
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{Criterion, criterion_group, criterion_main};
 use diesel::prelude::*;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{
+    SpanBuilder, SpanContext, SpanId, Status, TraceContextExt, TraceFlags, TraceId, Tracer,
+};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tracehop_telemetry::actor::Traced;
@@ -40,7 +48,9 @@ diesel::table! {
         status -> Text,
     }
 }
-use tracehop_telemetry::setup::{TelemetryGuard, dispatch_with_exporter, dispatch_with_spool_to};
+use tracehop_telemetry::setup::{
+    TelemetryGuard, dispatch_with_exporter, dispatch_with_spool_to, dispatch_with_tracer,
+};
 use tracing_actix_web::RootSpanBuilder;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -55,22 +65,93 @@ impl SpanExporter for DiscardExporter {
     }
 }
 
+/// A tracer that records nothing: each span gets a sampled context (its parent's trace id or a new one, a
+/// new span id, from a counter) and is dropped when it ends; the layer's builder is dropped unread.
+#[derive(Debug, Default)]
+struct RecordNothing {
+    next: AtomicU64,
+}
+
+/// What [`RecordNothing`] builds: a context, and nothing else.
+#[derive(Debug)]
+struct NothingSpan(SpanContext);
+
+impl opentelemetry::trace::Span for NothingSpan {
+    fn add_event_with_timestamp<T>(&mut self, _: T, _: SystemTime, _: Vec<KeyValue>)
+    where
+        T: Into<Cow<'static, str>>,
+    {
+    }
+    fn span_context(&self) -> &SpanContext {
+        &self.0
+    }
+    fn is_recording(&self) -> bool {
+        true
+    }
+    fn set_attribute(&mut self, _: KeyValue) {}
+    fn set_status(&mut self, _: Status) {}
+    fn update_name<T>(&mut self, _: T)
+    where
+        T: Into<Cow<'static, str>>,
+    {
+    }
+    fn add_link(&mut self, _: SpanContext, _: Vec<KeyValue>) {}
+    fn end_with_timestamp(&mut self, _: SystemTime) {}
+}
+
+impl Tracer for RecordNothing {
+    type Span = NothingSpan;
+
+    fn build_with_context(
+        &self,
+        builder: SpanBuilder,
+        parent_cx: &opentelemetry::Context,
+    ) -> NothingSpan {
+        let next = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let parent = parent_cx.span();
+        let parent = parent.span_context();
+        let trace_id = if parent.is_valid() {
+            parent.trace_id()
+        } else {
+            TraceId::from(u128::from(next))
+        };
+        drop(builder);
+        let span_id = SpanId::from(next);
+        NothingSpan(SpanContext::new(
+            trace_id,
+            span_id,
+            TraceFlags::SAMPLED,
+            false,
+            parent.trace_state().clone(),
+        ))
+    }
+}
+
 /// The subscribers each case runs under, in this order: `traced` with the batch span processor,
-/// `untraced` (`OTEL_SDK_DISABLED=true`), and `spooled` as the services run (`TRACEHOP_SPAN_SPOOL`: every
+/// `untraced` (`OTEL_SDK_DISABLED=true`), `floor` ([`RecordNothing`]), and `spooled` as the services run (`TRACEHOP_SPAN_SPOOL`: every
 /// span through the span spool's file). The spool comes last and is made only when its turn comes: once one
 /// exists, `propagation::inject` asks it about every context (`setup::expose`).
-const MODES: [&str; 3] = ["traced", "untraced", "spooled"];
+const MODES: [&str; 4] = ["traced", "untraced", "floor", "spooled"];
 
-fn subscriber(mode: &str) -> (tracing::Dispatch, TelemetryGuard) {
+fn subscriber(mode: &str) -> (tracing::Dispatch, Option<TelemetryGuard>) {
     match mode {
         "spooled" => {
             let dir =
                 std::env::temp_dir().join(format!("tracehop-bench-spool-{}", std::process::id()));
             let endpoint = discarding_receiver();
-            dispatch_with_spool_to("bench", &endpoint, &dir).expect("a spool in the temp dir")
+            let (dispatch, guard) =
+                dispatch_with_spool_to("bench", &endpoint, &dir).expect("a spool in the temp dir");
+            (dispatch, Some(guard))
         }
-        "traced" => dispatch_with_exporter("bench", Some(DiscardExporter)),
-        _ => dispatch_with_exporter("bench", None::<DiscardExporter>),
+        "traced" => {
+            let (dispatch, guard) = dispatch_with_exporter("bench", Some(DiscardExporter));
+            (dispatch, Some(guard))
+        }
+        "floor" => (dispatch_with_tracer(RecordNothing::default()), None),
+        _ => {
+            let (dispatch, guard) = dispatch_with_exporter("bench", None::<DiscardExporter>);
+            (dispatch, Some(guard))
+        }
     }
 }
 

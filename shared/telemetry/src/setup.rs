@@ -46,6 +46,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::BaggagePropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -322,46 +323,15 @@ where
     crate::http::client::install_crypto_provider();
     global::set_text_map_propagator(propagator());
 
-    // RUST_LOG filters the *logs* only. Spans are never switched off by a quieter log level: the trace must
-    // not depend on how chatty the logs are (a `RUST_LOG=warn` once meant no traces at all).
-    const DEFAULT_LOG_FILTER: &str =
-        "info,h2=warn,hyper=warn,tonic=warn,tower=warn,opentelemetry=warn";
-    // Unset or empty: the default (an empty `EnvFilter` would let nothing through).
-    let log_directives = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|directives| !directives.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned());
-    let log_filter = || {
-        EnvFilter::try_new(&log_directives).unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
-    };
-    let text_logs = crate::config::env_or("LOG_FORMAT", "json") == "text";
-    let fmt_layer = if text_logs {
-        tracing_subscriber::fmt::layer()
-            .with_target(false)
-            .with_filter(log_filter())
-            .boxed()
-    } else {
-        let json = tracing_subscriber::fmt::layer()
-            .event_format(json_log::JsonWithTraceIds)
-            // The JSON lines carry the span's name and ids, never its fields: formatting every span's
-            // fields into a string (the fmt layer's default) cost about 1 µs per span for nothing.
-            .fmt_fields(json_log::NoSpanFields);
-        // `RUST_LOG` as targets and levels (what it nearly always is) is read as `Targets`, a filter decided
-        // once per callsite: `EnvFilter` also keeps a map of spans, looked up under a lock at every entry,
-        // exit, record and close of every span (BENCHMARKS.md, section 22). Anything else (span and field
-        // directives) keeps `EnvFilter`.
-        match json_log::simple_targets(&log_directives) {
-            Some(targets) => json.with_filter(targets).boxed(),
-            None => json.with_filter(log_filter()).boxed(),
-        }
-    };
-
     let Some(exporter) = exporter else {
         let guard = TelemetryGuard {
             provider: None,
             counts: Arc::default(),
         };
-        return Ok((tracing_subscriber::registry().with(fmt_layer).into(), guard));
+        return Ok((
+            tracing_subscriber::registry().with(log_layer()).into(),
+            guard,
+        ));
     };
 
     let counts = Arc::new(ExportCounts::default());
@@ -408,6 +378,40 @@ where
     let tracer = provider.tracer("tracehop");
     global::set_tracer_provider(provider.clone());
 
+    let dispatch = layered(tracer);
+    let guard = TelemetryGuard {
+        provider: Some(provider),
+        counts,
+    };
+    Ok((dispatch, guard))
+}
+
+/// The subscriber the services install ([`init`]), with `tracer` in place of the SDK's: the same JSON logs,
+/// the same OpenTelemetry layer with the same options and filter. Sets the global propagator; spans go
+/// wherever `tracer` puts them.
+///
+/// For measuring what the `tracing` side of a span costs apart from the SDK and any span processor (the
+/// criterion bench's `floor` mode, with a tracer that records nothing).
+///
+/// ```
+/// let dispatch = tracehop_telemetry::setup::dispatch_with_tracer(opentelemetry::trace::noop::NoopTracer::new());
+/// tracing::dispatcher::with_default(&dispatch, || tracing::info_span!("work").in_scope(|| ()));
+/// ```
+pub fn dispatch_with_tracer<T>(tracer: T) -> tracing::Dispatch
+where
+    T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+    T::Span: Send + Sync + 'static,
+{
+    global::set_text_map_propagator(propagator());
+    layered(tracer)
+}
+
+/// The logs' layer and the OpenTelemetry layer around `tracer`, on a registry.
+fn layered<T>(tracer: T) -> tracing::Dispatch
+where
+    T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+    T::Span: Send + Sync + 'static,
+{
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_error_records_to_exceptions(true)
@@ -424,15 +428,70 @@ where
         .with_target(false)
         .with_location(false)
         .with_filter(SpanWorthy);
-    let dispatch = tracing_subscriber::registry()
-        .with(fmt_layer)
+    tracing_subscriber::registry()
+        .with(log_layer())
         .with(otel_layer)
-        .into();
-    let guard = TelemetryGuard {
-        provider: Some(provider),
-        counts,
-    };
-    Ok((dispatch, guard))
+        .into()
+}
+
+/// The logs: JSON lines (or text with `LOG_FORMAT=text`) on standard output, filtered by `RUST_LOG`.
+fn log_layer() -> Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> {
+    let directives = log_directives();
+    if crate::config::env_or("LOG_FORMAT", "json") == "text" {
+        tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_filter(env_filter(&directives))
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .event_format(json_log::JsonWithTraceIds)
+            // The JSON lines carry the span's name and ids, never its fields: formatting every span's
+            // fields into a string (the fmt layer's default) cost about 1 µs per span for nothing.
+            .fmt_fields(json_log::NoSpanFields)
+            .with_filter(json_log_filter(&directives))
+            .boxed()
+    }
+}
+
+/// `RUST_LOG`, or the default directives when it is unset or empty.
+///
+/// `RUST_LOG` filters the *logs* only. Spans are never switched off by a quieter log level: the trace must
+/// not depend on how chatty the logs are (a `RUST_LOG=warn` once meant no traces at all).
+fn log_directives() -> String {
+    // Unset or empty: the default (an empty `EnvFilter` would let nothing through).
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|directives| !directives.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_LOG_DIRECTIVES.to_owned())
+}
+
+/// The logs' directives when `RUST_LOG` is unset or empty.
+const DEFAULT_LOG_DIRECTIVES: &str =
+    "info,h2=warn,hyper=warn,tonic=warn,tower=warn,opentelemetry=warn";
+
+/// `directives` as an `EnvFilter`, or the default directives when it cannot read them.
+fn env_filter(directives: &str) -> EnvFilter {
+    EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_DIRECTIVES))
+}
+
+/// The JSON lines' filter: `directives` for events and spans, and beside them every span the trace may have
+/// ([`TraceableSpans`]), whatever the level, so that a line names the span it was written in and carries
+/// its ids (`RUST_LOG=warn` once left every warning without a trace id, its spans being below the level).
+///
+/// Directives that are only targets and levels (what `RUST_LOG` nearly always is) are read as `Targets`, a
+/// filter decided once per callsite: `EnvFilter` also keeps a map of spans, looked up under a lock at every
+/// entry, exit, record and close of every span (BENCHMARKS.md, section 22). Anything else (span and field
+/// directives) keeps `EnvFilter`.
+fn json_log_filter<S>(
+    directives: &str,
+) -> Box<dyn tracing_subscriber::layer::Filter<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'lookup> tracing_subscriber::registry::LookupSpan<'lookup>,
+{
+    match json_log::simple_targets(directives) {
+        Some(targets) => targets.or(TraceableSpans).boxed(),
+        None => env_filter(directives).or(TraceableSpans).boxed(),
+    }
 }
 
 /// The propagator every tracehop process installs: strict W3C Trace Context ([`crate::propagation::w3c`])
@@ -489,6 +548,36 @@ where
         } else {
             tracing::subscriber::Interest::never()
         }
+    }
+}
+
+/// The JSON logs' filter for spans, beside `RUST_LOG`'s: every span the trace may have ([`span_worthy`]),
+/// decided once per callsite. These spans exist anyway (the OpenTelemetry layer wants them), so the logs
+/// seeing them costs the fmt layer's bookkeeping per span and nothing else.
+struct TraceableSpans;
+
+impl<S> tracing_subscriber::layer::Filter<S> for TraceableSpans {
+    fn enabled(
+        &self,
+        metadata: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        metadata.is_span() && span_worthy(metadata)
+    }
+
+    fn callsite_enabled(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if metadata.is_span() && span_worthy(metadata) {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::INFO)
     }
 }
 

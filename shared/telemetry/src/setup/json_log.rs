@@ -9,8 +9,9 @@
 //! ```
 //!
 //! Values keep their JSON types (numbers, booleans; `null` for a float that is not finite); 128-bit integers
-//! and everything recorded with `?` or `%` are strings. `span` is the nearest span the logs' filter lets
-//! through, the ids are the current span's context (or its nearest traced ancestor's).
+//! and everything recorded with `?` or `%` are strings. `span` is the span the line was written in, whatever
+//! `RUST_LOG` says of that span's level (the logs see every span the trace may have); the ids are its
+//! context, or, when it is not traced (a sampled-out trace, a debug span), its nearest traced ancestor's.
 //!
 //! Every service writes one such line per request, traced or not, so the line is written straight into the
 //! fmt layer's buffer: values escaped as they are formatted, no map of values built and serialised, no
@@ -419,45 +420,48 @@ mod tests {
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_simple_exporter(kept.clone())
             .build();
-        let targets = simple_targets("info,noisy=warn").unwrap();
+        // The services' filter for the JSON lines, with the directives read as `Targets`.
+        assert!(simple_targets("info,noisy=warn").is_some());
         let subscriber = tracing_subscriber::registry()
             .with(tracing_subscriber::Layer::with_filter(
                 json_layer(&lines),
-                targets,
+                super::super::json_log_filter("info,noisy=warn"),
             ))
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        let trace_id = tracing::subscriber::with_default(subscriber, || {
+        let (work, noisy) = tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("work");
             let _entered = span.enter();
-            // A span below the log level: the logs' filter must not switch spans off.
-            tracing::debug_span!("quiet.work").in_scope(|| {
+            // A span below its target's log level: the logs' filter must not switch it off, and the lines
+            // inside it name it.
+            let noisy = tracing::info_span!(target: "noisy", "noisy.work");
+            noisy.in_scope(|| {
                 tracing::info!("kept");
                 tracing::debug!("below the level");
                 tracing::info!(target: "noisy", "below noisy's level");
                 tracing::warn!(target: "noisy", "noisy but loud enough");
             });
-            crate::propagation::context_of(&span)
-                .span()
-                .span_context()
-                .trace_id()
-                .to_string()
+            let ids = |span| {
+                let context = crate::propagation::context_of(span);
+                let context = context.span();
+                let ids = context.span_context();
+                (ids.trace_id().to_string(), ids.span_id().to_string())
+            };
+            (ids(&span), ids(&noisy))
         });
         let lines = lines.parsed();
         let messages: Vec<_> = lines.iter().map(|line| line["message"].clone()).collect();
         assert_eq!(messages, [json!("kept"), json!("noisy but loud enough")]);
+        assert_eq!(work.0, noisy.0, "one trace");
         for line in &lines {
-            // The nearest span the logs' level lets through, in the trace of every span.
-            assert_eq!(line["span"], "work");
-            assert_eq!(line["trace_id"], trace_id.as_str());
+            // The span the line was written in, and its ids.
+            assert_eq!(line["span"], "noisy.work");
+            assert_eq!(line["trace_id"], noisy.0.as_str());
+            assert_eq!(line["span_id"], noisy.1.as_str());
         }
         let spans = kept.0.lock().unwrap();
         let mut names: Vec<_> = spans.iter().map(|span| span.name.to_string()).collect();
         names.sort();
-        assert_eq!(
-            names,
-            ["quiet.work", "work"],
-            "the debug span is exported too"
-        );
+        assert_eq!(names, ["noisy.work", "work"], "both spans are exported");
     }
 
     #[test]
