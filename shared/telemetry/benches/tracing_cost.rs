@@ -15,25 +15,19 @@
 //! what the span processor's own thread spends on it.
 //!
 //! Run: `cargo bench -p tracehop-telemetry --bench tracing_cost` (results in BENCHMARKS.md, sections 3, 9, 15,
-//! 20 and 22).
+//! 20, 22 and 23).
 //! With `OTEL_TRACES_SAMPLER=always_off` the `traced` cases measure spans of a sampled-out trace: what a
 //! request costs when it is not sampled (`./dev bench` runs both).
 
 #![allow(clippy::expect_used)]
 
-use std::borrow::Cow;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use actix::{Actor, Context, Handler, Message};
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{Criterion, criterion_group, criterion_main};
 use diesel::prelude::*;
-use opentelemetry::KeyValue;
-use opentelemetry::trace::{
-    SpanBuilder, SpanContext, SpanId, Status, TraceContextExt, TraceFlags, TraceId, Tracer,
-};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tracehop_telemetry::actor::Traced;
@@ -49,7 +43,8 @@ diesel::table! {
     }
 }
 use tracehop_telemetry::setup::{
-    TelemetryGuard, dispatch_with_exporter, dispatch_with_spool_to, dispatch_with_tracer,
+    RecordNothing, TelemetryGuard, dispatch_with_exporter, dispatch_with_spool_to,
+    dispatch_with_tracer,
 };
 use tracing_actix_web::RootSpanBuilder;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -62,68 +57,6 @@ impl SpanExporter for DiscardExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         black_box(batch);
         Ok(())
-    }
-}
-
-/// A tracer that records nothing: each span gets a sampled context (its parent's trace id or a new one, a
-/// new span id, from a counter) and is dropped when it ends; the layer's builder is dropped unread.
-#[derive(Debug, Default)]
-struct RecordNothing {
-    next: AtomicU64,
-}
-
-/// What [`RecordNothing`] builds: a context, and nothing else.
-#[derive(Debug)]
-struct NothingSpan(SpanContext);
-
-impl opentelemetry::trace::Span for NothingSpan {
-    fn add_event_with_timestamp<T>(&mut self, _: T, _: SystemTime, _: Vec<KeyValue>)
-    where
-        T: Into<Cow<'static, str>>,
-    {
-    }
-    fn span_context(&self) -> &SpanContext {
-        &self.0
-    }
-    fn is_recording(&self) -> bool {
-        true
-    }
-    fn set_attribute(&mut self, _: KeyValue) {}
-    fn set_status(&mut self, _: Status) {}
-    fn update_name<T>(&mut self, _: T)
-    where
-        T: Into<Cow<'static, str>>,
-    {
-    }
-    fn add_link(&mut self, _: SpanContext, _: Vec<KeyValue>) {}
-    fn end_with_timestamp(&mut self, _: SystemTime) {}
-}
-
-impl Tracer for RecordNothing {
-    type Span = NothingSpan;
-
-    fn build_with_context(
-        &self,
-        builder: SpanBuilder,
-        parent_cx: &opentelemetry::Context,
-    ) -> NothingSpan {
-        let next = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let parent = parent_cx.span();
-        let parent = parent.span_context();
-        let trace_id = if parent.is_valid() {
-            parent.trace_id()
-        } else {
-            TraceId::from(u128::from(next))
-        };
-        drop(builder);
-        let span_id = SpanId::from(next);
-        NothingSpan(SpanContext::new(
-            trace_id,
-            span_id,
-            TraceFlags::SAMPLED,
-            false,
-            parent.trace_state().clone(),
-        ))
     }
 }
 

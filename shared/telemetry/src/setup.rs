@@ -52,11 +52,13 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 mod export;
+mod floor;
 mod json_log;
 mod otlp_http;
 mod spool;
 
 pub use export::{DEFAULT_VALUE_LENGTH_LIMIT, ExportCounts};
+pub use floor::{NothingSpan, RecordNothing};
 pub use otlp_http::BuildError as OtlpHttpError;
 pub use spool::SpoolError;
 pub(crate) use spool::expose;
@@ -124,6 +126,17 @@ impl TelemetryGuard {
 /// service's Tokio runtime (with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`, the exporter spawns its connection task
 /// there).
 pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+    // A measurement build only (`--features tracehop-telemetry/floor-tracer`, never the default): every span
+    // built by the layers the services run and dropped, nothing exported (BENCHMARKS.md, section 23).
+    #[cfg(feature = "floor-tracer")]
+    if std::env::var_os("TRACEHOP_FLOOR_TRACER").is_some() {
+        dispatch_with_tracer(RecordNothing::default()).try_init()?;
+        tracing::warn!("TRACEHOP_FLOOR_TRACER: spans are built and dropped, nothing is exported");
+        return Ok(TelemetryGuard {
+            provider: None,
+            counts: Arc::default(),
+        });
+    }
     // Before the exporter: the http/protobuf exporter builds its reqwest client right away.
     crate::http::client::install_crypto_provider();
     let spool_dir = std::env::var("TRACEHOP_SPAN_SPOOL")
@@ -390,8 +403,8 @@ where
 /// the same OpenTelemetry layer with the same options and filter. Sets the global propagator; spans go
 /// wherever `tracer` puts them.
 ///
-/// For measuring what the `tracing` side of a span costs apart from the SDK and any span processor (the
-/// criterion bench's `floor` mode, with a tracer that records nothing).
+/// For measuring what the `tracing` side of a span costs apart from the SDK and any span processor (with
+/// [`RecordNothing`]: the criterion bench's `floor` mode).
 ///
 /// ```
 /// let dispatch = tracehop_telemetry::setup::dispatch_with_tracer(opentelemetry::trace::noop::NoopTracer::new());
