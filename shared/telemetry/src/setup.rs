@@ -17,6 +17,7 @@
 //! | `OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`, `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT` | longest string attribute value exported (default [`DEFAULT_VALUE_LENGTH_LIMIT`]) |
 //! | `RUST_LOG` | log filter (default `info`, and `warn` for `h2`, `hyper`, `tonic`, `tower`, `opentelemetry`); spans are not affected by it |
 //! | `LOG_FORMAT` | `json` (default) or `text` |
+//! | `TRACEHOP_FLOOR_TRACER` | only in a build with the `floor-tracer` feature (a measurement build, never the default): spans built by these layers and dropped, nothing exported ([`RecordNothing`]) |
 //!
 //! Export runs on the batch processor's own thread: an unreachable collector costs a full queue and dropped
 //! spans (counted and logged at shutdown), never a slower or failed request.
@@ -126,6 +127,8 @@ impl TelemetryGuard {
 /// service's Tokio runtime (with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`, the exporter spawns its connection task
 /// there).
 pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+    // Before the exporter: the http/protobuf exporter builds its reqwest client right away.
+    crate::http::client::install_crypto_provider();
     // A measurement build only (`--features tracehop-telemetry/floor-tracer`, never the default): every span
     // built by the layers the services run and dropped, nothing exported (BENCHMARKS.md, section 23).
     #[cfg(feature = "floor-tracer")]
@@ -137,8 +140,6 @@ pub fn init(default_service_name: &'static str) -> Result<TelemetryGuard, Teleme
             counts: Arc::default(),
         });
     }
-    // Before the exporter: the http/protobuf exporter builds its reqwest client right away.
-    crate::http::client::install_crypto_provider();
     let spool_dir = std::env::var("TRACEHOP_SPAN_SPOOL")
         .ok()
         .filter(|dir| !dir.trim().is_empty());
