@@ -61,8 +61,8 @@ impl SpanExporter for DiscardExporter {
 }
 
 /// The subscribers each case runs under, in this order: `traced` with the batch span processor,
-/// `untraced` (`OTEL_SDK_DISABLED=true`), `floor` ([`RecordNothing`]), and `spooled` as the services run (`TRACEHOP_SPAN_SPOOL`: every
-/// span through the span spool's file). The spool comes last and is made only when its turn comes: once one
+/// `untraced` (`OTEL_SDK_DISABLED=true`), `floor` ([`RecordNothing`]), and `spooled` as the services run
+/// (`TRACEHOP_SPAN_SPOOL`: every span through the span spool's file). The spool comes last and is made only when its turn comes: once one
 /// exists, `propagation::inject` asks it about every context (`setup::expose`).
 const MODES: [&str; 4] = ["traced", "untraced", "floor", "spooled"];
 
